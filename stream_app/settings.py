@@ -1,0 +1,129 @@
+"""Configuration: the only module that reads the environment.
+
+Every knob is an environment variable with the prefix ``STREAM_APP_``; nested segmentation knobs
+use a double underscore, e.g. ``STREAM_APP_SEGMENTATION__PURCHASE_HORIZON_DAYS=14``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STREAM_APP_"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "stream_app"
+
+
+class SegmentationSettings(BaseModel):
+    """Domain knobs: features, models, lifecycle thresholds and segment policy (no I/O)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 42
+    # Lifecycle stages, in days of event time.
+    new_customer_days: float = Field(30.0, gt=0)
+    at_risk_after_days: float = Field(30.0, gt=0)
+    lapsed_after_days: float = Field(90.0, gt=0)
+    reactivated_days: float = Field(30.0, gt=0)
+    session_gap_minutes: float = Field(30.0, gt=0)
+    # Propensity: delayed labels.
+    purchase_horizon_days: float = Field(30.0, gt=0)
+    churn_horizon_days: float = Field(60.0, gt=0)
+    snapshot_interval_hours: float = Field(24.0, gt=0)
+    max_pending_snapshots: int = Field(4, ge=1, le=32)
+    learning_rate: float = Field(0.01, gt=0)
+    # Propensity tiers with hysteresis: enter a tier above `enter`, leave it below `leave`.
+    high_enter: float = Field(0.60, gt=0, lt=1)
+    high_leave: float = Field(0.50, gt=0, lt=1)
+    medium_enter: float = Field(0.30, gt=0, lt=1)
+    medium_leave: float = Field(0.20, gt=0, lt=1)
+    # Behavioural clusters.
+    cluster_count: int = Field(6, ge=2, le=32)
+    cluster_halflife: float = Field(0.01, gt=0, le=1)
+    cluster_min_dwell_hours: float = Field(24.0, ge=0)
+    cluster_confirmations: int = Field(2, ge=1, le=100)
+    # Ordering and idempotency.
+    allowed_lateness_seconds: float = Field(300.0, ge=0)
+    recent_event_ids: int = Field(32, ge=1, le=1024)
+    top_categories: int = Field(5, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> SegmentationSettings:
+        if not self.high_leave < self.high_enter:
+            raise ValueError("high_leave must be below high_enter")
+        if not self.medium_leave < self.medium_enter:
+            raise ValueError("medium_leave must be below medium_enter")
+        if not self.medium_enter <= self.high_leave:
+            raise ValueError("medium_enter must not exceed high_leave")
+        if not self.at_risk_after_days < self.lapsed_after_days:
+            raise ValueError("at_risk_after_days must be below lapsed_after_days")
+        return self
+
+    @cached_property
+    def version(self) -> str:
+        """Segment-definition version: changes whenever a knob that shapes segments changes."""
+        digest = hashlib.sha256(orjson.dumps(self.model_dump(), option=orjson.OPT_SORT_KEYS))
+        return f"seg-1.{digest.hexdigest()[:10]}"
+
+
+class Settings(BaseSettings):
+    """Effective settings of a stream_app process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    # Broker.
+    kafka_port: int = Field(19092, ge=1024, le=65535)
+    kafka_controller_port: int = Field(19093, ge=1024, le=65535)
+    bootstrap_servers: str = ""
+    kafka_version: str = "3.9.1"
+    kafka_heap: str = "512m"
+    kafka_start_timeout_s: float = Field(90.0, gt=0)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    state_dir: Path = Path(".stream_app")
+    # Topics.
+    clickstream_topic: str = "clickstream"
+    transactions_topic: str = "transactions"
+    segment_changes_topic: str = "segment-changes"
+    segment_membership_topic: str = "segment-membership"
+    dead_letters_topic: str = "dead-letters"
+    partitions: int = Field(4, ge=1, le=1024)
+    replication_factor: int = Field(1, ge=1, le=16)
+    # Worker.
+    app_id: str = "stream-app"
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6066, ge=1024, le=65535)
+    max_event_bytes: int = Field(65536, ge=256, le=10 * 1024 * 1024)
+    log_level: str = "INFO"
+    segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
+
+    @model_validator(mode="after")
+    def _default_bootstrap(self) -> Settings:
+        if not self.bootstrap_servers:
+            object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.kafka_port}")
+        return self
+
+    @property
+    def input_topics(self) -> tuple[str, str]:
+        return (self.clickstream_topic, self.transactions_topic)
+
+    @property
+    def kafka_dir(self) -> Path:
+        """Where the broker's data, logs and pid file live."""
+        return self.state_dir / "kafka"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (and explicit overrides, which win)."""
+    return Settings(**overrides)  # type: ignore[arg-type]
