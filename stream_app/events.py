@@ -145,6 +145,9 @@ class Component(StrEnum):
 
 
 class PropensityTier(StrEnum):
+    """`unscored` until the propensity model has learned from enough matured labels."""
+
+    UNSCORED = "unscored"
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"

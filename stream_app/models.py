@@ -1,0 +1,244 @@
+"""Online River models: behavioural clusters and delayed-label propensities, with snapshots.
+
+Everything is seeded, so the same events in the same order give the same model, byte for byte.
+
+* :class:`BehaviourClusters` scales a subset of the features (River ``StandardScaler``) and assigns
+  them with River ``KMeans``. KMeans keeps its centres in a dict keyed 0..k-1 and only moves the
+  closest one, so an id never renumbers; a small ``halflife`` (step size) keeps its meaning steady.
+* :class:`Propensity` is River ``StandardScaler | LogisticRegression``. Labels arrive late; the
+  caller stores the prediction made at snapshot time and hands it back with the label, so quality is
+  measured predict-then-learn (progressive validation) with an exact windowed ROC AUC and log loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from river import cluster, compose, linear_model, metrics, optim, preprocessing
+
+from stream_app.features import FEATURES
+from stream_app.settings import SegmentationSettings
+
+SNAPSHOT_MAGIC: Final = b"SAMODEL1"
+AUC_WINDOW: Final = (
+    1_000_000  # as long as any replay: the windowed AUC is then exact and cumulative
+)
+WARM_UP_LABELS: Final = 200  # a propensity is "unscored" until its model has learned this many
+PROFILE_REFRESH: Final = 1000  # observations between recomputing cluster profile names
+
+CLUSTER_FEATURES: Final = (
+    "days_since_last_event",
+    "order_count",
+    "total_spend",
+    "average_order_value",
+    "activity_last_month",
+    "browsing_velocity",
+    "cart_abandonment_rate",
+    "engagement_last_month",
+    "session_count",
+)
+
+_TRAITS: Final[dict[str, tuple[str, str]]] = {
+    "days_since_last_event": ("dormant", "recently active"),
+    "order_count": ("frequent buyers", "rare buyers"),
+    "total_spend": ("high spenders", "low spenders"),
+    "average_order_value": ("big baskets", "small baskets"),
+    "activity_last_month": ("highly active", "quiet"),
+    "browsing_velocity": ("fast browsers", "slow browsers"),
+    "cart_abandonment_rate": ("cart abandoners", "cart completers"),
+    "engagement_last_month": ("email/push engaged", "not engaged by email/push"),
+    "session_count": ("many visits", "few visits"),
+}
+
+
+class SnapshotError(ValueError):
+    """A model snapshot that is corrupt, truncated or from another model version."""
+
+
+def model_version(settings: SegmentationSettings) -> str:
+    """Identifies the model family and every knob that shapes what it learns."""
+    knobs = {
+        "features": FEATURES,
+        "cluster_features": CLUSTER_FEATURES,
+        "seed": settings.seed,
+        "k": settings.cluster_count,
+        "halflife": settings.cluster_halflife,
+        "lr": settings.learning_rate,
+        "horizons": [settings.purchase_horizon_days, settings.churn_horizon_days],
+    }
+    digest = hashlib.sha256(orjson.dumps(knobs, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"river-kmeans-logreg.{digest[:10]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterProfile:
+    cluster: int
+    name: str
+    traits: dict[str, float]  # feature -> centre, in standard deviations from the mean
+
+
+class OrderedKMeans(cluster.KMeans):  # type: ignore[misc]
+    """River KMeans with every distance summed in one fixed feature order.
+
+    River's `predict_one` iterates a `set` of feature names, so both its lazy random draws of the
+    initial centres and its float sums follow string-hash order, which changes with
+    PYTHONHASHSEED: two processes would disagree. Centres are drawn up front in a fixed order here.
+    """
+
+    def __init__(self, features: tuple[str, ...], **params: Any) -> None:
+        super().__init__(**params)
+        self.features = features
+        for cid in range(self.n_clusters):
+            for name in features:
+                _ = self.centers[cid][name]  # draw from the seeded RNG, in a fixed order
+
+    def predict_one(self, x: dict[str, float]) -> int:
+        best, best_distance = 0, math.inf
+        for cid, centre in self.centers.items():
+            distance = 0.0
+            for name in self.features:
+                delta = centre[name] - x[name]
+                distance += delta * delta
+            if distance < best_distance:
+                best, best_distance = cid, distance
+        return best
+
+
+class BehaviourClusters:
+    """Incremental KMeans over scaled behaviour, with stable ids and readable profiles."""
+
+    def __init__(self, k: int, halflife: float, seed: int) -> None:
+        self.scaler = preprocessing.StandardScaler()
+        self.kmeans = OrderedKMeans(CLUSTER_FEATURES, n_clusters=k, halflife=halflife, seed=seed)
+        self.sizes = [0] * k
+        self._profiles: dict[int, ClusterProfile] = {}
+        self._profiled_at = 0
+
+    def _scaled(self, features: dict[str, float]) -> dict[str, float]:
+        scaled: dict[str, float] = self.scaler.transform_one(
+            {f: features[f] for f in CLUSTER_FEATURES}
+        )
+        return scaled
+
+    def learn_assign(self, features: dict[str, float]) -> int:
+        """Learn from one observation and return the closest cluster id."""
+        self.scaler.learn_one({f: features[f] for f in CLUSTER_FEATURES})
+        cid: int = self.kmeans.learn_predict_one(self._scaled(features))
+        self.sizes[cid] += 1
+        return cid
+
+    def assign(self, features: dict[str, float]) -> int:
+        """Closest cluster without learning (for probes and time-driven re-scoring)."""
+        cid: int = self.kmeans.predict_one(self._scaled(features))
+        return cid
+
+    def profile(self, cid: int) -> ClusterProfile:
+        """Readable profile of a cluster; recomputed every PROFILE_REFRESH observations."""
+        learned = sum(self.sizes)
+        if learned - self._profiled_at >= PROFILE_REFRESH:
+            self._profiles.clear()
+            self._profiled_at = learned
+        cached = self._profiles.get(cid)
+        if cached is None:
+            cached = self._profiles[cid] = self._describe(cid)
+        return cached
+
+    def _describe(self, cid: int) -> ClusterProfile:
+        centre = self.kmeans.centers[cid]
+        traits = {f: round(float(centre[f]), 3) for f in CLUSTER_FEATURES}
+        ranked = sorted(traits.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:2]
+        words = [_TRAITS[f][0 if z > 0 else 1] for f, z in ranked if abs(z) >= 0.25]
+        return ClusterProfile(cid, ", ".join(words) or "typical customers", traits)
+
+    def explain(self, features: dict[str, float], top: int) -> list[tuple[str, float, float]]:
+        """(feature, scaled value, scaled value x centre) for the features that place a customer."""
+        cid = self.assign(features)
+        scaled = self._scaled(features)
+        centre = self.kmeans.centers[cid]
+        rows = [(f, scaled[f], scaled[f] * float(centre[f])) for f in CLUSTER_FEATURES]
+        rows.sort(key=lambda r: (-abs(r[2]), r[0]))
+        return rows[:top]
+
+
+class Propensity:
+    """Online logistic regression for one binary outcome, evaluated predict-then-learn."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.model = compose.Pipeline(
+            preprocessing.StandardScaler(),
+            linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate)),
+        )
+        self.auc = metrics.RollingROCAUC(window_size=AUC_WINDOW)
+        self.log_loss = metrics.LogLoss()
+        self.labels = 0
+        self.positives = 0
+
+    @property
+    def warmed_up(self) -> bool:
+        return self.labels >= WARM_UP_LABELS
+
+    def score(self, features: dict[str, float]) -> float:
+        proba: dict[bool, float] = self.model.predict_proba_one(features)
+        return float(proba.get(True, 0.0))
+
+    def learn(self, features: dict[str, float], outcome: bool, predicted: float) -> None:
+        """Score the prediction made back then against the outcome, then learn from it."""
+        self.auc.update(outcome, predicted)
+        self.log_loss.update(outcome, predicted)
+        self.model.learn_one(features, outcome)
+        self.labels += 1
+        self.positives += int(outcome)
+
+    def contributions(self, features: dict[str, float], top: int) -> list[tuple[str, float, float]]:
+        """(feature, scaled value, coefficient x scaled value), largest effect first."""
+        scaler, logreg = self.model.steps.values()
+        scaled = scaler.transform_one(features)
+        weights = logreg.weights
+        rows = [(f, float(scaled[f]), float(weights.get(f, 0.0) * scaled[f])) for f in FEATURES]
+        rows.sort(key=lambda r: (-abs(r[2]), r[0]))
+        return rows[:top]
+
+    def quality(self) -> dict[str, Any]:
+        both_classes = 0 < self.positives < self.labels
+        return {
+            "labels": self.labels,
+            "positive_rate": round(self.positives / self.labels, 4) if self.labels else None,
+            "roc_auc": round(float(self.auc.get()), 4) if both_classes else None,
+            "log_loss": round(float(self.log_loss.get()), 4) if self.labels else None,
+        }
+
+
+class SegmentModels:
+    """The model set of one worker: clusters, purchase propensity and churn risk."""
+
+    def __init__(self, settings: SegmentationSettings) -> None:
+        self.version = model_version(settings)
+        self.clusters = BehaviourClusters(
+            settings.cluster_count, settings.cluster_halflife, settings.seed
+        )
+        self.purchase = Propensity(settings.learning_rate)
+        self.churn = Propensity(settings.learning_rate)
+
+    def snapshot(self) -> bytes:
+        """Every learned parameter as bytes: magic, version, sha256 of the body, body."""
+        body = pickle.dumps((self.version, self.clusters, self.purchase, self.churn), protocol=5)
+        header = SNAPSHOT_MAGIC + self.version.encode().ljust(64, b" ")
+        return header + hashlib.sha256(body).digest() + body
+
+    def restore(self, data: bytes) -> None:
+        """Load a snapshot taken by the same model version; refuse anything else."""
+        head = len(SNAPSHOT_MAGIC) + 64
+        if len(data) < head + 32 or not data.startswith(SNAPSHOT_MAGIC):
+            raise SnapshotError("not a stream_app model snapshot")
+        version = data[len(SNAPSHOT_MAGIC) : head].decode().strip()
+        if version != self.version:
+            raise SnapshotError(f"snapshot is model {version}, this worker runs {self.version}")
+        digest, body = data[head : head + 32], data[head + 32 :]
+        if hashlib.sha256(body).digest() != digest:
+            raise SnapshotError("snapshot checksum mismatch (corrupt or truncated)")
+        _, self.clusters, self.purchase, self.churn = pickle.loads(body)

@@ -1,0 +1,547 @@
+"""One processing step shared by the offline replay and the live Faust agents.
+
+``Processor.process(event)`` is (state, event) -> (state, segment changes): it loads the customer's
+state from a :class:`StateStore`, folds the event in, lets the models score and learn, applies the
+segment policy and writes the state back. ``Processor.advance(t)`` is the watermark step: it fires
+the time-driven work (lifecycle moves, churn re-scoring, labels maturing) that is due by event time
+``t``, for customers who sent nothing, in due-time order.
+
+Ordering: events are applied as they arrive. The watermark is the highest event time seen minus
+``allowed_lateness_seconds``. An event at or after the watermark is applied even when it is older
+than the customer's last event (decayed features are order-insensitive; recency takes the max). An
+event *before* the watermark is refused as ``late``: time-driven changes up to the watermark have
+already fired, so applying it would rewrite history; the caller dead-letters it. Duplicate event
+ids (the customer's most recent ones, hashed) are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import math
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final, Protocol
+
+import orjson
+
+from stream_app.events import (
+    ClickEvent,
+    Component,
+    Contribution,
+    Event,
+    Lifecycle,
+    Origin,
+    PropensityTier,
+    Reason,
+    Scores,
+    Segment,
+    SegmentChange,
+    TransactionEvent,
+    TransactionType,
+)
+from stream_app.features import (
+    DAY,
+    FEATURES,
+    Behaviour,
+    apply_click,
+    apply_transaction,
+    feature_vector,
+)
+from stream_app.models import SegmentModels
+from stream_app.segmentation import (
+    Membership,
+    cluster_move,
+    lifecycle_due,
+    lifecycle_stage,
+    next_tier,
+)
+from stream_app.settings import SegmentationSettings
+
+STATE_VERSION: Final = 1
+CHURN_CHECKPOINT_DAYS: Final = (7.0, 30.0)  # idle days at which churn risk is re-scored
+TOP_CONTRIBUTIONS: Final = 3
+_PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
+Snapshot = list[Any]  # [event time, prediction made then, packed float32 features]
+
+
+class Status(StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+
+
+def _pack(x: dict[str, float]) -> str:
+    return base64.b64encode(_PACK.pack(*(x[f] for f in FEATURES))).decode("ascii")
+
+
+def _unpack(blob: str) -> dict[str, float]:
+    return dict(zip(FEATURES, _PACK.unpack(base64.b64decode(blob)), strict=True))
+
+
+def _id_hash(event_id: str) -> str:
+    return hashlib.blake2b(event_id.encode(), digest_size=6).hexdigest()
+
+
+@dataclass(slots=True)
+class CustomerState:
+    """Everything stream_app keeps about one customer; serialises to compact JSON."""
+
+    customer_id: str
+    behaviour: Behaviour
+    membership: Membership | None = None
+    sequence: int = 0
+    recent_ids: list[str] = field(default_factory=list)
+    # Pending label snapshots: [time, prediction then, packed float32 features].
+    purchase_pending: list[Snapshot] = field(default_factory=list)
+    churn_pending: list[Snapshot] = field(default_factory=list)
+    churn_checkpoint: int = 0
+    purchase_propensity: float = 0.0
+    churn_risk: float = 0.0
+    due_at: float | None = None
+    origin: Origin = Origin.LIVE
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            [
+                STATE_VERSION,
+                self.customer_id,
+                self.behaviour.to_list(),
+                None if self.membership is None else self.membership.to_list(),
+                self.sequence,
+                self.recent_ids,
+                self.purchase_pending,
+                self.churn_pending,
+                self.churn_checkpoint,
+                self.purchase_propensity,
+                self.churn_risk,
+                self.due_at,
+                self.origin.value,
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CustomerState:
+        v = orjson.loads(data)
+        if v[0] != STATE_VERSION:
+            raise ValueError(f"customer state version {v[0]} is not {STATE_VERSION}")
+        return cls(
+            customer_id=v[1],
+            behaviour=Behaviour.from_list(v[2]),
+            membership=None if v[3] is None else Membership.from_list(v[3]),
+            sequence=v[4],
+            recent_ids=v[5],
+            purchase_pending=v[6],
+            churn_pending=v[7],
+            churn_checkpoint=v[8],
+            purchase_propensity=v[9],
+            churn_risk=v[10],
+            due_at=v[11],
+            origin=Origin(v[12]),
+        )
+
+
+class StateStore(Protocol):
+    """Where customer state lives: a dict offline, a Faust table live."""
+
+    def get(self, customer_id: str) -> CustomerState | None: ...
+    def put(self, state: CustomerState) -> None: ...
+    def delete(self, customer_id: str) -> None: ...
+    def __iter__(self) -> Iterator[CustomerState]: ...
+
+
+class MemoryStore:
+    """In-process store of live objects. States survive `to_bytes`/`from_bytes` unchanged (floats
+    round-trip exactly through orjson; label snapshots are float32 already), so keeping objects
+    gives the same results as a table that stores bytes."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, CustomerState] = {}
+
+    def get(self, customer_id: str) -> CustomerState | None:
+        return self._data.get(customer_id)
+
+    def put(self, state: CustomerState) -> None:
+        self._data[state.customer_id] = state
+
+    def delete(self, customer_id: str) -> None:
+        self._data.pop(customer_id, None)
+
+    def __iter__(self) -> Iterator[CustomerState]:
+        return iter(list(self._data.values()))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def sizes(self) -> list[int]:
+        return [len(state.to_bytes()) for state in self._data.values()]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    changes: list[SegmentChange]
+
+
+@dataclass(slots=True)
+class _Trigger:
+    event_id: str
+    event_type: str
+    at: float
+    origin: Origin
+    processed_at: datetime
+
+
+def _ts(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC)
+
+
+class Processor:
+    """The segmentation core as a stateful step over a store, a model set and a due-time index."""
+
+    def __init__(
+        self,
+        settings: SegmentationSettings,
+        models: SegmentModels,
+        store: StateStore,
+        clock: Callable[[float], datetime] | None = None,
+    ) -> None:
+        self.s = settings
+        self.models = models
+        self.store = store
+        self._clock = clock or _ts
+        self._due: list[tuple[float, str]] = []
+        self.max_event_time = -math.inf
+        self.counts: dict[str, int] = {}
+        self._segments: dict[tuple[int, str, PropensityTier, Lifecycle], Segment] = {}
+
+    # -- watermark and due-time index ---------------------------------------------------------
+
+    @property
+    def watermark(self) -> float:
+        return self.max_event_time - self.s.allowed_lateness_seconds
+
+    def rebuild_due_index(self) -> None:
+        """Rebuild the due-time heap from the store (after a restart or a rebalance)."""
+        self._due = [(st.due_at, st.customer_id) for st in self.store if st.due_at is not None]
+        heapq.heapify(self._due)
+
+    def advance(self, until: float) -> list[SegmentChange]:
+        """Fire every time-driven change due at or before event time `until`, oldest first."""
+        changes: list[SegmentChange] = []
+        while self._due and self._due[0][0] <= until:
+            due, customer_id = heapq.heappop(self._due)
+            state = self.store.get(customer_id)
+            if state is None or state.due_at != due:
+                continue  # superseded by a later event or erased
+            changes.extend(self._on_time(state, due))
+            self._schedule(state, due)
+            self.store.put(state)
+        return changes
+
+    def _schedule(self, st: CustomerState, now: float) -> None:
+        """Set the customer's next due time and index it.
+
+        Lifecycle moves and churn checkpoints own a timer. A pending label matures at the first
+        timer or event at or after its horizon, so it only gets a timer of its own when nothing
+        else is coming: this halves timer work and changes no outcome, only when a label is learned.
+        """
+        b, s = st.behaviour, self.s
+        reactivated_at = st.membership.reactivated_at if st.membership else None
+        timers = [
+            t
+            for t in (lifecycle_due(b, now, reactivated_at, s), _checkpoint_time(st))
+            if t is not None and t > now
+        ]
+        labels = [
+            t
+            for t in (
+                _first_time(st.purchase_pending, s.purchase_horizon_days * DAY),
+                _first_time(st.churn_pending, s.churn_horizon_days * DAY),
+            )
+            if t is not None
+        ]
+        due = min(timers) if timers else (max(min(labels), now + 1.0) if labels else None)
+        if due != st.due_at and due is not None:
+            heapq.heappush(self._due, (due, st.customer_id))
+        st.due_at = due
+
+    # -- events ------------------------------------------------------------------------------
+
+    def process(self, event: Event, processed_at: datetime | None = None) -> Outcome:
+        """Apply one event; also fires time-driven changes the advancing watermark makes due."""
+        at = event.event_time.timestamp()
+        if at < self.watermark:
+            return self._count(Outcome(Status.LATE, []))
+        st = self.store.get(event.customer_id)
+        digest = _id_hash(event.event_id)
+        if st is not None and digest in st.recent_ids:
+            return self._count(Outcome(Status.DUPLICATE, []))
+        trigger = _Trigger(
+            event.event_id,
+            event.event_type.value,
+            at,
+            event.origin,
+            processed_at or self._clock(at),
+        )
+        if st is None:
+            st = CustomerState(event.customer_id, Behaviour.first(at))
+        st.recent_ids.append(digest)
+        del st.recent_ids[: -self.s.recent_event_ids]
+        changes = self._on_event(st, event, trigger)
+        self._schedule(st, at)
+        self.store.put(st)
+        if at > self.max_event_time:
+            self.max_event_time = at
+            changes.extend(self.advance(self.watermark))
+        return self._count(Outcome(Status.APPLIED, changes))
+
+    def _count(self, outcome: Outcome) -> Outcome:
+        self.counts[outcome.status.value] = self.counts.get(outcome.status.value, 0) + 1
+        return outcome
+
+    def _on_event(self, st: CustomerState, event: Event, trig: _Trigger) -> list[SegmentChange]:
+        s, b, at = self.s, st.behaviour, trig.at
+        lapsed_before = st.membership is not None and (
+            at - b.last_event_at >= s.lapsed_after_days * DAY
+        )
+        self._resolve_on_activity(st, event, at)
+        if isinstance(event, ClickEvent):
+            apply_click(
+                b,
+                event,
+                at,
+                session_gap=s.session_gap_minutes * 60,
+                category_limit=s.top_categories,
+            )
+        else:
+            apply_transaction(
+                b,
+                event,
+                at,
+                session_gap=s.session_gap_minutes * 60,
+                category_limit=s.top_categories,
+            )
+        st.origin = event.origin
+        st.churn_checkpoint = 0
+        x = feature_vector(b, at)
+        cluster = self.models.clusters.learn_assign(x)
+        st.purchase_propensity = self.models.purchase.score(x)
+        self._snapshot_purchase(st, x, at)
+        if st.membership is None:
+            return [self._enter(st, cluster, x, trig)]
+        if lapsed_before:
+            st.membership.reactivated_at = at
+        return self._decide(st, x, trig, cluster)
+
+    def _resolve_on_activity(self, st: CustomerState, event: Event, at: float) -> None:
+        """Activity answers pending churn questions (not churned); a purchase, purchase ones."""
+        keep: list[Snapshot] = []
+        for snap in st.churn_pending:
+            if at > float(snap[0]):
+                self.models.churn.learn(_unpack(str(snap[2])), False, float(snap[1]))
+            else:
+                keep.append(snap)
+        st.churn_pending = keep
+        if isinstance(event, TransactionEvent) and event.event_type is TransactionType.PURCHASE:
+            horizon = self.s.purchase_horizon_days * DAY
+            keep = []
+            for snap in st.purchase_pending:
+                t0 = float(snap[0])
+                if t0 < at <= t0 + horizon:
+                    self.models.purchase.learn(_unpack(str(snap[2])), True, float(snap[1]))
+                else:
+                    keep.append(snap)
+            st.purchase_pending = keep
+
+    def _snapshot_purchase(self, st: CustomerState, x: dict[str, float], at: float) -> None:
+        pending = st.purchase_pending
+        interval = self.s.snapshot_interval_hours * 3600
+        if len(pending) >= self.s.max_pending_snapshots:
+            return
+        if pending and at - float(pending[-1][0]) < interval:
+            return
+        pending.append([at, st.purchase_propensity, _pack(x)])
+
+    # -- time ----------------------------------------------------------------------------------
+
+    def _on_time(self, st: CustomerState, now: float) -> list[SegmentChange]:
+        s = self.s
+        st.purchase_pending = self._expire(
+            st.purchase_pending, now, s.purchase_horizon_days * DAY, outcome=False, churn=False
+        )
+        st.churn_pending = self._expire(
+            st.churn_pending, now, s.churn_horizon_days * DAY, outcome=True, churn=True
+        )
+        m = st.membership
+        checkpoint = _checkpoint_time(st)
+        at_checkpoint = checkpoint is not None and checkpoint <= now
+        stage_moves = m is not None and m.stage is not lifecycle_stage(
+            st.behaviour, now, m.reactivated_at, s
+        )
+        if m is None or not (at_checkpoint or stage_moves):
+            return []  # only labels matured: nothing to re-score
+        x = feature_vector(st.behaviour, now)
+        if at_checkpoint:
+            st.churn_risk = self.models.churn.score(x)
+            if len(st.churn_pending) < s.max_pending_snapshots:
+                st.churn_pending.append([now, st.churn_risk, _pack(x)])
+            while (checkpoint := _checkpoint_time(st)) is not None and checkpoint <= now:
+                st.churn_checkpoint += 1
+        st.purchase_propensity = self.models.purchase.score(x)
+        trig = _Trigger(f"time:{now:.0f}", "time_passed", now, st.origin, self._clock(now))
+        return self._decide(st, x, trig, None)
+
+    def _expire(
+        self, pending: list[Snapshot], now: float, horizon: float, *, outcome: bool, churn: bool
+    ) -> list[Snapshot]:
+        model = self.models.churn if churn else self.models.purchase
+        keep = []
+        for snap in pending:
+            if float(snap[0]) + horizon <= now:
+                model.learn(_unpack(str(snap[2])), outcome, float(snap[1]))
+            else:
+                keep.append(snap)
+        return keep
+
+    # -- policy --------------------------------------------------------------------------------
+
+    def _decide(
+        self, st: CustomerState, x: dict[str, float], trig: _Trigger, cluster: int | None
+    ) -> list[SegmentChange]:
+        m = st.membership
+        assert m is not None
+        s, at, changes = self.s, trig.at, []
+        stage = lifecycle_stage(st.behaviour, at, m.reactivated_at, s)
+        if stage is not m.stage:
+            before = self._segment(m)
+            m.stage = stage
+            changes.append(self._change(st, Component.LIFECYCLE, before, x, trig))
+        tier = next_tier(m.tier, st.purchase_propensity, self.models.purchase.warmed_up, s)
+        if tier is not m.tier:
+            before = self._segment(m)
+            m.tier = tier
+            changes.append(self._change(st, Component.PROPENSITY, before, x, trig))
+        if cluster is not None and cluster_move(m, cluster, at, s):
+            before = self._segment(m)
+            m.cluster, m.cluster_since, m.candidate, m.candidate_hits = cluster, at, -1, 0
+            changes.append(self._change(st, Component.CLUSTER, before, x, trig))
+        return changes
+
+    def _enter(
+        self, st: CustomerState, cluster: int, x: dict[str, float], trig: _Trigger
+    ) -> SegmentChange:
+        tier = next_tier(
+            PropensityTier.UNSCORED, st.purchase_propensity, self.models.purchase.warmed_up, self.s
+        )
+        stage = lifecycle_stage(st.behaviour, trig.at, None, self.s)
+        st.membership = Membership(cluster, trig.at, tier, stage)
+        return self._change(st, Component.ENTRY, None, x, trig)
+
+    def _segment(self, m: Membership) -> Segment:
+        profile = self.models.clusters.profile(m.cluster).name
+        key = (m.cluster, profile, m.tier, m.stage)
+        segment = self._segments.get(key)
+        if segment is None:
+            segment = self._segments[key] = Segment(
+                cluster=m.cluster,
+                cluster_profile=profile,
+                propensity_tier=m.tier,
+                lifecycle=m.stage,
+            )
+        return segment
+
+    def _change(
+        self,
+        st: CustomerState,
+        component: Component,
+        previous: Segment | None,
+        x: dict[str, float],
+        trig: _Trigger,
+    ) -> SegmentChange:
+        assert st.membership is not None
+        st.sequence += 1
+        current = self._segment(st.membership)
+        if component is Component.LIFECYCLE:
+            st.churn_risk = self.models.churn.score(x)
+        key = f"{st.customer_id}|{st.sequence}|{component.value}|{trig.event_id}"
+        reason = Reason(
+            trigger_event_id=trig.event_id,
+            trigger_event_type=trig.event_type,
+            summary=_summary(component, previous, current, st, x),
+            top_contributions=[
+                Contribution(feature=f, value=round(v, 4), contribution=round(c, 4))
+                for f, v, c in self._explain(component, x)
+            ],
+        )
+        return SegmentChange(
+            change_id=hashlib.sha256(key.encode()).hexdigest()[:32],
+            customer_id=st.customer_id,
+            sequence=st.sequence,
+            component=component,
+            previous=previous,
+            current=current,
+            scores=Scores(
+                purchase_propensity=round(st.purchase_propensity, 6),
+                churn_risk=round(st.churn_risk, 6),
+            ),
+            reason=reason,
+            model_version=self.models.version,
+            segment_definition_version=self.s.version,
+            event_time=_ts(trig.at),
+            processed_at=trig.processed_at,
+            origin=trig.origin,
+        )
+
+    def _explain(self, component: Component, x: dict[str, float]) -> list[tuple[str, float, float]]:
+        if component is Component.CLUSTER:
+            return self.models.clusters.explain(x, TOP_CONTRIBUTIONS)
+        if component is Component.LIFECYCLE:
+            return self.models.churn.contributions(x, TOP_CONTRIBUTIONS)
+        return self.models.purchase.contributions(x, TOP_CONTRIBUTIONS)
+
+    def forget(self, customer_id: str) -> bool:
+        """Erase a customer (privacy request): state gone, no further segment events."""
+        existed = self.store.get(customer_id) is not None
+        self.store.delete(customer_id)
+        return existed
+
+
+def _first_time(pending: list[Snapshot], horizon: float) -> float | None:
+    return float(pending[0][0]) + horizon if pending else None
+
+
+def _checkpoint_time(st: CustomerState) -> float | None:
+    if st.churn_checkpoint >= len(CHURN_CHECKPOINT_DAYS):
+        return None
+    return st.behaviour.last_event_at + CHURN_CHECKPOINT_DAYS[st.churn_checkpoint] * DAY
+
+
+def _summary(
+    component: Component,
+    previous: Segment | None,
+    current: Segment,
+    st: CustomerState,
+    x: dict[str, float],
+) -> str:
+    if component is Component.ENTRY or previous is None:
+        return f"first seen: joined {current.name} ({current.cluster_profile})"
+    if component is Component.LIFECYCLE:
+        idle = math.expm1(x["days_since_last_event"])
+        return (
+            f"lifecycle {previous.lifecycle.value} -> {current.lifecycle.value} "
+            f"after {idle:.0f} days without activity; churn risk {st.churn_risk:.2f}"
+        )
+    if component is Component.PROPENSITY:
+        return (
+            f"purchase propensity {st.purchase_propensity:.2f}: tier "
+            f"{previous.propensity_tier.value} -> {current.propensity_tier.value}"
+        )
+    return (
+        f"behaviour now matches cluster {current.cluster} ({current.cluster_profile}), "
+        f"was cluster {previous.cluster} ({previous.cluster_profile})"
+    )

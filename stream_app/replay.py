@@ -1,0 +1,224 @@
+"""Offline replay: a dataset through the same Processor the live agents use, in-process.
+
+Deterministic: the same file and settings give byte-identical `changes.jsonl` (processing time is
+simulated as the trigger's event time, and every model is seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+import orjson
+
+from stream_app.datasets import DatasetFormat, RowError, read_dataset
+from stream_app.errors import UserError
+from stream_app.events import Component, DeadLetterReason, Event, SegmentChange, encode
+from stream_app.models import SegmentModels
+from stream_app.processor import MemoryStore, Processor, Status
+from stream_app.settings import SegmentationSettings, Settings
+
+FLAP_COMPONENTS: Final = (Component.CLUSTER, Component.PROPENSITY, Component.LIFECYCLE)
+
+
+class FlapMeter:
+    """Share of segment changes that undo the customer's previous change of the same component
+    within the dwell window (A -> B, then B -> A soon after)."""
+
+    def __init__(self, window_seconds: float) -> None:
+        self.window = window_seconds
+        self.last: dict[tuple[str, Component], tuple[float, str, str]] = {}
+        self.changes = 0
+        self.flaps = 0
+
+    def observe(self, change: SegmentChange) -> None:
+        if change.component not in FLAP_COMPONENTS or change.previous is None:
+            return
+        before, after = _component_value(change)
+        at = change.event_time.timestamp()
+        key = (change.customer_id, change.component)
+        self.changes += 1
+        last = self.last.get(key)
+        if (
+            last is not None
+            and at - last[0] <= self.window
+            and (before, after) == (last[2], last[1])
+        ):
+            self.flaps += 1
+        self.last[key] = (at, before, after)
+
+    @property
+    def rate(self) -> float:
+        return self.flaps / self.changes if self.changes else 0.0
+
+
+def _component_value(change: SegmentChange) -> tuple[str, str]:
+    prev, cur = change.previous, change.current
+    assert prev is not None
+    if change.component is Component.CLUSTER:
+        return str(prev.cluster), str(cur.cluster)
+    if change.component is Component.PROPENSITY:
+        return prev.propensity_tier.value, cur.propensity_tier.value
+    return prev.lifecycle.value, cur.lifecycle.value
+
+
+class Progress:
+    """A one-line progress indicator on a terminal (events and events/s); silent otherwise."""
+
+    def __init__(self, stream: IO[str], enabled: bool) -> None:
+        self.stream, self.enabled = stream, enabled and stream.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, events: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < 0.5):
+            return
+        self.last = now
+        rate = events / max(now - self.start, 1e-9)
+        self.stream.write(f"\rreplayed {events:,} events ({rate:,.0f}/s)")
+        if final:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@dataclass
+class ReplayResult:
+    events: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    changes_by_component: Counter[str] = field(default_factory=Counter)
+    process_seconds: float = 0.0
+
+
+def replay_offline(
+    items: Iterable[Event | RowError],
+    settings: SegmentationSettings,
+    out: IO[bytes] | None = None,
+    progress: Progress | None = None,
+) -> tuple[ReplayResult, Processor, FlapMeter]:
+    """Run every event through a fresh Processor; write each change as one JSON line to `out`."""
+    processor = Processor(settings, SegmentModels(settings), MemoryStore())
+    result = ResultSink(settings, out)
+    clock = time.perf_counter
+    for item in items:
+        if isinstance(item, RowError):
+            result.data.invalid[item.reason] += 1
+            continue
+        started = clock()
+        outcome = processor.process(item)
+        result.data.process_seconds += clock() - started
+        result.data.events += 1
+        result.data.statuses[outcome.status.value] += 1
+        if outcome.status is Status.LATE:
+            result.data.invalid[DeadLetterReason.LATE_EVENT.value] += 1
+        result.emit(outcome.changes)
+        if progress is not None and result.data.events % 1024 == 0:
+            progress.update(result.data.events)
+    started = clock()
+    result.emit(processor.advance(processor.max_event_time))
+    result.data.process_seconds += clock() - started
+    if progress is not None:
+        progress.update(result.data.events, final=True)
+    return result.data, processor, result.flaps
+
+
+class ResultSink:
+    def __init__(self, settings: SegmentationSettings, out: IO[bytes] | None) -> None:
+        self.data = ReplayResult()
+        self.out = out
+        self.flaps = FlapMeter(settings.cluster_min_dwell_hours * 3600)
+
+    def emit(self, changes: list[SegmentChange]) -> None:
+        for change in changes:
+            self.data.changes_by_component[change.component.value] += 1
+            self.flaps.observe(change)
+            if self.out is not None:
+                self.out.write(encode(change) + b"\n")
+
+
+def build_report(result: ReplayResult, processor: Processor, flaps: FlapMeter) -> dict[str, Any]:
+    models = processor.models
+    store = processor.store
+    assert isinstance(store, MemoryStore)
+    states = list(store)
+    lifecycle = Counter(st.membership.stage.value for st in states if st.membership)
+    members = Counter(st.membership.cluster for st in states if st.membership)
+    sizes = store.sizes()
+    purchase, churn = models.purchase.quality(), models.churn.quality()
+    return {
+        "events": result.events,
+        "applied": result.statuses.get(Status.APPLIED.value, 0),
+        "duplicates": result.statuses.get(Status.DUPLICATE.value, 0),
+        "invalid": dict(sorted(result.invalid.items())),
+        "customers": len(states),
+        "segment_changes": dict(sorted(result.changes_by_component.items())),
+        "events_per_second": round(result.events / result.process_seconds, 1)
+        if result.process_seconds
+        else None,
+        "purchase_auc": purchase["roc_auc"],
+        "purchase_log_loss": purchase["log_loss"],
+        "purchase_labels": purchase["labels"],
+        "churn_auc": churn["roc_auc"],
+        "churn_log_loss": churn["log_loss"],
+        "churn_labels": churn["labels"],
+        "clusters": [
+            {
+                "id": cid,
+                "members": members.get(cid, 0),
+                "observations": models.clusters.sizes[cid],
+                "profile": models.clusters.profile(cid).name,
+                "centre": models.clusters.profile(cid).traits,
+            }
+            for cid in range(len(models.clusters.sizes))
+        ],
+        "lifecycle": dict(sorted(lifecycle.items())),
+        "flap_rate": round(flaps.rate, 5),
+        "state_bytes_per_customer": {
+            "mean": round(sum(sizes) / len(sizes), 1) if sizes else 0,
+            "max": max(sizes, default=0),
+        },
+        "model_version": models.version,
+        "segment_definition_version": processor.s.version,
+    }
+
+
+def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
+    path: Path = args.file
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    if not args.offline:
+        raise UserError("only --offline replay is available in this version")
+    fmt: DatasetFormat = args.format
+    items: Iterable[Event | RowError] = read_dataset(path, fmt)
+    if args.limit is not None:
+        items = _limited(items, args.limit)
+    progress = Progress(sys.stderr, enabled=not args.no_progress)
+    out = args.out.open("wb") if args.out else None
+    try:
+        result, processor, flaps = replay_offline(items, settings.segmentation, out, progress)
+    finally:
+        if out is not None:
+            out.close()
+    report = build_report(result, processor, flaps)
+    rendered = orjson.dumps(report, option=orjson.OPT_INDENT_2)
+    if args.report:
+        args.report.write_bytes(rendered + b"\n")
+    summary = {k: report[k] for k in ("events", "customers", "segment_changes", "invalid")}
+    print(orjson.dumps(summary).decode())
+    return 0
+
+
+def _limited(items: Iterable[Event | RowError], limit: int) -> Iterable[Event | RowError]:
+    seen = 0
+    for item in items:
+        if not isinstance(item, RowError):
+            if seen >= limit:
+                return
+            seen += 1
+        yield item

@@ -1,0 +1,115 @@
+"""Segment policy: scores and behaviour -> segment, with hysteresis, dwell and due times.
+
+A segment is (behavioural cluster, purchase-propensity tier, lifecycle stage). Pure functions of
+their inputs and event time; the processor decides when to call them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stream_app.events import Lifecycle, PropensityTier
+from stream_app.features import DAY, HOUR, Behaviour
+from stream_app.settings import SegmentationSettings
+
+
+@dataclass(slots=True)
+class Membership:
+    """A customer's current segment plus the memory the anti-flap rules need."""
+
+    cluster: int
+    cluster_since: float
+    tier: PropensityTier
+    stage: Lifecycle
+    candidate: int = -1
+    candidate_hits: int = 0
+    reactivated_at: float | None = None
+
+    def to_list(self) -> list[object]:
+        return [
+            self.cluster,
+            self.cluster_since,
+            self.tier.value,
+            self.stage.value,
+            self.candidate,
+            self.candidate_hits,
+            self.reactivated_at,
+        ]
+
+    @classmethod
+    def from_list(cls, v: list[Any]) -> Membership:
+        return cls(
+            int(v[0]),
+            float(v[1]),
+            PropensityTier(v[2]),
+            Lifecycle(v[3]),
+            int(v[4]),
+            int(v[5]),
+            None if v[6] is None else float(v[6]),
+        )
+
+
+def lifecycle_stage(
+    b: Behaviour, now: float, reactivated_at: float | None, s: SegmentationSettings
+) -> Lifecycle:
+    """Stage from recency and frequency as of event time `now`."""
+    idle = now - b.last_event_at
+    if idle >= s.lapsed_after_days * DAY:
+        return Lifecycle.LAPSED
+    if idle >= s.at_risk_after_days * DAY:
+        return Lifecycle.AT_RISK
+    if reactivated_at is not None and now - reactivated_at < s.reactivated_days * DAY:
+        return Lifecycle.REACTIVATED
+    if now - b.first_seen < s.new_customer_days * DAY and b.order_count <= 1:
+        return Lifecycle.NEW
+    return Lifecycle.ACTIVE
+
+
+def lifecycle_due(
+    b: Behaviour, now: float, reactivated_at: float | None, s: SegmentationSettings
+) -> float | None:
+    """The next event time at which the stage would change if the customer stays silent."""
+    candidates = [
+        b.last_event_at + s.at_risk_after_days * DAY,
+        b.last_event_at + s.lapsed_after_days * DAY,
+        b.first_seen + s.new_customer_days * DAY,
+    ]
+    if reactivated_at is not None:
+        candidates.append(reactivated_at + s.reactivated_days * DAY)
+    future = [t for t in candidates if t > now]
+    return min(future) if future else None
+
+
+def next_tier(
+    current: PropensityTier, propensity: float, scored: bool, s: SegmentationSettings
+) -> PropensityTier:
+    """Tier with hysteresis: enter above `*_enter`, leave only below the lower `*_leave`."""
+    if not scored:
+        return PropensityTier.UNSCORED
+    if current is PropensityTier.HIGH:
+        if propensity >= s.high_leave:
+            return PropensityTier.HIGH
+        return PropensityTier.MEDIUM if propensity >= s.medium_leave else PropensityTier.LOW
+    if propensity >= s.high_enter:
+        return PropensityTier.HIGH
+    if current is PropensityTier.MEDIUM:
+        return PropensityTier.MEDIUM if propensity >= s.medium_leave else PropensityTier.LOW
+    return PropensityTier.MEDIUM if propensity >= s.medium_enter else PropensityTier.LOW
+
+
+def cluster_move(m: Membership, predicted: int, now: float, s: SegmentationSettings) -> bool:
+    """Record a cluster prediction; True when the customer should move to `predicted` now.
+
+    A move needs the same new cluster on `cluster_confirmations` consecutive observations and at
+    least `cluster_min_dwell_hours` in the current cluster, so one odd event cannot flip it.
+    """
+    if predicted == m.cluster:
+        m.candidate, m.candidate_hits = -1, 0
+        return False
+    if predicted == m.candidate:
+        m.candidate_hits += 1
+    else:
+        m.candidate, m.candidate_hits = predicted, 1
+    dwelt = now - m.cluster_since >= s.cluster_min_dwell_hours * HOUR
+    return dwelt and m.candidate_hits >= s.cluster_confirmations
