@@ -66,7 +66,7 @@ STATE_VERSION: Final = 1
 CHURN_CHECKPOINT_DAYS: Final = (7.0, 30.0)  # idle days at which churn risk is re-scored
 TOP_CONTRIBUTIONS: Final = 3
 _PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
-Snapshot = list[Any]  # [event time, prediction made then, packed float32 features]
+Snapshot = list[Any]  # [event time, prediction made then, packed float32 features, outcome seen]
 
 
 class Status(StrEnum):
@@ -309,7 +309,8 @@ class Processor:
         lapsed_before = st.membership is not None and (
             at - b.last_event_at >= s.lapsed_after_days * DAY
         )
-        self._resolve_on_activity(st, event, at)
+        self._mature_labels(st, at)
+        self._mark_outcomes(st, event, at)
         if isinstance(event, ClickEvent):
             apply_click(
                 b,
@@ -338,25 +339,16 @@ class Processor:
             st.membership.reactivated_at = at
         return self._decide(st, x, trig, cluster)
 
-    def _resolve_on_activity(self, st: CustomerState, event: Event, at: float) -> None:
-        """Activity answers pending churn questions (not churned); a purchase, purchase ones."""
-        keep: list[Snapshot] = []
+    def _mark_outcomes(self, st: CustomerState, event: Event, at: float) -> None:
+        """Record what happened after each pending snapshot; the label is revealed only when the
+        horizon has passed (revealing positives early biases the model, NOTES-river section 2)."""
         for snap in st.churn_pending:
-            if at > float(snap[0]):
-                self.models.churn.learn(_unpack(str(snap[2])), False, float(snap[1]))
-            else:
-                keep.append(snap)
-        st.churn_pending = keep
+            if snap[0] < at <= snap[0] + self.s.churn_horizon_days * DAY:
+                snap[3] = True  # active again inside the horizon: not churned
         if isinstance(event, TransactionEvent) and event.event_type is TransactionType.PURCHASE:
-            horizon = self.s.purchase_horizon_days * DAY
-            keep = []
             for snap in st.purchase_pending:
-                t0 = float(snap[0])
-                if t0 < at <= t0 + horizon:
-                    self.models.purchase.learn(_unpack(str(snap[2])), True, float(snap[1]))
-                else:
-                    keep.append(snap)
-            st.purchase_pending = keep
+                if snap[0] < at <= snap[0] + self.s.purchase_horizon_days * DAY:
+                    snap[3] = True
 
     def _snapshot_purchase(self, st: CustomerState, x: dict[str, float], at: float) -> None:
         pending = st.purchase_pending
@@ -365,18 +357,22 @@ class Processor:
             return
         if pending and at - float(pending[-1][0]) < interval:
             return
-        pending.append([at, st.purchase_propensity, _pack(x)])
+        pending.append([at, st.purchase_propensity, _pack(x), False])
 
     # -- time ----------------------------------------------------------------------------------
 
-    def _on_time(self, st: CustomerState, now: float) -> list[SegmentChange]:
+    def _mature_labels(self, st: CustomerState, now: float) -> None:
         s = self.s
         st.purchase_pending = self._expire(
-            st.purchase_pending, now, s.purchase_horizon_days * DAY, outcome=False, churn=False
+            st.purchase_pending, now, s.purchase_horizon_days * DAY, churn=False
         )
         st.churn_pending = self._expire(
-            st.churn_pending, now, s.churn_horizon_days * DAY, outcome=True, churn=True
+            st.churn_pending, now, s.churn_horizon_days * DAY, churn=True
         )
+
+    def _on_time(self, st: CustomerState, now: float) -> list[SegmentChange]:
+        s = self.s
+        self._mature_labels(st, now)
         m = st.membership
         checkpoint = _checkpoint_time(st)
         at_checkpoint = checkpoint is not None and checkpoint <= now
@@ -389,7 +385,7 @@ class Processor:
         if at_checkpoint:
             st.churn_risk = self.models.churn.score(x)
             if len(st.churn_pending) < s.max_pending_snapshots:
-                st.churn_pending.append([now, st.churn_risk, _pack(x)])
+                st.churn_pending.append([now, st.churn_risk, _pack(x), False])
             while (checkpoint := _checkpoint_time(st)) is not None and checkpoint <= now:
                 st.churn_checkpoint += 1
         st.purchase_propensity = self.models.purchase.score(x)
@@ -397,13 +393,15 @@ class Processor:
         return self._decide(st, x, trig, None)
 
     def _expire(
-        self, pending: list[Snapshot], now: float, horizon: float, *, outcome: bool, churn: bool
+        self, pending: list[Snapshot], now: float, horizon: float, *, churn: bool
     ) -> list[Snapshot]:
+        """Learn from every snapshot whose horizon has passed; keep the others."""
         model = self.models.churn if churn else self.models.purchase
         keep = []
         for snap in pending:
-            if float(snap[0]) + horizon <= now:
-                model.learn(_unpack(str(snap[2])), outcome, float(snap[1]))
+            if snap[0] + horizon <= now:
+                outcome = not snap[3] if churn else bool(snap[3])
+                model.learn(_unpack(snap[2]), outcome, snap[1])
             else:
                 keep.append(snap)
         return keep
