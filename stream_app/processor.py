@@ -43,6 +43,7 @@ from stream_app.events import (
     SegmentChange,
     TransactionEvent,
     TransactionType,
+    encode,
 )
 from stream_app.features import (
     DAY,
@@ -104,6 +105,10 @@ class CustomerState:
     churn_risk: float = 0.0
     due_at: float | None = None
     origin: Origin = Origin.LIVE
+    # Live only: last applied offset per source topic (replays after a crash are skipped), and the
+    # changes not yet acknowledged by the broker (re-sent after a crash; consumers dedupe by id).
+    offsets: dict[str, int] = field(default_factory=dict)
+    outbox: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -121,6 +126,8 @@ class CustomerState:
                 self.churn_risk,
                 self.due_at,
                 self.origin.value,
+                self.offsets,
+                self.outbox,
             ]
         )
 
@@ -142,7 +149,24 @@ class CustomerState:
             churn_risk=v[10],
             due_at=v[11],
             origin=Origin(v[12]),
+            offsets=v[13],
+            outbox=v[14],
         )
+
+
+class Outbox(Protocol):
+    """Tells the processor which of a customer's changes the broker has acknowledged."""
+
+    limit: int
+
+    def acknowledged(self, customer_id: str) -> int:
+        """Highest acknowledged sequence number of this customer (0 if none)."""
+        ...
+
+
+def _outbox_sequence(entry: str) -> int:
+    sequence: int = orjson.loads(entry)["sequence"]
+    return sequence
 
 
 class StateStore(Protocol):
@@ -185,6 +209,15 @@ class MemoryStore:
 class Outcome:
     status: Status
     changes: list[SegmentChange]
+    state: CustomerState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an event was read from; with it, a re-delivered event is recognised exactly."""
+
+    topic: str
+    offset: int
 
 
 @dataclass(slots=True)
@@ -209,8 +242,10 @@ class Processor:
         models: SegmentModels,
         store: StateStore,
         clock: Callable[[float], datetime] | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.s = settings
+        self.outbox = outbox
         self.models = models
         self.store = store
         self._clock = clock or _ts
@@ -238,9 +273,11 @@ class Processor:
             state = self.store.get(customer_id)
             if state is None or state.due_at != due:
                 continue  # superseded by a later event or erased
-            changes.extend(self._on_time(state, due))
+            fired = self._on_time(state, due)
             self._schedule(state, due)
+            self._record(state, fired)
             self.store.put(state)
+            changes.extend(fired)
         return changes
 
     def _schedule(self, st: CustomerState, now: float) -> None:
@@ -272,15 +309,24 @@ class Processor:
 
     # -- events ------------------------------------------------------------------------------
 
-    def process(self, event: Event, processed_at: datetime | None = None) -> Outcome:
+    def process(
+        self, event: Event, processed_at: datetime | None = None, position: Position | None = None
+    ) -> Outcome:
         """Apply one event; also fires time-driven changes the advancing watermark makes due."""
         at = event.event_time.timestamp()
+        st = self.store.get(event.customer_id)
+        redelivered = (
+            st is not None
+            and position is not None
+            and st.offsets.get(position.topic, -1) >= position.offset
+        )
+        if redelivered:  # the same message again, e.g. after a crash before the offset commit
+            return self._count(Outcome(Status.DUPLICATE, [], st))
         if at < self.watermark:
             return self._count(Outcome(Status.LATE, []))
-        st = self.store.get(event.customer_id)
         digest = _id_hash(event.event_id)
         if st is not None and digest in st.recent_ids:
-            return self._count(Outcome(Status.DUPLICATE, []))
+            return self._count(Outcome(Status.DUPLICATE, [], st))
         trigger = _Trigger(
             event.event_id,
             event.event_type.value,
@@ -293,12 +339,24 @@ class Processor:
         st.recent_ids.append(digest)
         del st.recent_ids[: -self.s.recent_event_ids]
         changes = self._on_event(st, event, trigger)
+        if position is not None:
+            st.offsets[position.topic] = position.offset
         self._schedule(st, at)
+        self._record(st, changes)
         self.store.put(st)
         if at > self.max_event_time:
             self.max_event_time = at
             changes.extend(self.advance(self.watermark))
-        return self._count(Outcome(Status.APPLIED, changes))
+        return self._count(Outcome(Status.APPLIED, changes, st))
+
+    def _record(self, st: CustomerState, changes: list[SegmentChange]) -> None:
+        """Keep changes in the customer's outbox until the broker acknowledged them."""
+        if self.outbox is None:
+            return
+        acked = self.outbox.acknowledged(st.customer_id)
+        kept = [entry for entry in st.outbox if _outbox_sequence(entry) > acked]
+        kept.extend(encode(change).decode() for change in changes)
+        st.outbox = kept[-self.outbox.limit :]
 
     def _count(self, outcome: Outcome) -> Outcome:
         self.counts[outcome.status.value] = self.counts.get(outcome.status.value, 0) + 1
