@@ -78,6 +78,30 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, dataset=args.dataset, limit=args.limit)
 
 
+def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_app.subscriber import Interest, describe, run_subscriber
+
+    interest = Interest(
+        lifecycle=frozenset(args.lifecycle or ()),
+        propensity_tiers=frozenset(args.tier or ()),
+        clusters=frozenset(args.cluster or ()),
+        include_replay=args.include_replay,
+    )
+    state = run_subscriber(
+        settings,
+        args.group,
+        interest,
+        lambda change: print(describe(change), flush=True),
+        idle_timeout_s=args.idle_timeout,
+    )
+    print(
+        f"done: {len(state.seen)} changes, {state.duplicates} duplicates dropped, "
+        f"{state.gaps} sequence gaps, {state.invalid} invalid",
+        flush=True,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stream-app", description="Real-time behavioural customer segmentation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -109,9 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--to-kafka", action="store_true", help="publish into the input topics")
     replay.add_argument("--out", type=Path, help="segment changes as JSON Lines (offline)")
     replay.add_argument("--report", type=Path, help="report JSON (offline)")
+    replay.add_argument(
+        "--speed",
+        default="max",
+        help="with --to-kafka: 'max' (as fast as the broker takes it) or a factor (60 = an hour "
+        "of history per minute)",
+    )
     replay.add_argument("--limit", type=int, default=None, help="stop after N events")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(handler=_replay)
+
+    subscribe = sub.add_parser(
+        "subscribe", help="example email/push subscriber: print entries into chosen segments"
+    )
+    subscribe.add_argument("--group", default="example-email-campaigns", help="consumer group")
+    subscribe.add_argument("--lifecycle", action="append", help="e.g. at_risk (repeatable)")
+    subscribe.add_argument("--tier", action="append", help="e.g. high (repeatable)")
+    subscribe.add_argument("--cluster", action="append", type=int, help="cluster id (repeatable)")
+    subscribe.add_argument("--include-replay", action="store_true", help="also act on backfill")
+    subscribe.add_argument("--idle-timeout", type=float, default=10.0, help="stop after N idle s")
+    subscribe.set_defaults(handler=_subscribe)
 
     demo = sub.add_parser("demo", help="broker + worker + a replayed stream, end to end")
     demo.add_argument("--dataset", type=Path, default=None)

@@ -192,12 +192,12 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     path: Path = args.file
     if not path.is_file():
         raise UserError(f"no such file: {path}")
-    if not args.offline:
-        raise UserError("only --offline replay is available in this version")
     fmt: DatasetFormat = args.format
     items: Iterable[Event | RowError] = read_dataset(path, fmt)
     if args.limit is not None:
         items = _limited(items, args.limit)
+    if args.to_kafka:
+        return _to_kafka(items, settings, _speed(args.speed))
     progress = Progress(sys.stderr, enabled=not args.no_progress)
     out = args.out.open("wb") if args.out else None
     try:
@@ -222,3 +222,34 @@ def _limited(items: Iterable[Event | RowError], limit: int) -> Iterable[Event | 
                 return
             seen += 1
         yield item
+
+
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = -1.0
+    if factor <= 0:
+        raise UserError(f"--speed must be 'max' or a positive factor, not {text!r}")
+    return factor
+
+
+def _to_kafka(items: Iterable[Event | RowError], settings: Settings, speed: float | None) -> int:
+    from stream_app.publish import publish
+    from stream_app.topics import wait_for_broker
+
+    wait_for_broker(settings.bootstrap_servers, 10.0)
+    summary = publish(items, settings, speed=speed)
+    print(
+        orjson.dumps(
+            {
+                "published": summary.published,
+                "invalid": dict(sorted(summary.invalid.items())),
+                "elapsed_s": round(summary.elapsed_s, 3),
+                "events_per_second": round(summary.rate, 1),
+            }
+        ).decode()
+    )
+    return 0

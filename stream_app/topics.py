@@ -1,0 +1,131 @@
+"""The application's topics: create them up front, and wait for a broker to answer.
+
+Topics are pre-created rather than left to broker auto-creation, so partition counts and the
+compaction of ``segment-membership`` are what the settings say (Faust never validates existing
+topics, and broker auto-create would use ``num.partitions``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from typing import Final
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from stream_app.errors import UserError
+from stream_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CREATED: Final = "created"
+EXISTS: Final = "exists"
+COMPACTED: Final[dict[str, str]] = {"cleanup.policy": "compact"}
+
+
+class _LibrdkafkaLog:
+    """Receives librdkafka's own log lines and demotes them to DEBUG.
+
+    Without it, every refused connection while a broker starts prints an ``%3|...|FAIL|`` line on
+    stderr; our callers turn an unreachable broker into one clear error instead.
+    """
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        log.debug(msg, *args)
+
+
+def admin_client(bootstrap: str) -> AdminClient:
+    """An AdminClient whose librdkafka logging goes to our DEBUG log, not to stderr."""
+    config: dict[str, str | int | float | bool] = {
+        "bootstrap.servers": bootstrap,
+        "log.connection.close": False,
+    }
+    return AdminClient(config, logger=_LibrdkafkaLog())
+
+
+def broker_answers(admin: AdminClient, timeout: float) -> bool:
+    """True if the cluster answered a metadata request within ``timeout`` seconds."""
+    try:
+        metadata = admin.list_topics(timeout=max(timeout, 0.1))
+    except KafkaException:
+        return False
+    return bool(metadata.brokers)
+
+
+def wait_for_broker(bootstrap: str, timeout: float) -> None:
+    """Block until ``bootstrap`` answers a metadata request; UserError after ``timeout`` s."""
+    admin = admin_client(bootstrap)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if broker_answers(admin, min(max(remaining, 0.1), 2.0)):
+            return
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"Kafka at {bootstrap} did not answer within {timeout:g}s "
+                "(start it with `stream-app kafka start` or `docker compose up`)"
+            )
+        time.sleep(0.2)
+
+
+def topic_specs(settings: Settings) -> list[NewTopic]:
+    """Every topic the application owns, with the partitions and configs it relies on."""
+
+    def spec(name: str, config: dict[str, str] | None = None) -> NewTopic:
+        return NewTopic(
+            name,
+            num_partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            config=config or {},
+        )
+
+    return [
+        spec(settings.clickstream_topic),
+        spec(settings.transactions_topic),
+        spec(settings.segment_changes_topic),
+        spec(settings.segment_membership_topic, COMPACTED),
+        spec(settings.dead_letters_topic),
+    ]
+
+
+def create_topics(settings: Settings, *, timeout: float = 30.0) -> dict[str, str]:
+    """Create the application's topics; each maps to "created" or "exists". Idempotent."""
+    wait_for_broker(settings.bootstrap_servers, timeout)
+    admin = admin_client(settings.bootstrap_servers)
+    specs = topic_specs(settings)
+    futures = admin.create_topics(specs, operation_timeout=timeout, request_timeout=timeout)
+    outcomes = {spec.topic: _outcome(spec.topic, futures[spec.topic]) for spec in specs}
+    _warn_on_partition_mismatch(admin, settings, [t for t, o in outcomes.items() if o == EXISTS])
+    return outcomes
+
+
+def _outcome(topic: str, future: Future[None]) -> str:
+    try:
+        future.result()
+    except KafkaException as exc:
+        error: KafkaError = exc.args[0]
+        if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return EXISTS
+        raise UserError(f"could not create topic {topic}: {error.str()}") from exc
+    return CREATED
+
+
+def _warn_on_partition_mismatch(
+    admin: AdminClient, settings: Settings, existing: list[str]
+) -> None:
+    """Existing topics are left alone, but a different partition count breaks co-partitioning."""
+    if not existing:
+        return
+    metadata = admin.list_topics(timeout=10)
+    for topic in existing:
+        found = metadata.topics.get(topic)
+        if found is not None and len(found.partitions) != settings.partitions:
+            log.warning(
+                "topic %s has %d partitions, settings say %d",
+                topic,
+                len(found.partitions),
+                settings.partitions,
+            )

@@ -1,0 +1,233 @@
+"""Shared fixtures: one real Kafka broker per test session, and isolated settings per test.
+
+The broker is started by the same launcher users run (`stream-app kafka start`), on free ports,
+with its state in a temporary folder; the jar cache is the user's own (shared across runs). Set
+``STREAM_APP_TEST_BOOTSTRAP=host:port`` to run the integration tests against an existing broker
+instead. Each test gets its own topic names, app id, state folder and web port, so tests never
+see each other's messages or consumer groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from stream_app.kafka_local import LocalKafka
+from stream_app.settings import ENV_PREFIX, Settings
+from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
+
+log = logging.getLogger(__name__)
+
+TEST_BOOTSTRAP_ENV = "STREAM_APP_TEST_BOOTSTRAP"
+WORKER_READY_TIMEOUT_S = 60.0
+
+SettingsFactory = Callable[..., Settings]
+TopicsFactory = Callable[[Settings], dict[str, str]]
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now (all held open together, so they are distinct)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``STREAM_APP_*`` variables that make a child process load exactly ``settings``."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    return env
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings pointing at a running broker: ours (started here), or $STREAM_APP_TEST_BOOTSTRAP."""
+    external = os.environ.get(TEST_BOOTSTRAP_ENV)
+    if external:
+        wait_for_broker(external, 30.0)
+        yield Settings(bootstrap_servers=external)
+        return
+    port, controller = free_ports(2)
+    settings = Settings(
+        kafka_port=port,
+        kafka_controller_port=controller,
+        bootstrap_servers=f"127.0.0.1:{port}",
+        state_dir=tmp_path_factory.mktemp("kafka-state"),
+    )
+    kafka = LocalKafka(settings, echo=log.info)
+    try:
+        started = time.monotonic()
+        kafka.start()
+        log.info(
+            "test broker up on %s in %.1fs", settings.bootstrap_servers, time.monotonic() - started
+        )
+        yield settings
+    finally:
+        kafka.stop()
+
+
+@pytest.fixture
+def settings_factory(kafka_broker: Settings, tmp_path: Path) -> SettingsFactory:
+    """Build Settings for the test broker with unique topics, app id, state folder and web port."""
+
+    def make(**overrides: Any) -> Settings:
+        suffix = uuid.uuid4().hex[:10]
+        values: dict[str, Any] = {
+            "kafka_port": kafka_broker.kafka_port,
+            "kafka_controller_port": kafka_broker.kafka_controller_port,
+            "bootstrap_servers": kafka_broker.bootstrap_servers,
+            "cache_dir": kafka_broker.cache_dir,
+            "state_dir": tmp_path / f"state-{suffix}",
+            "app_id": f"test-{suffix}",
+            "clickstream_topic": f"clickstream-{suffix}",
+            "transactions_topic": f"transactions-{suffix}",
+            "segment_changes_topic": f"segment-changes-{suffix}",
+            "segment_membership_topic": f"segment-membership-{suffix}",
+            "dead_letters_topic": f"dead-letters-{suffix}",
+            "partitions": 2,
+            "web_port": free_ports(1)[0],
+            "log_level": "INFO",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def topics_factory() -> Iterator[TopicsFactory]:
+    """Create the application topics for some Settings; deletes them when the test ends."""
+    created: list[Settings] = []
+
+    def create(settings: Settings) -> dict[str, str]:
+        created.append(settings)
+        return create_topics(settings)
+
+    yield create
+    for settings in created:
+        names = [spec.topic for spec in topic_specs(settings)]
+        futures = admin_client(settings.bootstrap_servers).delete_topics(
+            names, operation_timeout=10
+        )
+        for future in futures.values():
+            with contextlib.suppress(Exception):
+                future.result()
+
+
+class WorkerProcess:
+    """`python -m stream_app.cli worker` in a subprocess, configured only through the environment.
+
+    That is how it runs in production, so the tests exercise the real entry point, its signal
+    handling and its shutdown, not an in-process imitation.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env.update(settings_env(settings))
+        env["PYTHONUNBUFFERED"] = "1"
+        with log_path.open("ab") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stream_app.cli", "worker"],
+                cwd=log_path.parent,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def counts_url(self) -> str:
+        return f"http://{self.settings.web_host}:{self.settings.web_port}/counts"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no worker log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def counts(self) -> dict[str, Any] | None:
+        """The worker's `/counts` JSON, or None while its web server is not up."""
+        try:
+            with urllib.request.urlopen(self.counts_url, timeout=2) as response:
+                data: dict[str, Any] = orjson.loads(response.read())
+                return data
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Poll `/counts` until ``predicate`` holds; fail with the worker's log if it never does."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
+            last = self.counts()
+            if last is not None and predicate(last):
+                return last
+            time.sleep(0.2)
+        pytest.fail(f"worker counts never matched (last {last}) in {timeout}s:\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> None:
+        self.wait_for(lambda _: True, timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the graceful path. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            pytest.fail(f"worker ignored SIGTERM for {timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the crash path."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+WorkerFactory = Callable[[Settings], WorkerProcess]
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start worker subprocesses; any still running when the test ends is killed."""
+    workers: list[WorkerProcess] = []
+
+    def start(settings: Settings) -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.kill()

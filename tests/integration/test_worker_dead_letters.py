@@ -1,0 +1,274 @@
+"""The first live path: the worker counts valid events and dead-letters invalid ones.
+
+The end-to-end test runs the worker as a subprocess (`python -m stream_app.cli worker`) configured
+only by STREAM_APP_* variables, the way it runs in production. The handler tests at the bottom need
+no broker: they cover the exception path, which valid or invalid *input* cannot reach.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from stream_app.app import COUNTS_PATH, MessageHandler, WorkerCounts, create_app
+from stream_app.events import (
+    DeadLetter,
+    DeadLetterReason,
+    EventKind,
+    MessageOrigin,
+    decode_event,
+)
+from stream_app.settings import Settings
+
+if TYPE_CHECKING:
+    from conftest import WorkerProcess
+
+MAX_EVENT_BYTES = 1024
+EVENT_TIME = "2024-03-01T12:00:00+00:00"
+
+
+def click(event_id: str, event_type: str = "page_view", **extra: Any) -> bytes:
+    body = {"event_id": event_id, "customer_id": "c-1", "event_time": EVENT_TIME}
+    return orjson.dumps({**body, "event_type": event_type, **extra})
+
+
+def purchase(event_id: str, **extra: Any) -> bytes:
+    body = {
+        "event_id": event_id,
+        "customer_id": "c-1",
+        "event_time": EVENT_TIME,
+        "event_type": "purchase",
+        "order_id": f"o-{event_id}",
+        "amount": "19.99",
+        "currency": "EUR",
+    }
+    return orjson.dumps({**body, **extra})
+
+
+@dataclass(frozen=True)
+class Sent:
+    topic: str
+    key: bytes
+    value: bytes
+    partition: int
+    offset: int
+
+
+def produce(bootstrap: str, messages: list[tuple[str, bytes, bytes]]) -> list[Sent]:
+    """Produce in order to partition 0 (so order is defined) and return where each one landed."""
+    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+    sent: list[Sent] = []
+
+    def delivered(error: Any, message: Any) -> None:
+        assert error is None, error
+        sent.append(
+            Sent(
+                message.topic(),
+                message.key(),
+                message.value(),
+                message.partition(),
+                message.offset(),
+            )
+        )
+
+    for topic, key, value in messages:
+        producer.produce(topic, value=value, key=key, partition=0, on_delivery=delivered)
+    assert producer.flush(15) == 0
+    assert len(sent) == len(messages)
+    return sent
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[Any]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{topic}-{time.monotonic_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    messages: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(messages) < expected and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                messages.append(message)
+        # A short grace period proves there is nothing beyond what we expected.
+        extra_deadline = time.monotonic() + 1.0
+        while time.monotonic() < extra_deadline:
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                messages.append(message)
+    finally:
+        consumer.close()
+    return messages
+
+
+def total(counts: dict[str, Any], section: str) -> int:
+    return sum(counts[section].values())
+
+
+@pytest.mark.integration
+def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
+    settings_factory: Callable[..., Settings],
+    topics_factory: Callable[[Settings], dict[str, str]],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    settings = settings_factory(max_event_bytes=MAX_EVENT_BYTES)
+    topics_factory(settings)
+    clicks, transactions = settings.clickstream_topic, settings.transactions_topic
+    worker = worker_factory(settings)
+    worker.wait_ready()
+
+    bad = {
+        b"bad-json": (clicks, b'{"event_id": "x", oops', DeadLetterReason.INVALID_JSON),
+        b"bad-type": (clicks, click("e-bad-type", "teleport"), DeadLetterReason.UNKNOWN_TYPE),
+        b"bad-field": (
+            transactions,
+            purchase("t-bad", amount=19.99),
+            DeadLetterReason.INVALID_FIELD,
+        ),
+        # A valid event padded past the limit: only its size is wrong.
+        b"bad-size": (clicks, click("e-big") + b" " * MAX_EVENT_BYTES, DeadLetterReason.OVERSIZED),
+        b"bad-array": (transactions, b"[1, 2, 3]", DeadLetterReason.NOT_AN_OBJECT),
+    }
+
+    first = produce(
+        settings.bootstrap_servers,
+        [
+            (clicks, b"c-1", click("e-1")),
+            (transactions, b"c-1", purchase("t-1")),
+            *[(topic, key, value) for key, (topic, value, _) in bad.items()],
+            (clicks, b"c-1", click("e-2", "cart_add")),
+        ],
+    )
+    counts = worker.wait_for(lambda c: total(c, "events") >= 3 and total(c, "dead_letters") >= 5)
+    assert counts["events"] == {"page_view": 1, "purchase": 1, "cart_add": 1}
+
+    # Still alive and still consuming after the bad input.
+    produce(
+        settings.bootstrap_servers,
+        [(clicks, b"c-2", click("e-3")), (transactions, b"c-2", purchase("t-2"))],
+    )
+    counts = worker.wait_for(lambda c: total(c, "events") >= 5)
+    assert counts == {
+        "events": {"cart_add": 1, "page_view": 2, "purchase": 2},
+        "dead_letters": {reason.value: 1 for _, _, reason in bad.values()},
+        "unsent_dead_letters": 0,
+    }
+
+    letters = read_topic(settings.bootstrap_servers, settings.dead_letters_topic, len(bad))
+    assert sorted(m.key() for m in letters) == sorted(bad)
+    origins = {sent.key: sent for sent in first}
+    for message in letters:
+        letter = DeadLetter.model_validate_json(message.value())
+        topic, payload, reason = bad[message.key()]
+        source = origins[message.key()]
+        assert letter.reason is reason
+        assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
+            topic,
+            source.partition,
+            source.offset,
+        )
+        assert base64.b64decode(letter.payload_b64) == payload
+        assert letter.key_b64 is not None and base64.b64decode(letter.key_b64) == message.key()
+
+    assert worker.stop() == 0, worker.log_tail()
+
+
+# --- the handler on its own (no broker) ----------------------------------------------------------
+
+
+class ListSink:
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[bytes | None, bytes]] = []
+        self.fail = fail
+
+    async def __call__(self, key: bytes | None, value: bytes) -> None:
+        if self.fail:
+            raise ConnectionError("broker went away")
+        self.sent.append((key, value))
+
+
+def exploding_decoder(
+    payload: bytes,
+    kind: EventKind,
+    source: MessageOrigin,
+    *,
+    key: bytes | None = None,
+    max_bytes: int = 0,
+) -> Any:
+    raise RuntimeError("bug in the decoder")
+
+
+ORIGIN = MessageOrigin(topic="clickstream", partition=3, offset=41)
+
+
+async def test_an_exception_while_handling_becomes_a_processing_error_dead_letter() -> None:
+    sink = ListSink()
+    handler = MessageHandler(WorkerCounts(), sink, max_bytes=1024, decode=exploding_decoder)
+
+    result = await handler.handle("click", b"c-9", click("e-9"), ORIGIN)
+
+    assert isinstance(result, DeadLetter)
+    assert result.reason is DeadLetterReason.PROCESSING_ERROR
+    assert result.detail == "RuntimeError: bug in the decoder"
+    assert [key for key, _ in sink.sent] == [b"c-9"]
+    sent = DeadLetter.model_validate_json(sink.sent[0][1])
+    assert (sent.source_topic, sent.source_partition, sent.source_offset) == ("clickstream", 3, 41)
+    assert handler.counts.dead_letters == {"processing_error": 1}
+
+
+async def test_a_dead_letter_that_cannot_be_sent_is_counted_not_raised() -> None:
+    handler = MessageHandler(WorkerCounts(), ListSink(fail=True), max_bytes=1024)
+
+    result = await handler.handle("click", b"k", b"not json", ORIGIN)
+
+    assert isinstance(result, DeadLetter) and result.reason is DeadLetterReason.INVALID_JSON
+    assert handler.counts.unsent_dead_letters == 1
+
+
+async def test_valid_events_are_counted_by_type_and_a_tombstone_is_dead_lettered() -> None:
+    sink = ListSink()
+    handler = MessageHandler(WorkerCounts(), sink, max_bytes=1024, decode=decode_event)
+
+    await handler.handle("click", b"c-1", click("e-1", "search"), ORIGIN)
+    await handler.handle("transaction", b"c-1", purchase("t-1"), ORIGIN)
+    tombstone = await handler.handle("click", b"c-1", None, ORIGIN)
+
+    assert handler.counts.events == {"search": 1, "purchase": 1}
+    assert isinstance(tombstone, DeadLetter)
+    assert tombstone.reason is DeadLetterReason.INVALID_JSON
+    assert handler.counts.snapshot()["dead_letters"] == {"invalid_json": 1}
+    assert datetime.now(UTC) >= tombstone.failed_at
+
+
+def test_the_app_reads_raw_bytes_from_both_inputs_and_serves_counts(tmp_path: Path) -> None:
+    """Raw serializers matter: with only value_type=bytes Faust would still JSON-decode."""
+    settings = Settings(state_dir=tmp_path, app_id="wiring", partitions=3, web_port=16066)
+
+    app = create_app(settings)
+
+    channels = {name: agent.channel for name, agent in app.agents.items()}
+    assert {name: channel.topics for name, channel in channels.items()} == {
+        "decode-click": (settings.clickstream_topic,),
+        "decode-transaction": (settings.transactions_topic,),
+    }
+    for channel in channels.values():
+        assert (channel.key_serializer, channel.value_serializer) == ("raw", "raw")
+    assert list(app.web.views) == [COUNTS_PATH]
+    assert app.conf.web_tables_enabled is False
+    assert (app.conf.topic_partitions, app.conf.web_port) == (3, 16066)
+    assert Path(app.conf.datadir) == tmp_path / "faust" / "wiring"
+    assert isinstance(app.event_counts, WorkerCounts)

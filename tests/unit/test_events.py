@@ -1,0 +1,708 @@
+"""Tests for stream_app.events: the contracts and the one decoder, `decode_event`.
+
+Every rejection is checked for its exact reason and detail, and the dead letter must carry the
+original bytes and where they came from. Valid events round-trip through `encode` exactly, nothing
+makes the decoder raise, and the committed JSON Schema files match the models and accept every
+encoded event.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import string
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+
+from stream_app import events
+from stream_app.events import (
+    MAX_AMOUNT,
+    ClickEvent,
+    ClickType,
+    DeadLetter,
+    DeadLetterReason,
+    MessageOrigin,
+    Origin,
+    TransactionEvent,
+    TransactionType,
+    dead_letter,
+    decode_event,
+    encode,
+)
+from stream_app.schemas import render, schema_path, stale_schemas, write_schemas
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO_ROOT / "schemas"
+FAILED_AT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+SOURCE = MessageOrigin(topic="transactions", partition=3, offset=1234)
+KEY = b"cust-1\x00\xff"
+
+CLICK: dict[str, Any] = {
+    "event_id": "evt-click-1",
+    "customer_id": "cust-1",
+    "event_time": "2024-03-01T12:00:00Z",
+    "event_type": "product_view",
+    "session_id": "sess-1",
+    "product_id": "p-1",
+    "category": "shoes",
+    "price": "59.90",
+    "currency": "EUR",
+    "properties": {"device": "ios", "screen": 3, "ratio": 0.5, "logged_in": True},
+}
+TRANSACTION: dict[str, Any] = {
+    "event_id": "evt-tx-1",
+    "customer_id": "cust-1",
+    "event_time": "2024-03-01T12:05:00+01:00",
+    "event_type": "purchase",
+    "order_id": "order-1",
+    "amount": "119.80",
+    "currency": "EUR",
+    "item_count": 2,
+    "categories": ["shoes"],
+}
+BASES = {"click": CLICK, "transaction": TRANSACTION}
+MISSING = object()
+
+EventFactory = Callable[..., bytes]
+
+
+@pytest.fixture
+def payload_factory() -> EventFactory:
+    """Raw JSON bytes of a valid base event of `kind`, with fields replaced (MISSING drops one)."""
+
+    def make(kind: str, **changes: object) -> bytes:
+        raw = {**BASES[kind], **changes}
+        return orjson.dumps({k: v for k, v in raw.items() if v is not MISSING})
+
+    return make
+
+
+def decode(payload: bytes, kind: str = "transaction", **kwargs: Any) -> events.Event | DeadLetter:
+    return decode_event(payload, kind, SOURCE, key=KEY, failed_at=FAILED_AT, **kwargs)  # type: ignore[arg-type]
+
+
+def expected_dead_letter(payload: bytes, reason: DeadLetterReason, detail: str) -> DeadLetter:
+    return DeadLetter(
+        reason=reason,
+        detail=detail,
+        source_topic="transactions",
+        source_partition=3,
+        source_offset=1234,
+        key_b64=base64.b64encode(KEY).decode(),
+        payload_b64=base64.b64encode(payload).decode(),
+        failed_at=FAILED_AT,
+    )
+
+
+def committed_validator(name: str) -> Draft202012Validator:
+    schema = orjson.loads(schema_path(SCHEMAS, name).read_bytes())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+# --- valid events ---------------------------------------------------------------------------------
+
+
+def test_valid_click_decodes_to_its_fields(payload_factory: EventFactory) -> None:
+    event = decode(payload_factory("click"), "click")
+    assert event == ClickEvent(
+        event_id="evt-click-1",
+        customer_id="cust-1",
+        event_time=datetime(2024, 3, 1, 12, 0, tzinfo=UTC),
+        event_type=ClickType.PRODUCT_VIEW,
+        session_id="sess-1",
+        product_id="p-1",
+        category="shoes",
+        price=Decimal("59.90"),
+        currency="EUR",
+        properties={"device": "ios", "screen": 3, "ratio": 0.5, "logged_in": True},
+    )
+    assert isinstance(event, ClickEvent)
+    assert event.origin is Origin.LIVE
+    assert type(event.properties["screen"]) is int
+    assert type(event.properties["ratio"]) is float
+    assert type(event.properties["logged_in"]) is bool
+
+
+def test_valid_transaction_decodes_with_zone_and_exact_money(payload_factory: EventFactory) -> None:
+    event = decode(payload_factory("transaction"))
+    assert isinstance(event, TransactionEvent)
+    assert event.event_type is TransactionType.PURCHASE
+    assert event.amount == Decimal("119.80")
+    assert format(event.amount, "f") == "119.80"
+    assert event.event_time == datetime(2024, 3, 1, 11, 5, tzinfo=UTC)
+    assert event.event_time.utcoffset() == timedelta(hours=1)
+    assert event.item_count == 2
+    assert event.categories == ["shoes"]
+
+
+def test_money_as_json_integer_is_whole_units(payload_factory: EventFactory) -> None:
+    event = decode(payload_factory("transaction", amount=1250))
+    assert isinstance(event, TransactionEvent)
+    assert event.amount == Decimal(1250)
+
+
+def test_money_encodes_as_the_exact_decimal_string(payload_factory: EventFactory) -> None:
+    event = decode(payload_factory("transaction", amount="0.10"))
+    assert isinstance(event, TransactionEvent)
+    assert orjson.loads(encode(event))["amount"] == "0.10"
+
+
+def test_boundary_values_are_accepted(payload_factory: EventFactory) -> None:
+    at_max = decode(
+        payload_factory(
+            "transaction",
+            amount=str(MAX_AMOUNT),
+            event_time="1990-01-01T00:00:00Z",
+            event_id="e" * 128,
+            properties={f"k{i}": i for i in range(32)},
+        )
+    )
+    assert isinstance(at_max, TransactionEvent)
+    assert at_max.amount == Decimal("10000000")
+
+
+# --- rejections: exact reason and detail ----------------------------------------------------------
+
+REJECTIONS: list[tuple[str, str, dict[str, object], DeadLetterReason, str]] = [
+    (
+        "unknown transaction type names the allowed ones",
+        "transaction",
+        {"event_type": "page_view"},
+        DeadLetterReason.UNKNOWN_TYPE,
+        "event_type 'page_view' is not a transaction type (purchase, refund)",
+    ),
+    (
+        "unknown click type names the allowed ones",
+        "click",
+        {"event_type": "purchase"},
+        DeadLetterReason.UNKNOWN_TYPE,
+        "event_type 'purchase' is not a click type (cart_add, checkout, email_open, login, "
+        "page_view, product_view, push_open, search)",
+    ),
+    (
+        "a long unknown type is cut to 64 characters in the detail",
+        "transaction",
+        {"event_type": "x" * 100},
+        DeadLetterReason.UNKNOWN_TYPE,
+        f"event_type {'x' * 64!r} is not a transaction type (purchase, refund)",
+    ),
+    (
+        "event_type of the wrong JSON type",
+        "transaction",
+        {"event_type": 5},
+        DeadLetterReason.INVALID_FIELD,
+        "event_type: Input should be 'purchase' or 'refund'",
+    ),
+    (
+        "missing event_type",
+        "transaction",
+        {"event_type": MISSING},
+        DeadLetterReason.INVALID_FIELD,
+        "event_type: Field required",
+    ),
+    (
+        "missing field",
+        "transaction",
+        {"order_id": MISSING},
+        DeadLetterReason.INVALID_FIELD,
+        "order_id: Field required",
+    ),
+    (
+        "several missing fields are all named",
+        "click",
+        {"event_id": MISSING, "customer_id": MISSING},
+        DeadLetterReason.INVALID_FIELD,
+        "event_id: Field required; customer_id: Field required",
+    ),
+    (
+        "wrong type: string for an integer",
+        "transaction",
+        {"item_count": "two"},
+        DeadLetterReason.INVALID_FIELD,
+        "item_count: Input should be a valid integer, unable to parse string as an integer",
+    ),
+    (
+        "wrong type: number for an id",
+        "transaction",
+        {"event_id": 5},
+        DeadLetterReason.INVALID_FIELD,
+        "event_id: Input should be a valid string",
+    ),
+    (
+        "naive timestamp (no zone)",
+        "transaction",
+        {"event_time": "2024-03-01T12:05:00"},
+        DeadLetterReason.INVALID_FIELD,
+        "event_time: Input should have timezone info",
+    ),
+    (
+        "absurd year 2200",
+        "transaction",
+        {"event_time": "2200-01-01T00:00:00Z"},
+        DeadLetterReason.INVALID_FIELD,
+        "event_time: Value error, event_time must be between 1990 and 2100",
+    ),
+    (
+        "before 1990",
+        "click",
+        {"event_time": "1989-12-31T23:59:59Z"},
+        DeadLetterReason.INVALID_FIELD,
+        "event_time: Value error, event_time must be between 1990 and 2100",
+    ),
+    (
+        "negative amount",
+        "transaction",
+        {"amount": "-1"},
+        DeadLetterReason.INVALID_FIELD,
+        "amount: Input should be greater than or equal to 0",
+    ),
+    (
+        "amount above MAX_AMOUNT",
+        "transaction",
+        {"amount": "10000000.01"},
+        DeadLetterReason.INVALID_FIELD,
+        "amount: Input should be less than or equal to 10000000",
+    ),
+    (
+        "money as a JSON float loses cents",
+        "transaction",
+        {"amount": 12.5},
+        DeadLetterReason.INVALID_FIELD,
+        'amount: Value error, money must be a decimal string such as "12.50", not a float',
+    ),
+    (
+        "money as a JSON boolean",
+        "transaction",
+        {"amount": True},
+        DeadLetterReason.INVALID_FIELD,
+        'amount: Value error, money must be a decimal string such as "12.50", not a float',
+    ),
+    (
+        "money that is not a number",
+        "transaction",
+        {"amount": "12,50"},
+        DeadLetterReason.INVALID_FIELD,
+        "amount: Value error, not a decimal amount: '12,50'",
+    ),
+    (
+        "money with more than 4 decimal places",
+        "transaction",
+        {"amount": "1.23456"},
+        DeadLetterReason.INVALID_FIELD,
+        "amount: Decimal input should have no more than 4 decimal places",
+    ),
+    (
+        "money NaN",
+        "transaction",
+        {"amount": "NaN"},
+        DeadLetterReason.INVALID_FIELD,
+        "amount: Input should be a finite number",
+    ),
+    (
+        "negative price on a click",
+        "click",
+        {"price": "-0.01"},
+        DeadLetterReason.INVALID_FIELD,
+        "price: Input should be greater than or equal to 0",
+    ),
+    (
+        "price as a JSON float",
+        "click",
+        {"price": 59.9},
+        DeadLetterReason.INVALID_FIELD,
+        'price: Value error, money must be a decimal string such as "12.50", not a float',
+    ),
+    (
+        "currency in lower case",
+        "transaction",
+        {"currency": "eur"},
+        DeadLetterReason.INVALID_FIELD,
+        "currency: String should match pattern '^[A-Z]{3}$'",
+    ),
+    (
+        "currency of four letters",
+        "transaction",
+        {"currency": "EURO"},
+        DeadLetterReason.INVALID_FIELD,
+        "currency: String should match pattern '^[A-Z]{3}$'",
+    ),
+    (
+        "too-long event id",
+        "transaction",
+        {"event_id": "e" * 129},
+        DeadLetterReason.INVALID_FIELD,
+        "event_id: String should have at most 128 characters",
+    ),
+    (
+        "too-long customer id",
+        "click",
+        {"customer_id": "c" * 129},
+        DeadLetterReason.INVALID_FIELD,
+        "customer_id: String should have at most 128 characters",
+    ),
+    (
+        "id with whitespace",
+        "click",
+        {"customer_id": "cust 1"},
+        DeadLetterReason.INVALID_FIELD,
+        "customer_id: String should match pattern '^[^\\s\\x00-\\x1f]+$'",
+    ),
+    (
+        "empty id",
+        "click",
+        {"session_id": ""},
+        DeadLetterReason.INVALID_FIELD,
+        "session_id: String should have at least 1 character",
+    ),
+    (
+        "too many properties",
+        "click",
+        {"properties": {f"k{i}": i for i in range(33)}},
+        DeadLetterReason.INVALID_FIELD,
+        "properties: Dictionary should have at most 32 items after validation, not more",
+    ),
+    (
+        "too many categories",
+        "transaction",
+        {"categories": [f"c{i}" for i in range(33)]},
+        DeadLetterReason.INVALID_FIELD,
+        "categories: List should have at most 32 items after validation, not 33",
+    ),
+    (
+        "item_count absurd",
+        "transaction",
+        {"item_count": 100_001},
+        DeadLetterReason.INVALID_FIELD,
+        "item_count: Input should be less than or equal to 100000",
+    ),
+    (
+        "unknown schema version",
+        "click",
+        {"schema_version": 2},
+        DeadLetterReason.INVALID_FIELD,
+        "schema_version: Input should be 1",
+    ),
+    (
+        "unknown field",
+        "click",
+        {"colour": "red"},
+        DeadLetterReason.INVALID_FIELD,
+        "colour: Extra inputs are not permitted",
+    ),
+    (
+        "unknown origin",
+        "click",
+        {"origin": "backfill"},
+        DeadLetterReason.INVALID_FIELD,
+        "origin: Input should be 'live' or 'replay'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "reason", "detail"),
+    [case[1:] for case in REJECTIONS],
+    ids=[case[0] for case in REJECTIONS],
+)
+def test_invalid_event_is_dead_lettered_with_exact_reason(
+    payload_factory: EventFactory,
+    kind: str,
+    changes: dict[str, object],
+    reason: DeadLetterReason,
+    detail: str,
+) -> None:
+    payload = payload_factory(kind, **changes)
+    assert decode(payload, kind) == expected_dead_letter(payload, reason, detail)
+
+
+def test_too_many_errors_are_summarised_as_the_first_five() -> None:
+    payload = b"{}"
+    expected = (
+        "event_id: Field required; customer_id: Field required; event_time: Field required; "
+        "event_type: Field required; order_id: Field required"
+    )
+    assert decode(payload) == expected_dead_letter(
+        payload, DeadLetterReason.INVALID_FIELD, expected
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"not json", b"{", b'{"a": 1,}', b"\xff\xfe", b'"\\ud800"', b"[1e400]", b"NaN"],
+    ids=[
+        "empty",
+        "text",
+        "truncated",
+        "trailing-comma",
+        "not-utf8",
+        "lone-surrogate",
+        "inf",
+        "nan",
+    ],
+)
+def test_invalid_json_is_dead_lettered_with_the_parser_message(payload: bytes) -> None:
+    with pytest.raises(orjson.JSONDecodeError) as parse:
+        orjson.loads(payload)
+    assert decode(payload) == expected_dead_letter(
+        payload, DeadLetterReason.INVALID_JSON, str(parse.value)
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "type_name"),
+    [(b"[1, 2]", "list"), (b'"text"', "str"), (b"42", "int"), (b"null", "NoneType")],
+)
+def test_json_that_is_not_an_object_is_dead_lettered(payload: bytes, type_name: str) -> None:
+    assert decode(payload) == expected_dead_letter(
+        payload, DeadLetterReason.NOT_AN_OBJECT, f"expected a JSON object, got {type_name}"
+    )
+
+
+def test_oversized_payload_is_rejected_before_parsing(payload_factory: EventFactory) -> None:
+    payload = payload_factory("transaction")
+    limit = len(payload) - 1
+    assert decode(payload, max_bytes=limit) == expected_dead_letter(
+        payload, DeadLetterReason.OVERSIZED, f"{len(payload)} bytes exceeds {limit}"
+    )
+    assert isinstance(decode(payload, max_bytes=len(payload)), TransactionEvent)
+
+
+def test_oversized_garbage_is_oversized_not_invalid_json() -> None:
+    payload = b"\x00" * 65537
+    result = decode(payload)
+    assert isinstance(result, DeadLetter)
+    assert result.reason is DeadLetterReason.OVERSIZED
+    assert result.detail == "65537 bytes exceeds 65536"
+
+
+def test_dead_letter_carries_origin_and_original_bytes() -> None:
+    payload = b'{"event_type": "purchase", "amount": 1.5}\n\x00\xff'
+    source = MessageOrigin(topic="clickstream", partition=7, offset=99)
+    result = decode_event(payload, "click", source, key=b"\x01\x02k", failed_at=FAILED_AT)
+    assert isinstance(result, DeadLetter)
+    assert (result.source_topic, result.source_partition, result.source_offset) == (
+        "clickstream",
+        7,
+        99,
+    )
+    assert result.key_b64 is not None
+    assert base64.b64decode(result.key_b64) == b"\x01\x02k"
+    assert base64.b64decode(result.payload_b64) == payload
+    assert result.failed_at == FAILED_AT
+
+
+def test_dead_letter_without_key_or_time() -> None:
+    result = decode_event(b"[]", "click", MessageOrigin(topic="clickstream"))
+    assert isinstance(result, DeadLetter)
+    assert result.key_b64 is None
+    assert (result.source_partition, result.source_offset) == (-1, -1)
+    assert result.failed_at.utcoffset() == timedelta(0)
+
+
+def test_dead_letter_detail_is_capped() -> None:
+    letter = dead_letter(b"x", DeadLetterReason.PROCESSING_ERROR, "d" * 5000, SOURCE)
+    assert letter.detail == "d" * 2048
+
+
+def test_dead_letter_encodes_and_validates_against_its_schema() -> None:
+    letter = decode(b"not json")
+    assert isinstance(letter, DeadLetter)
+    document = orjson.loads(encode(letter))
+    committed_validator("dead_letter").validate(document)
+    assert DeadLetter.model_validate(document) == letter
+
+
+# --- round trips (hypothesis) ---------------------------------------------------------------------
+
+identifiers = st.text(
+    alphabet=st.characters(exclude_categories=("Cs", "Cc", "Z")), min_size=1, max_size=128
+)
+short_texts = st.text(min_size=1, max_size=256)
+zones = st.integers(-14 * 60, 14 * 60).map(lambda minutes: timezone(timedelta(minutes=minutes)))
+event_times = st.datetimes(
+    min_value=datetime(1990, 1, 2), max_value=datetime(2099, 12, 30), timezones=zones
+)
+money = st.integers(0, 4).flatmap(
+    lambda places: st.integers(0, int(MAX_AMOUNT) * 10**places).map(
+        lambda minor: Decimal(minor).scaleb(-places)
+    )
+)
+currencies = st.text(alphabet=string.ascii_uppercase, min_size=3, max_size=3)
+property_values = st.one_of(
+    st.text(max_size=256),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+)
+properties = st.dictionaries(st.text(max_size=64), property_values, max_size=32)
+common = {
+    "event_id": identifiers,
+    "customer_id": identifiers,
+    "event_time": event_times,
+    "origin": st.sampled_from(Origin),
+    "properties": properties,
+}
+clicks = st.builds(
+    ClickEvent,
+    **common,
+    event_type=st.sampled_from(ClickType),
+    session_id=st.none() | identifiers,
+    anonymous_id=st.none() | identifiers,
+    product_id=st.none() | identifiers,
+    category=st.none() | short_texts,
+    price=st.none() | money,
+    currency=st.none() | currencies,
+    search_query=st.none() | short_texts,
+)
+transactions = st.builds(
+    TransactionEvent,
+    **common,
+    event_type=st.sampled_from(TransactionType),
+    order_id=identifiers,
+    amount=money,
+    currency=currencies,
+    item_count=st.integers(0, 100_000),
+    categories=st.lists(short_texts, max_size=32),
+)
+KIND_OF = {ClickEvent: "click", TransactionEvent: "transaction"}
+SCHEMA_OF = {ClickEvent: "click_event", TransactionEvent: "transaction_event"}
+
+
+@settings(max_examples=150)
+@given(st.one_of(clicks, transactions))
+def test_encode_then_decode_round_trips_exactly(event: ClickEvent | TransactionEvent) -> None:
+    payload = encode(event)
+    decoded = decode_event(payload, KIND_OF[type(event)], SOURCE)  # type: ignore[arg-type]
+    assert decoded == event
+    assert encode(decoded) == payload
+
+
+@settings(max_examples=150)
+@given(st.one_of(clicks, transactions))
+def test_every_encoded_event_validates_against_its_committed_schema(
+    event: ClickEvent | TransactionEvent,
+) -> None:
+    committed_validator(SCHEMA_OF[type(event)]).validate(orjson.loads(encode(event)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Money accepts zeros/exponents beyond 4 decimal places (pydantic normalises "
+    "before the decimal_places check) but encode() writes them out in full: the encoding breaks "
+    "the committed schema's money pattern and can exceed the decoder's own max_bytes",
+)
+@pytest.mark.parametrize("amount", ["0.00010", "0E-20", "0E-70000"])
+def test_decoded_money_always_re_encodes_within_the_contract(
+    payload_factory: EventFactory, amount: str
+) -> None:
+    event = decode(payload_factory("transaction", amount=amount))
+    assert isinstance(event, TransactionEvent)  # the decoder accepts it...
+    payload = encode(event)
+    committed_validator("transaction_event").validate(orjson.loads(payload))
+    assert decode(payload) == event  # ...so its own encoding must decode back
+
+
+# --- never raises ---------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(sorted(TRANSACTION)) | st.text(max_size=8), children)
+    ),
+    max_leaves=20,
+)
+kinds = st.sampled_from(["click", "transaction"])
+
+
+def assert_event_or_dead_letter(payload: bytes, result: object) -> None:
+    assert isinstance(result, ClickEvent | TransactionEvent | DeadLetter)
+    if isinstance(result, DeadLetter):
+        assert base64.b64decode(result.payload_b64) == payload
+        assert result.detail
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=512), kinds)
+def test_arbitrary_bytes_never_raise(payload: bytes, kind: str) -> None:
+    result = decode_event(payload, kind, SOURCE, key=payload[:8])  # type: ignore[arg-type]
+    assert_event_or_dead_letter(payload, result)
+
+
+@settings(max_examples=200)
+@given(json_values, kinds)
+def test_arbitrary_json_values_never_raise(value: object, kind: str) -> None:
+    payload = json.dumps(value).encode()
+    assert_event_or_dead_letter(payload, decode_event(payload, kind, SOURCE))  # type: ignore[arg-type]
+
+
+@settings(max_examples=200)
+@given(kinds, st.data())
+def test_a_valid_event_with_one_arbitrary_field_never_raises(
+    kind: str, data: st.DataObject
+) -> None:
+    raw = dict(BASES[kind])
+    raw[data.draw(st.sampled_from(sorted(raw)))] = data.draw(json_values)
+    payload = json.dumps(raw).encode()
+    assert_event_or_dead_letter(payload, decode_event(payload, kind, SOURCE))  # type: ignore[arg-type]
+
+
+# --- schema files ---------------------------------------------------------------------------------
+
+
+def test_committed_schemas_are_up_to_date() -> None:
+    assert stale_schemas(SCHEMAS) == []
+    assert sorted(p.name for p in SCHEMAS.glob("*.json")) == sorted(
+        schema_path(SCHEMAS, name).name for name in events.CONTRACTS
+    )
+
+
+@pytest.mark.parametrize("name", sorted(events.CONTRACTS))
+def test_committed_schemas_are_valid_2020_12(name: str) -> None:
+    schema = committed_validator(name).schema
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"] == f"{name}.v1.json"
+
+
+def test_written_schemas_are_fresh_and_tampering_is_reported(tmp_path: Path) -> None:
+    written = write_schemas(tmp_path)
+    assert sorted(p.name for p in written) == sorted(f"{name}.v1.json" for name in events.CONTRACTS)
+    assert stale_schemas(tmp_path) == []
+    click = schema_path(tmp_path, "click_event")
+    click.write_bytes(click.read_bytes().replace(b'"maxLength": 128', b'"maxLength": 129', 1))
+    schema_path(tmp_path, "dead_letter").unlink()
+    assert stale_schemas(tmp_path) == ["click_event", "dead_letter"]
+
+
+def test_a_changed_model_makes_its_schema_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_schemas(tmp_path)
+
+    class ChangedClick(ClickEvent):
+        referrer: str | None = None
+
+    monkeypatch.setitem(events.CONTRACTS, "click_event", ChangedClick)
+    assert stale_schemas(tmp_path) == ["click_event"]
+    assert b'"referrer"' in render("click_event")
+
+
+def test_contract_models_are_frozen(payload_factory: EventFactory) -> None:
+    event = decode(payload_factory("click"), "click")
+    assert isinstance(event, ClickEvent)
+    with pytest.raises(ValueError, match="frozen"):
+        event.customer_id = "someone-else"  # type: ignore[misc]

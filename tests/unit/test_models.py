@@ -1,0 +1,606 @@
+"""Contract checks on stream_app.models, in the spirit of river/checks: the same seed and data give
+the same model byte for byte, pickling and snapshots round-trip without changing what the model
+does next, corrupt snapshots are refused, and the quality and explanation numbers are what they
+claim to be.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_app.features import FEATURES
+from stream_app.models import (
+    _TRAITS,
+    CLUSTER_FEATURES,
+    PROFILE_REFRESH,
+    SNAPSHOT_MAGIC,
+    WARM_UP_LABELS,
+    BehaviourClusters,
+    Propensity,
+    SegmentModels,
+    SnapshotError,
+    model_version,
+)
+from stream_app.settings import SegmentationSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HEADER = len(SNAPSHOT_MAGIC) + 64  # magic + padded version, then 32 bytes of sha256
+Row = dict[str, float]
+Example = tuple[Row, bool]
+RowsFactory = Callable[..., list[Row]]
+ExamplesFactory = Callable[..., list[Example]]
+
+
+@pytest.fixture
+def rows_factory() -> RowsFactory:
+    """Deterministic feature vectors with a few behavioural groups, like real customers."""
+
+    def make(n: int, seed: int = 0) -> list[Row]:
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(n):
+            group = rng.randrange(3)
+            rows.append(
+                {f: max(0.0, rng.gauss(group * (1 + i % 3), 0.7)) for i, f in enumerate(FEATURES)}
+            )
+        return rows
+
+    return make
+
+
+@pytest.fixture
+def examples_factory(rows_factory: RowsFactory) -> ExamplesFactory:
+    """Labelled rows: a purchase is likelier with more orders and fewer idle days."""
+
+    def make(n: int, seed: int = 0) -> list[Example]:
+        rng = random.Random(seed + 1000)
+        out = []
+        for x in rows_factory(n, seed):
+            logit = x["order_count"] - x["days_since_last_event"] + rng.gauss(0, 0.5)
+            out.append((x, logit > 0))
+        return out
+
+    return make
+
+
+def train(models: SegmentModels, examples: list[Example]) -> list[tuple[int, float, float]]:
+    """Feed examples the way the processor does; return (cluster, purchase, churn) per example."""
+    out = []
+    for x, y in examples:
+        cid = models.clusters.learn_assign(x)
+        purchase, churn = models.purchase.score(x), models.churn.score(x)
+        models.purchase.learn(x, y, purchase)
+        models.churn.learn(x, not y, churn)
+        out.append((cid, purchase, churn))
+    return out
+
+
+def probe(models: SegmentModels, rows: list[Row]) -> list[tuple[int, float, float]]:
+    return [
+        (models.clusters.assign(x), models.purchase.score(x), models.churn.score(x)) for x in rows
+    ]
+
+
+def learned_state(models: SegmentModels) -> tuple[object, ...]:
+    """Every learned number of a model set, to compare two sets by value.
+
+    Snapshot bytes cannot be compared after a restore: pickle shares equal strings only when they
+    are the same object, and unpickled strings are not the interned originals, so the same model
+    pickles to different (equally valid) bytes.
+    """
+
+    def scaler(s: Any) -> tuple[object, ...]:
+        return (dict(s.counts), dict(s.means), dict(s.vars))
+
+    def propensity(p: Propensity) -> tuple[object, ...]:
+        logreg = p.model["LogisticRegression"]
+        return (
+            scaler(p.model["StandardScaler"]),
+            dict(logreg.weights),
+            logreg.intercept,
+            logreg.optimizer.n_iterations,
+            p.labels,
+            p.positives,
+            p.auc.get(),
+            p.log_loss.get(),
+        )
+
+    c = models.clusters
+    return (
+        scaler(c.scaler),
+        {cid: dict(centre) for cid, centre in c.kmeans.centers.items()},
+        list(c.sizes),
+        c.kmeans._rng.getstate(),
+        propensity(models.purchase),
+        propensity(models.churn),
+    )
+
+
+# --- determinism ----------------------------------------------------------------------------------
+
+
+def test_same_seed_and_data_give_identical_models(examples_factory: ExamplesFactory) -> None:
+    examples = examples_factory(300)
+    a, b = SegmentModels(SegmentationSettings()), SegmentModels(SegmentationSettings())
+    assert train(a, examples) == train(b, examples)
+    assert a.snapshot() == b.snapshot()
+    assert a.purchase.quality() == b.purchase.quality()
+    assert [a.clusters.profile(c) for c in range(6)] == [b.clusters.profile(c) for c in range(6)]
+
+
+def test_a_different_seed_gives_different_clusters(rows_factory: RowsFactory) -> None:
+    rows = rows_factory(200)
+    a, b = BehaviourClusters(6, 0.05, seed=1), BehaviourClusters(6, 0.05, seed=2)
+    ids_a = [a.learn_assign(x) for x in rows]
+    ids_b = [b.learn_assign(x) for x in rows]
+    assert a.kmeans.centers != b.kmeans.centers
+    assert ids_a != ids_b
+
+
+@pytest.mark.parametrize("k", [2, 6, 32])
+def test_cluster_ids_stay_within_range(rows_factory: RowsFactory, k: int) -> None:
+    clusters = BehaviourClusters(k, 0.05, seed=42)
+    ids = [clusters.learn_assign(x) for x in rows_factory(300)]
+    assert set(ids) <= set(range(k))
+    assert sorted(clusters.kmeans.centers) == list(range(k))
+    assert sum(clusters.sizes) == 300
+    assert [clusters.sizes[c] for c in range(k)] == [ids.count(c) for c in range(k)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries({f: st.floats(0.0, 20.0) for f in FEATURES}),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(2, 8),
+)
+def test_any_rows_give_valid_ids_and_scores(rows: list[Row], k: int) -> None:
+    models = SegmentModels(SegmentationSettings(cluster_count=k))
+    twin = SegmentModels(SegmentationSettings(cluster_count=k))
+    results = train(models, [(x, i % 2 == 0) for i, x in enumerate(rows)])
+    assert results == train(twin, [(x, i % 2 == 0) for i, x in enumerate(rows)])
+    for cid, purchase, churn in results:
+        assert 0 <= cid < k
+        assert 0.0 <= purchase <= 1.0
+        assert 0.0 <= churn <= 1.0
+
+
+def test_ordered_kmeans_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
+    script = tmp_path / "assign.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import random
+            from stream_app.features import FEATURES
+            from stream_app.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans
+
+            rng = random.Random(1)
+            rows = [{f: rng.gauss(0, 1) for f in CLUSTER_FEATURES} for _ in range(300)]
+            kmeans = OrderedKMeans(CLUSTER_FEATURES, n_clusters=6, halflife=0.1, seed=3)
+            print([kmeans.learn_predict_one(x) for x in rows])
+            print([[kmeans.centers[c][f].hex() for f in CLUSTER_FEATURES] for c in range(6)])
+            clusters = BehaviourClusters(6, 0.05, 42)
+            full = [{f: abs(rng.gauss(1, 1)) for f in FEATURES} for _ in range(300)]
+            print([clusters.learn_assign(x) for x in full])
+            print(hash("days_since_last_event"))
+            """
+        )
+    )
+
+    def run(hash_seed: str) -> list[str]:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return done.stdout.splitlines()
+
+    one, two = run("1"), run("2")
+    assert len(one) == len(two) == 4
+    assert one[3] != two[3]  # control: the two processes really hash strings differently
+    assert one[:3] == two[:3]
+
+
+# --- pickle, snapshot, restore --------------------------------------------------------------------
+
+
+def test_pickle_round_trip_predicts_and_learns_identically(
+    examples_factory: ExamplesFactory, rows_factory: RowsFactory
+) -> None:
+    original = SegmentModels(SegmentationSettings())
+    train(original, examples_factory(200))
+    copy = pickle.loads(pickle.dumps(original))
+    probes = rows_factory(50, seed=9)
+    assert probe(copy, probes) == probe(original, probes)
+    later = examples_factory(100, seed=5)
+    assert learned_state(copy) == learned_state(original)
+    assert train(copy, later) == train(original, later)
+    assert learned_state(copy) == learned_state(original)
+
+
+@pytest.mark.parametrize("component", ["clusters", "purchase"])
+def test_components_pickle_on_their_own(
+    examples_factory: ExamplesFactory, rows_factory: RowsFactory, component: str
+) -> None:
+    models = SegmentModels(SegmentationSettings())
+    train(models, examples_factory(100))
+    part = getattr(models, component)
+    copy = pickle.loads(pickle.dumps(part))
+    probes = rows_factory(30, seed=3)
+    if isinstance(part, BehaviourClusters):
+        assert [copy.assign(x) for x in probes] == [part.assign(x) for x in probes]
+        assert [copy.learn_assign(x) for x in probes] == [part.learn_assign(x) for x in probes]
+    else:
+        assert [copy.score(x) for x in probes] == [part.score(x) for x in probes]
+        assert copy.quality() == part.quality()
+
+
+def test_snapshot_restore_continues_identically(
+    examples_factory: ExamplesFactory, rows_factory: RowsFactory
+) -> None:
+    s = SegmentationSettings()
+    original = SegmentModels(s)
+    train(original, examples_factory(250))
+    restored = SegmentModels(s)
+    assert learned_state(restored) != learned_state(original)
+    restored.restore(original.snapshot())
+    probes = rows_factory(40, seed=4)
+    assert probe(restored, probes) == probe(original, probes)
+    assert restored.purchase.quality() == original.purchase.quality()
+    later = examples_factory(150, seed=6)
+    assert learned_state(restored) == learned_state(original)
+    assert train(restored, later) == train(original, later)
+    assert learned_state(restored) == learned_state(original)
+
+
+def test_snapshot_layout(examples_factory: ExamplesFactory) -> None:
+    models = SegmentModels(SegmentationSettings())
+    train(models, examples_factory(20))
+    data = models.snapshot()
+    assert data.startswith(SNAPSHOT_MAGIC)
+    assert data[len(SNAPSHOT_MAGIC) : HEADER].decode().rstrip() == models.version
+    assert models.version == model_version(SegmentationSettings())
+
+
+@pytest.fixture
+def snapshot_factory(examples_factory: ExamplesFactory) -> Callable[[], tuple[bytes, str]]:
+    """A real snapshot of trained models, and the version it was taken with."""
+
+    def make() -> tuple[bytes, str]:
+        models = SegmentModels(SegmentationSettings())
+        train(models, examples_factory(60))
+        return models.snapshot(), models.version
+
+    return make
+
+
+def corrupt(data: bytes, index: int, value: int | None = None) -> bytes:
+    out = bytearray(data)
+    out[index] = (out[index] ^ 0x01) if value is None else value
+    return bytes(out)
+
+
+NOT_A_SNAPSHOT = "not a stream_app model snapshot"
+CHECKSUM = r"snapshot checksum mismatch \(corrupt or truncated\)"
+CORRUPTIONS: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("empty", lambda d: b"", NOT_A_SNAPSHOT),
+    ("magic only", lambda d: d[: len(SNAPSHOT_MAGIC)], NOT_A_SNAPSHOT),
+    ("cut inside the digest", lambda d: d[: HEADER + 31], NOT_A_SNAPSHOT),
+    ("cut right after the digest", lambda d: d[: HEADER + 32], CHECKSUM),
+    ("cut in the body", lambda d: d[: len(d) // 2], CHECKSUM),
+    ("last byte missing", lambda d: d[:-1], CHECKSUM),
+    ("wrong magic", lambda d: b"XXMODEL1" + d[len(SNAPSHOT_MAGIC) :], NOT_A_SNAPSHOT),
+    ("flipped body byte", lambda d: corrupt(d, len(d) - 7), CHECKSUM),
+    ("flipped first body byte", lambda d: corrupt(d, HEADER + 32), CHECKSUM),
+    ("flipped digest byte", lambda d: corrupt(d, HEADER + 5), CHECKSUM),
+    ("extra trailing byte", lambda d: d + b"\x00", CHECKSUM),
+]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"), [c[1:] for c in CORRUPTIONS], ids=[c[0] for c in CORRUPTIONS]
+)
+def test_restore_refuses_damaged_snapshots(
+    snapshot_factory: Callable[[], tuple[bytes, str]],
+    rows_factory: RowsFactory,
+    damage: Callable[[bytes], bytes],
+    message: str,
+) -> None:
+    data, _ = snapshot_factory()
+    target = SegmentModels(SegmentationSettings())
+    probes = rows_factory(10)
+    before = probe(target, probes)
+    with pytest.raises(SnapshotError, match=f"^{message}$"):
+        target.restore(damage(data))
+    assert probe(target, probes) == before  # a refused snapshot changes nothing
+
+
+def test_restore_refuses_a_flipped_ascii_version_byte(
+    snapshot_factory: Callable[[], tuple[bytes, str]],
+) -> None:
+    data, version = snapshot_factory()
+    damaged = corrupt(data, len(SNAPSHOT_MAGIC))  # "r" -> "s"
+    with pytest.raises(SnapshotError, match=r"^snapshot is model siver-") as refused:
+        SegmentModels(SegmentationSettings()).restore(damaged)
+    assert str(refused.value).endswith(f"this worker runs {version}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: SegmentModels.restore decodes the version header with bytes.decode() before any "
+    "integrity check, so a non-UTF-8 byte there raises UnicodeDecodeError, not SnapshotError",
+)
+@pytest.mark.parametrize("offset", [0, 30, 63])
+def test_restore_refuses_a_non_utf8_version_byte(
+    snapshot_factory: Callable[[], tuple[bytes, str]], offset: int
+) -> None:
+    data, _ = snapshot_factory()
+    damaged = corrupt(data, len(SNAPSHOT_MAGIC) + offset, value=0xFF)
+    with pytest.raises(SnapshotError):
+        SegmentModels(SegmentationSettings()).restore(damaged)
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [{"seed": 7}, {"cluster_count": 4}, {"learning_rate": 0.05}, {"purchase_horizon_days": 14}],
+    ids=lambda knob: next(iter(knob)),
+)
+def test_restore_refuses_another_model_version(
+    snapshot_factory: Callable[[], tuple[bytes, str]], knob: dict[str, float]
+) -> None:
+    data, version = snapshot_factory()
+    other = SegmentModels(SegmentationSettings(**knob))
+    assert other.version != version
+    with pytest.raises(SnapshotError) as refused:
+        other.restore(data)
+    assert str(refused.value) == f"snapshot is model {version}, this worker runs {other.version}"
+
+
+def test_knobs_outside_the_models_keep_the_model_version(
+    snapshot_factory: Callable[[], tuple[bytes, str]], rows_factory: RowsFactory
+) -> None:
+    data, version = snapshot_factory()
+    other = SegmentModels(SegmentationSettings(at_risk_after_days=10, cluster_confirmations=5))
+    assert other.version == version
+    other.restore(data)
+    reference = SegmentModels(SegmentationSettings())
+    reference.restore(data)
+    probes = rows_factory(10)
+    assert probe(other, probes) == probe(reference, probes)
+
+
+# --- cluster profiles -----------------------------------------------------------------------------
+
+VOCABULARY = {word for pair in _TRAITS.values() for word in pair}
+
+
+def test_profiles_are_named_from_the_trait_vocabulary(rows_factory: RowsFactory) -> None:
+    clusters = BehaviourClusters(6, 0.05, seed=42)
+    for x in rows_factory(300):
+        clusters.learn_assign(x)
+    for cid in range(6):
+        profile = clusters.profile(cid)
+        assert profile.cluster == cid
+        assert tuple(profile.traits) == CLUSTER_FEATURES
+        words = profile.name.split(", ")
+        assert profile.name == "typical customers" or (
+            1 <= len(words) <= 2 and set(words) <= VOCABULARY
+        ), profile.name
+        # the name says the two strongest traits, most extreme first
+        strongest = sorted(profile.traits.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:2]
+        expected = [_TRAITS[f][0 if z > 0 else 1] for f, z in strongest if abs(z) >= 0.25]
+        assert profile.name == (", ".join(expected) or "typical customers")
+
+
+PROFILES: list[tuple[dict[str, float], str]] = [
+    ({}, "typical customers"),
+    ({"order_count": 0.24, "total_spend": -0.24}, "typical customers"),
+    ({"order_count": 2.0, "total_spend": -1.5}, "frequent buyers, low spenders"),
+    ({"days_since_last_event": 1.0, "cart_abandonment_rate": 3.0}, "cart abandoners, dormant"),
+    ({"engagement_last_month": -0.9, "session_count": 0.1}, "not engaged by email/push"),
+    (
+        {"browsing_velocity": 1.0, "session_count": -1.0, "order_count": 0.5},
+        "fast browsers, few visits",
+    ),
+]
+
+
+@pytest.mark.parametrize(("centre", "name"), PROFILES)
+def test_profile_names_from_a_known_centre(centre: dict[str, float], name: str) -> None:
+    clusters = BehaviourClusters(3, 0.05, seed=42)
+    for f in CLUSTER_FEATURES:
+        clusters.kmeans.centers[1][f] = centre.get(f, 0.0)
+    profile = clusters.profile(1)
+    assert profile.name == name
+    assert profile.traits == {f: round(centre.get(f, 0.0), 3) for f in CLUSTER_FEATURES}
+
+
+def test_profiles_refresh_every_profile_refresh_observations(rows_factory: RowsFactory) -> None:
+    clusters = BehaviourClusters(2, 0.05, seed=42)
+    for f in CLUSTER_FEATURES:
+        clusters.kmeans.centers[0][f] = 0.0
+    assert clusters.profile(0).name == "typical customers"
+    clusters.kmeans.centers[0]["order_count"] = 5.0
+    assert clusters.profile(0).name == "typical customers"  # cached
+    rows = rows_factory(PROFILE_REFRESH)
+    for x in rows:
+        clusters.learn_assign(x)
+    refreshed = clusters.profile(0)
+    assert refreshed.traits["order_count"] == round(clusters.kmeans.centers[0]["order_count"], 3)
+
+
+def test_explain_rows_are_scaled_value_times_centre(rows_factory: RowsFactory) -> None:
+    clusters = BehaviourClusters(4, 0.05, seed=42)
+    rows = rows_factory(200)
+    for x in rows:
+        clusters.learn_assign(x)
+    x = rows[0]
+    cid = clusters.assign(x)
+    scaler = clusters.scaler
+    explained = clusters.explain(x, top=len(CLUSTER_FEATURES))
+    assert {f for f, _, _ in explained} == set(CLUSTER_FEATURES)
+    for f, value, contribution in explained:
+        expected = (x[f] - scaler.means[f]) / math.sqrt(scaler.vars[f])
+        assert math.isclose(value, expected, rel_tol=1e-9)
+        assert math.isclose(contribution, value * clusters.kmeans.centers[cid][f], rel_tol=1e-9)
+    magnitudes = [abs(c) for _, _, c in explained]
+    assert magnitudes == sorted(magnitudes, reverse=True)
+    assert clusters.explain(x, top=3) == explained[:3]
+
+
+# --- propensity -----------------------------------------------------------------------------------
+
+
+def hand_auc(labels: list[bool], predictions: list[float]) -> float:
+    positives = [p for y, p in zip(labels, predictions, strict=True) if y]
+    negatives = [p for y, p in zip(labels, predictions, strict=True) if not y]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def hand_log_loss(labels: list[bool], predictions: list[float]) -> float:
+    losses = [-math.log(p if y else 1 - p) for y, p in zip(labels, predictions, strict=True)]
+    return sum(losses) / len(losses)
+
+
+def feed(propensity: Propensity, rows: list[Row], labels: list[bool], preds: list[float]) -> None:
+    for x, y, p in zip(rows, labels, preds, strict=True):
+        propensity.learn(x, y, p)
+
+
+def test_quality_before_any_label() -> None:
+    assert Propensity(0.01).quality() == {
+        "labels": 0,
+        "positive_rate": None,
+        "roc_auc": None,
+        "log_loss": None,
+    }
+
+
+def test_quality_needs_both_classes_for_auc(rows_factory: RowsFactory) -> None:
+    p = Propensity(0.01)
+    feed(p, rows_factory(3), [True, True, True], [0.9, 0.8, 0.7])
+    assert p.quality() == {
+        "labels": 3,
+        "positive_rate": 1.0,
+        "roc_auc": None,
+        "log_loss": round(hand_log_loss([True] * 3, [0.9, 0.8, 0.7]), 4),
+    }
+
+
+QUALITY_CASES: list[tuple[list[bool], list[float]]] = [
+    ([True, False, True, False, True], [0.9, 0.2, 0.4, 0.6, 0.8]),
+    ([False, True, False, True], [0.1, 0.35, 0.8, 0.9]),
+    ([True, False] * 10, [0.05 * i + 0.01 for i in range(20)]),
+]
+
+
+@pytest.mark.parametrize(("labels", "predictions"), QUALITY_CASES)
+def test_quality_is_predict_then_learn(
+    rows_factory: RowsFactory, labels: list[bool], predictions: list[float]
+) -> None:
+    p = Propensity(0.01)
+    feed(p, rows_factory(len(labels)), labels, predictions)
+    assert p.quality() == {
+        "labels": len(labels),
+        "positive_rate": round(sum(labels) / len(labels), 4),
+        "roc_auc": round(hand_auc(labels, predictions), 4),
+        "log_loss": round(hand_log_loss(labels, predictions), 4),
+    }
+
+
+def test_quality_of_known_values() -> None:
+    p = Propensity(0.01)
+    x = dict.fromkeys(FEATURES, 1.0)
+    feed(p, [x] * 5, [True, False, True, False, True], [0.9, 0.2, 0.4, 0.6, 0.8])
+    assert p.quality() == {
+        "labels": 5,
+        "positive_rate": 0.6,
+        "roc_auc": 0.8333,  # 5 of 6 (positive, negative) pairs ranked right
+        "log_loss": round(-(math.log(0.9 * 0.8 * 0.4 * 0.4 * 0.8)) / 5, 4),
+    }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Propensity uses river RollingROCAUC, which mishandles tied predictions (all 0.5 "
+    "from an untrained model gives 0.4, not 0.5), so the documented exact AUC is wrong with ties",
+)
+@pytest.mark.parametrize(
+    ("labels", "predictions"),
+    [
+        ([True, False] * 5, [0.5] * 10),
+        ([True, True, False, False], [0.7, 0.3, 0.7, 0.1]),
+    ],
+    ids=["untrained-model-ties", "one-tied-pair"],
+)
+def test_quality_auc_counts_ties_as_half(
+    rows_factory: RowsFactory, labels: list[bool], predictions: list[float]
+) -> None:
+    p = Propensity(0.01)
+    feed(p, rows_factory(len(labels)), labels, predictions)
+    assert p.quality()["roc_auc"] == round(hand_auc(labels, predictions), 4)
+
+
+def test_learning_moves_scores_and_warms_up(examples_factory: ExamplesFactory) -> None:
+    p = Propensity(0.05)
+    examples = examples_factory(WARM_UP_LABELS)
+    x0 = examples[0][0]
+    assert p.score(x0) == 0.5  # an untrained logistic regression
+    for i, (x, y) in enumerate(examples):
+        assert p.warmed_up is (i >= WARM_UP_LABELS)
+        p.learn(x, y, p.score(x))
+    assert p.warmed_up
+    assert p.labels == WARM_UP_LABELS
+    assert p.positives == sum(y for _, y in examples)
+    assert p.score(x0) != 0.5
+    auc = p.quality()["roc_auc"]
+    assert auc is not None
+    assert auc > 0.7  # the label is learnable from these features
+
+
+def test_contributions_are_coefficient_times_scaled_value(
+    examples_factory: ExamplesFactory, rows_factory: RowsFactory
+) -> None:
+    p = Propensity(0.05)
+    feed(p, *map(list, zip(*[(x, y, 0.5) for x, y in examples_factory(150)], strict=True)))
+    scaler = p.model["StandardScaler"]
+    logreg = p.model["LogisticRegression"]
+    x = rows_factory(1, seed=77)[0]
+    rows = p.contributions(x, top=len(FEATURES))
+    assert sorted(f for f, _, _ in rows) == sorted(FEATURES)
+    for f, value, contribution in rows:
+        scaled = (x[f] - scaler.means[f]) / math.sqrt(scaler.vars[f])
+        assert math.isclose(value, scaled, rel_tol=1e-9)
+        assert math.isclose(contribution, logreg.weights[f] * scaled, rel_tol=1e-9)
+    magnitudes = [abs(c) for _, _, c in rows]
+    assert magnitudes == sorted(magnitudes, reverse=True)
+    assert p.contributions(x, top=3) == rows[:3]
+    # together with the intercept they are the logit of the score
+    logit = sum(c for _, _, c in rows) + logreg.intercept
+    assert math.isclose(p.score(x), 1 / (1 + math.exp(-logit)), rel_tol=1e-9)
+
+
+def test_contributions_of_an_untrained_model_are_zero(rows_factory: RowsFactory) -> None:
+    rows = Propensity(0.01).contributions(rows_factory(1)[0], top=len(FEATURES))
+    assert [c for _, _, c in rows] == [0.0] * len(FEATURES)
