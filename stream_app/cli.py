@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from stream_app.errors import UserError
 from stream_app.settings import Settings, load_settings
@@ -174,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
         print(f"error: invalid setting {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(f"error: invalid setting: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

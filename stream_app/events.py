@@ -7,8 +7,9 @@ ISO 4217 currency code, so no cent is ever lost to a float.
 from __future__ import annotations
 
 import base64
+import re
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
@@ -30,19 +31,18 @@ MAX_AMOUNT: Final = Decimal("10000000")  # an order above ten million is absurd,
 EARLIEST: Final = datetime(1990, 1, 1, tzinfo=UTC)
 LATEST: Final = datetime(2100, 1, 1, tzinfo=UTC)
 MONEY_PATTERN: Final = r"^-?[0-9]{1,12}(\.[0-9]{1,4})?$"
+_MONEY_RE: Final = re.compile(MONEY_PATTERN)
 
 
 def _money_from_json(value: object) -> Decimal:
+    """Exactly what the published schema allows: a decimal string, at most 12 integer digits and
+    4 decimals. No floats (they lose cents), no exponents (``0E-70000`` would re-encode as 70,000
+    zeros), no JSON numbers."""
     if isinstance(value, Decimal):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return Decimal(value)
-    if not isinstance(value, str):
-        raise ValueError('money must be a decimal string such as "12.50", not a float')
-    try:
-        return Decimal(value)
-    except InvalidOperation as exc:
-        raise ValueError(f"not a decimal amount: {value!r}") from exc
+    if not isinstance(value, str) or _MONEY_RE.fullmatch(value) is None:
+        raise ValueError('money must be a decimal string such as "12.50" (up to 4 decimals)')
+    return Decimal(value)
 
 
 def _money_to_json(value: Decimal) -> str:

@@ -25,9 +25,6 @@ from stream_app.features import FEATURES
 from stream_app.settings import SegmentationSettings
 
 SNAPSHOT_MAGIC: Final = b"SAMODEL1"
-AUC_WINDOW: Final = (
-    1_000_000  # as long as any replay: the windowed AUC is then exact and cumulative
-)
 WARM_UP_LABELS: Final = 200  # a propensity is "unscored" until its model has learned this many
 PROFILE_REFRESH: Final = 1000  # observations between recomputing cluster profile names
 
@@ -165,6 +162,36 @@ class BehaviourClusters:
         return rows[:top]
 
 
+class TieAwareROCAUC:
+    """Cumulative ROC AUC over a histogram of scores (resolution 1e-4), ties counted as half.
+
+    River's RollingROCAUC miscounts tied scores (ten alternating labels all scored 0.5 give 0.4,
+    not 0.5), and an untrained logistic model scores exactly 0.5, so its early AUC was biased
+    low; River's ROCAUC with thresholds is too coarse at low base rates (NOTES-river section 3).
+    Constant memory, O(1) update, O(bins) read.
+    """
+
+    BINS: Final = 10_000
+
+    def __init__(self) -> None:
+        self.positives = [0] * (self.BINS + 1)
+        self.negatives = [0] * (self.BINS + 1)
+
+    def update(self, outcome: bool, score: float) -> None:
+        index = min(self.BINS, max(0, round(score * self.BINS)))
+        (self.positives if outcome else self.negatives)[index] += 1
+
+    def get(self) -> float | None:
+        total_pos, total_neg = sum(self.positives), sum(self.negatives)
+        if not total_pos or not total_neg:
+            return None
+        below, wins = 0, 0.0
+        for pos, neg in zip(self.positives, self.negatives, strict=True):
+            wins += pos * (below + 0.5 * neg)
+            below += neg
+        return wins / (total_pos * total_neg)
+
+
 class Propensity:
     """Online logistic regression for one binary outcome, evaluated predict-then-learn."""
 
@@ -173,7 +200,7 @@ class Propensity:
             preprocessing.StandardScaler(),
             linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate)),
         )
-        self.auc = metrics.RollingROCAUC(window_size=AUC_WINDOW)
+        self.auc = TieAwareROCAUC()
         self.log_loss = metrics.LogLoss()
         self.labels = 0
         self.positives = 0
@@ -204,11 +231,11 @@ class Propensity:
         return rows[:top]
 
     def quality(self) -> dict[str, Any]:
-        both_classes = 0 < self.positives < self.labels
+        auc = self.auc.get()
         return {
             "labels": self.labels,
             "positive_rate": round(self.positives / self.labels, 4) if self.labels else None,
-            "roc_auc": round(float(self.auc.get()), 4) if both_classes else None,
+            "roc_auc": None if auc is None else round(auc, 4),
             "log_loss": round(float(self.log_loss.get()), 4) if self.labels else None,
         }
 
@@ -235,7 +262,7 @@ class SegmentModels:
         head = len(SNAPSHOT_MAGIC) + 64
         if len(data) < head + 32 or not data.startswith(SNAPSHOT_MAGIC):
             raise SnapshotError("not a stream_app model snapshot")
-        version = data[len(SNAPSHOT_MAGIC) : head].decode().strip()
+        version = data[len(SNAPSHOT_MAGIC) : head].decode("utf-8", "replace").strip()
         if version != self.version:
             raise SnapshotError(f"snapshot is model {version}, this worker runs {self.version}")
         digest, body = data[head : head + 32], data[head + 32 :]

@@ -345,11 +345,6 @@ def test_restore_refuses_a_flipped_ascii_version_byte(
     assert str(refused.value).endswith(f"this worker runs {version}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SegmentModels.restore decodes the version header with bytes.decode() before any "
-    "integrity check, so a non-UTF-8 byte there raises UnicodeDecodeError, not SnapshotError",
-)
 @pytest.mark.parametrize("offset", [0, 30, 63])
 def test_restore_refuses_a_non_utf8_version_byte(
     snapshot_factory: Callable[[], tuple[bytes, str]], offset: int
@@ -541,11 +536,6 @@ def test_quality_of_known_values() -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Propensity uses river RollingROCAUC, which mishandles tied predictions (all 0.5 "
-    "from an untrained model gives 0.4, not 0.5), so the documented exact AUC is wrong with ties",
-)
 @pytest.mark.parametrize(
     ("labels", "predictions"),
     [

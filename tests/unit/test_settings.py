@@ -250,12 +250,6 @@ def test_cli_invalid_env_setting_is_one_error_line(
     assert out.out == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cli.main catches ValidationError but not pydantic_settings.SettingsError, which "
-    "pydantic-settings raises when a complex (JSON) setting such as STREAM_APP_SEGMENTATION "
-    "is not valid JSON: the user gets a traceback instead of one line and exit 2",
-)
 def test_cli_malformed_json_env_setting_is_one_error_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
