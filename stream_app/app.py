@@ -1,226 +1,273 @@
-"""The Faust application: consume the input topics, decode, dead-letter, count.
+"""The Faust application: thin wiring around :class:`stream_app.pipeline.LivePipeline`.
 
-This is the first live path. The agents stay thin: Faust hands each raw message to
-:class:`MessageHandler`, which knows nothing about Faust (so it is tested without a broker) and
-never lets one bad message stop the worker. The per-type counter is a stand-in for the
-segmentation processor that replaces it later.
+One agent reads both input topics as raw bytes (so decoding and its errors stay ours) and hands
+every message to the pipeline. Customer state lives in the ``customers`` table on RocksDB with a
+compacted changelog; the model set is snapshotted to a compacted topic periodically and on
+shutdown, and restored before the worker starts consuming.
+
+Web endpoints on the worker's port: ``/health`` (the process serves), ``/ready`` (partitions
+assigned and table recovery done), ``/metrics`` (Prometheus), ``/counts`` (JSON, this process).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from collections.abc import Iterator
+from typing import Any, Final
 
 import faust
+from aiokafka.partitioner import murmur2
+from confluent_kafka import Consumer, TopicPartition
 
 from stream_app.errors import UserError
-from stream_app.events import (
-    DeadLetter,
-    DeadLetterReason,
-    Event,
-    EventKind,
-    MessageOrigin,
-    dead_letter,
-    decode_event,
-    encode,
-)
+from stream_app.events import MessageOrigin
+from stream_app.logs import logging_config
+from stream_app.metrics import Metrics
+from stream_app.models import SegmentModels, SnapshotError
+from stream_app.pipeline import LivePipeline
+from stream_app.processor import CustomerState
 from stream_app.settings import Settings
 from stream_app.topics import admin_client, wait_for_broker
 
 log = logging.getLogger(__name__)
 
 COUNTS_PATH: Final = "/counts"
-COUNTS_LOG_INTERVAL_S: Final = 10.0
 BROKER_WAIT_S: Final = 30.0
-
-DeadLetterSink = Callable[[bytes | None, bytes], Awaitable[None]]
-
-
-class Decoder(Protocol):
-    """The shape of :func:`stream_app.events.decode_event` (swappable in tests)."""
-
-    def __call__(
-        self,
-        payload: bytes,
-        kind: EventKind,
-        source: MessageOrigin,
-        *,
-        key: bytes | None = None,
-        max_bytes: int = ...,
-    ) -> Event | DeadLetter: ...
+LAG_INTERVAL_S: Final = 5.0
+CUSTOMERS_TABLE: Final = "customers"
 
 
-@dataclass
-class WorkerCounts:
-    """What this worker has seen since it started (per process, not per consumer group)."""
-
-    events: Counter[str] = field(default_factory=Counter)
-    dead_letters: Counter[str] = field(default_factory=Counter)
-    unsent_dead_letters: int = 0
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "events": dict(sorted(self.events.items())),
-            "dead_letters": dict(sorted(self.dead_letters.items())),
-            "unsent_dead_letters": self.unsent_dead_letters,
-        }
+def partition_of(customer_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a key: Java, aiokafka, Faust and
+    our confluent-kafka producers (partitioner=murmur2_random) all agree on it."""
+    return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
 
 
-class MessageHandler:
-    """Turns one raw message into a counted event or a dead letter; never raises on bad input."""
+class TableStore:
+    """A Processor's StateStore over the Faust table, restricted to one partition's customers.
 
-    def __init__(
-        self,
-        counts: WorkerCounts,
-        send_dead_letter: DeadLetterSink,
-        *,
-        max_bytes: int,
-        decode: Decoder = decode_event,
-    ) -> None:
-        self.counts = counts
-        self._send_dead_letter = send_dead_letter
-        self._max_bytes = max_bytes
-        self._decode = decode
+    Writes must happen while the agent iterates an event of this partition: Faust sends the
+    changelog record (and picks the RocksDB instance) by the current event's partition.
+    """
 
-    async def handle(
-        self, kind: EventKind, key: bytes | None, value: bytes | None, origin: MessageOrigin
-    ) -> Event | DeadLetter:
-        # A tombstone (None) is not an event; it dead-letters as empty, invalid JSON.
-        payload = value if isinstance(value, bytes) else b""
-        try:
-            result = self._decode(payload, kind, origin, key=key, max_bytes=self._max_bytes)
-            if isinstance(result, DeadLetter):
-                await self._reject(key, result)
-            else:
-                self.counts.events[result.event_type.value] += 1
-            return result
-        except Exception as exc:
-            log.exception(
-                "processing failed at %s", _where(origin.topic, origin.partition, origin.offset)
-            )
-            detail = f"{type(exc).__name__}: {exc}"
-            letter = dead_letter(payload, DeadLetterReason.PROCESSING_ERROR, detail, origin, key)
-            await self._reject(key, letter)
-            return letter
+    def __init__(self, table: Any, partition: int, partitions: int) -> None:
+        self.table = table
+        self.partition = partition
+        self.partitions = partitions
 
-    async def _reject(self, key: bytes | None, letter: DeadLetter) -> None:
-        """Send a dead letter; if even that fails, log and count it rather than stop the worker."""
-        self.counts.dead_letters[letter.reason.value] += 1
-        log.info(
-            "dead letter %s from %s: %s",
-            letter.reason.value,
-            _where(letter.source_topic, letter.source_partition, letter.source_offset),
-            letter.detail[:200],
-        )
-        try:
-            await self._send_dead_letter(key, encode(letter))
-        except Exception:
-            self.counts.unsent_dead_letters += 1
-            log.exception("could not send a dead letter for %s", letter.source_topic)
+    def get(self, customer_id: str) -> CustomerState | None:
+        raw = self.table.get(customer_id.encode())
+        return None if raw is None else CustomerState.from_bytes(raw)
+
+    def put(self, state: CustomerState) -> None:
+        self.table[state.customer_id.encode()] = state.to_bytes()
+
+    def delete(self, customer_id: str) -> None:
+        self.table.pop(customer_id.encode(), None)
+
+    def __iter__(self) -> Iterator[CustomerState]:
+        for key, raw in list(self.table.items()):
+            customer = key.decode()
+            if partition_of(customer, self.partitions) == self.partition:
+                yield CustomerState.from_bytes(raw)
 
 
-def _where(topic: str, partition: int, offset: int) -> str:
-    return f"{topic}[{partition}]@{offset}"
+class FaustSinks:
+    def __init__(self, changes: Any, membership: Any, dead_letters: Any) -> None:
+        self._changes, self._membership, self._dead_letters = changes, membership, dead_letters
+
+    async def change(self, customer_id: str, value: bytes) -> Any:
+        return await self._changes.send(key=customer_id.encode(), value=value)
+
+    async def membership(self, customer_id: str, value: bytes) -> None:
+        await self._membership.send(key=customer_id.encode(), value=value)
+
+    async def dead_letter(self, key: bytes | None, value: bytes) -> None:
+        await self._dead_letters.send(key=key, value=value)
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
-def create_app(settings: Settings) -> faust.App:
-    """Build the Faust app for ``settings``: two decoding agents, a `/counts` view, a log timer.
+def _raw_topic(app: Any, *names: str) -> Any:
+    """Raw bytes both ways. ``value_type=bytes`` alone is not enough: Faust would still apply
+    the app-wide default serializer (json) and crash on malformed input before our code ran."""
+    return app.topic(
+        *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
 
-    The returned ``faust.App`` carries its :class:`WorkerCounts` as ``app.event_counts``.
-    """
+
+def create_app(settings: Settings, models: SegmentModels | None = None) -> Any:
+    """Build the Faust app; the returned app carries ``app.pipeline`` (its LivePipeline)."""
     datadir = settings.state_dir.expanduser().resolve() / "faust" / settings.app_id
-    datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level itself
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=_broker_urls(settings.bootstrap_servers),
         datadir=str(datadir),
-        store="memory://",
+        store="rocksdb://",
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        producer_linger=settings.producer_linger_s,
+        table_standby_replicas=0,
         web_enabled=True,
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
-        # Table contents are customer data; they are not for an unauthenticated HTTP port.
-        web_tables_enabled=False,
+        web_tables_enabled=False,  # customer data is not for an unauthenticated HTTP port
     )
-    counts = WorkerCounts()
-    app.event_counts = counts
-    dead_letters = _raw_topic(app, settings.dead_letters_topic)
+    customers = app.Table(
+        CUSTOMERS_TABLE,
+        key_type=bytes,  # bytes -> raw codec (tables take no serializer arguments)
+        value_type=bytes,
+        partitions=settings.partitions,
+        options={"block_cache_size": settings.rocksdb_block_cache_bytes},
+    )
+    sinks = FaustSinks(
+        _raw_topic(app, settings.segment_changes_topic),
+        _raw_topic(app, settings.segment_membership_topic),
+        _raw_topic(app, settings.dead_letters_topic),
+    )
+    pipeline = LivePipeline(
+        settings,
+        lambda partition: TableStore(customers, partition, settings.partitions),
+        sinks,
+        metrics=Metrics(),
+        models=models,
+    )
+    app.pipeline = pipeline
+    app.event_counts = pipeline.counts
+    _add_agent(app, pipeline, settings)
+    _add_model_snapshots(app, pipeline, settings)
+    _add_views(app, pipeline)
+    _add_lag_timer(app, pipeline, settings)
 
-    async def send_dead_letter(key: bytes | None, value: bytes) -> None:
-        await dead_letters.send(key=key, value=value)
+    @app.on_partitions_revoked.connect  # type: ignore[untyped-decorator]
+    async def on_revoked(app: Any, revoked: set[Any], **kwargs: Any) -> None:
+        pipeline.forget_partitions({tp.partition for tp in revoked})
 
-    handler = MessageHandler(counts, send_dead_letter, max_bytes=settings.max_event_bytes)
-    _add_agent(app, handler, settings.clickstream_topic, "click")
-    _add_agent(app, handler, settings.transactions_topic, "transaction")
-    _add_counts_view(app, counts)
-    _add_counts_log(app, counts)
     return app
 
 
-def _raw_topic(app: Any, name: str) -> Any:
-    """A topic of raw bytes both ways.
+def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
+    inputs = _raw_topic(app, *settings.input_topics)
 
-    ``value_type=bytes`` alone is not enough: Faust still applies the app-wide default
-    serializer ("json"), so a malformed message would crash the agent inside Faust, before our
-    code could dead-letter it. The explicit "raw" serializers keep every byte ours.
-    """
-    return app.topic(
-        name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
-
-
-def _add_agent(app: Any, handler: MessageHandler, topic_name: str, kind: EventKind) -> None:
-    """One agent per input topic, reading raw bytes so decoding (and its errors) stay ours."""
-    topic = _raw_topic(app, topic_name)
-
-    async def decode_stream(stream: Any) -> None:
+    async def segment(stream: Any) -> None:
         async for event in stream.events():
             message = event.message
             origin = MessageOrigin(
                 topic=message.topic, partition=message.partition, offset=message.offset
             )
-            await handler.handle(kind, event.key, event.value, origin)
+            await pipeline.handle(event.key, event.value, origin)
 
-    decode_stream.__name__ = decode_stream.__qualname__ = f"decode_{kind}"
-    app.agent(topic, name=f"decode-{kind}")(decode_stream)
-
-
-def _add_counts_view(app: Any, counts: WorkerCounts) -> None:
-    """``GET /counts`` on the worker's web port: the counts as JSON, for tests and operators."""
-
-    async def counts_view(web: Any, request: Any) -> Any:
-        return web.json(counts.snapshot())
-
-    app.page(COUNTS_PATH, name="counts")(counts_view)
+    app.agent(inputs, name="segment")(segment)
 
 
-def _add_counts_log(app: Any, counts: WorkerCounts) -> None:
-    """Log the counts every few seconds while they change (a log line per event is too much)."""
-    last: dict[str, Any] = {}
+def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
+    snapshots = _raw_topic(app, settings.model_snapshots_topic)
 
-    async def log_counts() -> None:
-        current = counts.snapshot()
-        if current != last:
-            last.clear()
-            last.update(current)
-            log.info("counts %s", current)
+    async def save() -> None:
+        data = pipeline.models.snapshot()
+        await snapshots.send(key=settings.app_id.encode(), value=data, partition=0)
+        pipeline.update_quality_metrics()
+        log.info("model snapshot written: %d bytes, %s", len(data), pipeline.models.version)
 
-    app.timer(COUNTS_LOG_INTERVAL_S, name="log-counts")(log_counts)
+    app.timer(settings.model_snapshot_interval_s, name="model-snapshot")(save)
+
+    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
+    async def on_shutdown(app: Any, **kwargs: Any) -> None:
+        try:
+            await save()
+            await app.producer.flush()
+        except Exception:
+            log.exception("could not write the model snapshot at shutdown")
+
+
+def _add_views(app: Any, pipeline: LivePipeline) -> None:
+    async def counts(web: Any, request: Any) -> Any:
+        return web.json(pipeline.counts.snapshot())
+
+    async def health(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    async def ready(web: Any, request: Any) -> Any:
+        assigned = bool(app.consumer.assignment()) if app.consumer else False
+        recovered = app.tables.recovery.completed.is_set()
+        body = {"assigned": assigned, "recovered": recovered}
+        return web.json(body, status=200 if assigned and recovered else 503)
+
+    async def metrics(web: Any, request: Any) -> Any:
+        pipeline.update_quality_metrics()
+        return web.bytes(pipeline.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    app.page(COUNTS_PATH, name="counts")(counts)
+    app.page("/health", name="health")(health)
+    app.page("/ready", name="ready")(ready)
+    app.page("/metrics", name="metrics")(metrics)
+
+
+def _add_lag_timer(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
+    async def measure_lag() -> None:
+        for tp in app.consumer.assignment():
+            if tp.topic not in settings.input_topics:
+                continue
+            end = app.consumer.highwater(tp)
+            done = pipeline.last_offsets.get((tp.topic, tp.partition), -1) + 1
+            if end is not None:
+                pipeline.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(end - done, 0)
+                )
+
+    app.timer(LAG_INTERVAL_S, name="consumer-lag")(measure_lag)
+
+
+def load_model_snapshot(settings: Settings, models: SegmentModels, timeout: float = 10.0) -> bool:
+    """Restore the newest snapshot of this app's models from the compacted topic, if any."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"{settings.app_id}-model-restore",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        tp = TopicPartition(settings.model_snapshots_topic, 0)
+        low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+        if high <= low:
+            return False
+        consumer.assign([TopicPartition(settings.model_snapshots_topic, 0, low)])
+        latest = _read_latest(consumer, settings.app_id.encode(), high, timeout)
+    finally:
+        consumer.close()
+    if latest is None:
+        return False
+    try:
+        models.restore(latest)
+    except SnapshotError as exc:
+        log.warning("ignoring the stored model snapshot: %s", exc)
+        return False
+    log.info("models restored from snapshot (%d bytes)", len(latest))
+    return True
+
+
+def _read_latest(consumer: Consumer, key: bytes, high: int, timeout: float) -> bytes | None:
+    latest: bytes | None = None
+    while True:
+        msg = consumer.poll(timeout)
+        if msg is None:
+            return latest
+        if msg.error() is None and msg.key() == key:
+            latest = msg.value()
+        if msg.offset() is not None and msg.offset() >= high - 1:
+            return latest
 
 
 def _require_topics(settings: Settings) -> None:
     """Fail fast and clearly, instead of a worker that silently consumes nothing."""
-    needed = [*settings.input_topics, settings.dead_letters_topic]
+    needed = [*settings.input_topics, settings.dead_letters_topic, settings.model_snapshots_topic]
     metadata = admin_client(settings.bootstrap_servers).list_topics(timeout=10)
     missing = [topic for topic in needed if topic not in metadata.topics]
     if missing:
@@ -231,11 +278,18 @@ def _require_topics(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> int:
-    """Run the worker until SIGTERM/SIGINT, then drain in-flight events, commit and exit."""
+    """Run the worker until SIGTERM/SIGINT, then drain, snapshot the models, commit and exit."""
     wait_for_broker(settings.bootstrap_servers, BROKER_WAIT_S)
     _require_topics(settings)
-    app = create_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    models = SegmentModels(settings.segmentation)
+    load_model_snapshot(settings, models)
+    app = create_app(settings, models)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level,
+        quiet=True,
+        logging_config=logging_config(settings.log_level),
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
@@ -26,6 +29,7 @@ import orjson
 from stream_app.events import (
     DeadLetter,
     DeadLetterReason,
+    Event,
     EventKind,
     MessageOrigin,
     Origin,
@@ -54,6 +58,22 @@ class Sinks(Protocol):
     async def membership(self, customer_id: str, value: bytes) -> None: ...
 
     async def dead_letter(self, key: bytes | None, value: bytes) -> None: ...
+
+
+@dataclass
+class WorkerCounts:
+    """What this worker has seen since it started (per process), served on ``/counts``."""
+
+    events: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    unsent_dead_letters: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "events": dict(sorted(self.events.items())),
+            "dead_letters": dict(sorted(self.dead_letters.items())),
+            "unsent_dead_letters": self.unsent_dead_letters,
+        }
 
 
 class AckTracker:
@@ -90,6 +110,68 @@ def membership_record(change: SegmentChange) -> bytes:
     )
 
 
+@dataclass(order=True)
+class _Held:
+    order: tuple[float, str]
+    arrival: float = field(compare=False)
+    item: Any = field(compare=False)
+
+
+class OrderedMerge:
+    """Merges one partition of each input topic into (event time, event id) order.
+
+    The two inputs interleave arbitrarily when consumed; the models learn from every event, so
+    the order matters. Like Kafka Streams' timestamp-ordered merge: the earliest buffered event
+    goes first, but only once every topic either has a buffered event too, or has nothing more to
+    read right now (caught up to its highwater). A topic that is caught up never delays anything,
+    so live traffic is not held; a replayed backlog comes out in exactly the offline order. An
+    event held longer than ``max_wait_s`` is released anyway (a stalled fetch must not block).
+    """
+
+    def __init__(
+        self,
+        topics: tuple[str, ...],
+        partition: int,
+        has_more: Callable[[str, int], bool],
+        max_wait_s: float,
+    ) -> None:
+        self.partition = partition
+        self.queues: dict[str, deque[_Held]] = {topic: deque() for topic in topics}
+        self._has_more = has_more
+        self._max_wait_s = max_wait_s
+
+    def push(self, topic: str, order: tuple[float, str], item: Any, now: float) -> None:
+        self.queues[topic].append(_Held(order, now, item))
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self.queues.values())
+
+    def pop_ready(self, now: float) -> list[Any]:
+        released: list[Any] = []
+        while True:
+            heads = [(queue[0], topic) for topic, queue in self.queues.items() if queue]
+            if not heads:
+                return released
+            head, topic = min(heads)
+            waiting = any(
+                self._has_more(t, self.partition) for t, queue in self.queues.items() if not queue
+            )
+            oldest = min(h.arrival for h, _ in heads)
+            if waiting and now - oldest < self._max_wait_s:
+                return released
+            self.queues[topic].popleft()
+            released.append(head.item)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    event: Event
+    key: bytes | None
+    payload: bytes
+    origin: MessageOrigin
+    token: Any
+
+
 class LivePipeline:
     def __init__(
         self,
@@ -99,15 +181,24 @@ class LivePipeline:
         metrics: Metrics | None = None,
         models: SegmentModels | None = None,
         clock: Callable[[], datetime] | None = None,
+        has_more: Callable[[str, int], bool] | None = None,
+        as_current: Callable[[Any], AbstractContextManager[Any]] | None = None,
+        merge_max_wait_s: float = 1.0,
     ) -> None:
         self.settings = settings
         self.models = models or SegmentModels(settings.segmentation)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
         self.acks = AckTracker()
+        self.counts = WorkerCounts()
+        self.last_offsets: dict[tuple[str, int], int] = {}
         self._store_for = store_for_partition
         self._clock = clock or (lambda: datetime.now(UTC))
         self.processors: dict[int, Processor] = {}
+        self.merges: dict[int, OrderedMerge] = {}
+        self._has_more = has_more or (lambda topic, partition: False)
+        self._as_current = as_current or (lambda token: nullcontext())
+        self._merge_max_wait_s = merge_max_wait_s
         self._kinds: dict[str, EventKind] = {
             settings.clickstream_topic: "click",
             settings.transactions_topic: "transaction",
@@ -131,48 +222,95 @@ class LivePipeline:
         for partition in partitions:
             self.processors.pop(partition, None)
 
-    async def handle(self, key: bytes | None, value: bytes | None, origin: MessageOrigin) -> None:
-        """Process one raw message. Never raises: anything wrong becomes a dead letter."""
-        started = time.perf_counter()
+    async def handle(
+        self, key: bytes | None, value: bytes | None, origin: MessageOrigin, token: Any = None
+    ) -> list[Any]:
+        """Take one raw message; return the tokens of every message now completely processed
+        (the caller acks those). Never raises: anything wrong becomes a dead letter."""
+        self.last_offsets[(origin.topic, origin.partition)] = origin.offset
+        # A tombstone (None) is not an event; it dead-letters as empty, invalid JSON.
         payload = value if isinstance(value, bytes) else b""
         try:
-            await self._handle(key, payload, origin)
+            decoded = decode_event(
+                payload,
+                self._kinds[origin.topic],
+                origin,
+                key=key,
+                max_bytes=self.settings.max_event_bytes,
+            )
         except Exception as exc:
-            log.exception(
-                "processing failed at %s[%s]@%s", origin.topic, origin.partition, origin.offset
+            await self._failed(key, payload, origin, exc)
+            return [token]
+        if isinstance(decoded, DeadLetter):
+            await self._reject(key, decoded)
+            return [token]
+        merge = self._merge(origin.partition)
+        order = (decoded.event_time.timestamp(), decoded.event_id)
+        merge.push(
+            origin.topic, order, _Pending(decoded, key, payload, origin, token), time.monotonic()
+        )
+        return await self._release(merge)
+
+    async def flush_idle(self) -> list[Any]:
+        """Release events held longer than the merge's wait bound (called from a timer)."""
+        done: list[Any] = []
+        for merge in list(self.merges.values()):
+            done.extend(await self._release(merge))
+        return done
+
+    def _merge(self, partition: int) -> OrderedMerge:
+        merge = self.merges.get(partition)
+        if merge is None:
+            merge = self.merges[partition] = OrderedMerge(
+                self.settings.input_topics, partition, self._has_more, self._merge_max_wait_s
             )
-            detail = f"{type(exc).__name__}: {exc}"
-            await self._reject(
-                key, dead_letter(payload, DeadLetterReason.PROCESSING_ERROR, detail, origin, key)
+        return merge
+
+    async def _release(self, merge: OrderedMerge) -> list[Any]:
+        done = []
+        for pending in merge.pop_ready(time.monotonic()):
+            with self._as_current(pending.token):
+                await self._process(pending)
+            done.append(pending.token)
+        return done
+
+    async def _process(self, pending: _Pending) -> None:
+        started = time.perf_counter()
+        decoded, key, origin = pending.event, pending.key, pending.origin
+        try:
+            self.metrics.events_in.labels(decoded.event_type.value).inc()
+            self.counts.events[decoded.event_type.value] += 1
+            now = self._clock()
+            outcome = self.processor(origin.partition).process(
+                decoded, processed_at=now, position=Position(origin.topic, origin.offset)
             )
+            if outcome.status is Status.LATE:
+                detail = (
+                    f"event_time {decoded.event_time.isoformat()} is before the watermark "
+                    f"(allowed lateness {self.settings.segmentation.allowed_lateness_seconds:.0f}s)"
+                )
+                letter = dead_letter(
+                    pending.payload, DeadLetterReason.LATE_EVENT, detail, origin, key
+                )
+                await self._reject(key, letter)
+                return
+            if outcome.status is Status.DUPLICATE:
+                self.metrics.duplicates.inc()
+            await self._deliver(outcome.state, outcome.changes, now)
+        except Exception as exc:
+            await self._failed(key, pending.payload, origin, exc)
         finally:
             self.metrics.processing_seconds.observe(time.perf_counter() - started)
 
-    async def _handle(self, key: bytes | None, payload: bytes, origin: MessageOrigin) -> None:
-        kind = self._kinds[origin.topic]
-        decoded = decode_event(
-            payload, kind, origin, key=key, max_bytes=self.settings.max_event_bytes
+    async def _failed(
+        self, key: bytes | None, payload: bytes, origin: MessageOrigin, exc: Exception
+    ) -> None:
+        log.exception(
+            "processing failed at %s[%s]@%s", origin.topic, origin.partition, origin.offset
         )
-        if isinstance(decoded, DeadLetter):
-            await self._reject(key, decoded)
-            return
-        self.metrics.events_in.labels(decoded.event_type.value).inc()
-        now = self._clock()
-        outcome = self.processor(origin.partition).process(
-            decoded, processed_at=now, position=Position(origin.topic, origin.offset)
-        )
-        if outcome.status is Status.LATE:
-            detail = (
-                f"event_time {decoded.event_time.isoformat()} is before the watermark "
-                f"(allowed lateness {self.settings.segmentation.allowed_lateness_seconds:.0f}s)"
-            )
-            await self._reject(
-                key, dead_letter(payload, DeadLetterReason.LATE_EVENT, detail, origin, key)
-            )
-            return
-        if outcome.status is Status.DUPLICATE:
-            self.metrics.duplicates.inc()
-        await self._deliver(outcome.state, outcome.changes, now)
+        detail = f"{type(exc).__name__}: {exc}"
+        letter = dead_letter(payload, DeadLetterReason.PROCESSING_ERROR, detail, origin, key)
+        await self._reject(key, letter)
 
     async def _deliver(
         self, state: CustomerState | None, changes: list[SegmentChange], now: datetime
@@ -220,7 +358,12 @@ class LivePipeline:
             letter.source_offset,
             letter.detail[:200],
         )
-        await self.sinks.dead_letter(key, encode(letter))
+        self.counts.dead_letters[letter.reason.value] += 1
+        try:
+            await self.sinks.dead_letter(key, encode(letter))
+        except Exception:
+            self.counts.unsent_dead_letters += 1
+            log.exception("could not send a dead letter for %s", letter.source_topic)
 
     def update_quality_metrics(self) -> None:
         for name, model in (("purchase", self.models.purchase), ("churn", self.models.churn)):

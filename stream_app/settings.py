@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1024, le=65535)
     max_event_bytes: int = Field(65536, ge=256, le=10 * 1024 * 1024)
+    model_snapshot_interval_s: float = Field(30.0, gt=0)
+    rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    stream_buffer_maxsize: int = Field(16384, ge=64)
+    producer_linger_s: float = Field(0.005, ge=0)
     log_level: str = "INFO"
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
 
@@ -114,6 +118,16 @@ class Settings(BaseSettings):
     @property
     def input_topics(self) -> tuple[str, str]:
         return (self.clickstream_topic, self.transactions_topic)
+
+    @property
+    def customers_changelog_topic(self) -> str:
+        """Faust's changelog of the customer-state table (pre-created, compacted)."""
+        return f"{self.app_id}-customers-changelog"
+
+    @property
+    def model_snapshots_topic(self) -> str:
+        """Compacted topic holding the latest model snapshot of each worker."""
+        return f"{self.app_id}-model-snapshots"
 
     @property
     def kafka_dir(self) -> Path:

@@ -74,10 +74,10 @@ def wait_for_broker(bootstrap: str, timeout: float) -> None:
 def topic_specs(settings: Settings) -> list[NewTopic]:
     """Every topic the application owns, with the partitions and configs it relies on."""
 
-    def spec(name: str, config: dict[str, str] | None = None) -> NewTopic:
+    def spec(name: str, config: dict[str, str] | None = None, partitions: int = 0) -> NewTopic:
         return NewTopic(
             name,
-            num_partitions=settings.partitions,
+            num_partitions=partitions or settings.partitions,
             replication_factor=settings.replication_factor,
             config=config or {},
         )
@@ -88,6 +88,9 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         spec(settings.segment_changes_topic),
         spec(settings.segment_membership_topic, COMPACTED),
         spec(settings.dead_letters_topic),
+        # Internal: same partitions as the inputs (Faust co-partitions the table with them).
+        spec(settings.customers_changelog_topic, COMPACTED),
+        spec(settings.model_snapshots_topic, COMPACTED, partitions=1),
     ]
 
 

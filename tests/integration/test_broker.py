@@ -76,13 +76,17 @@ def test_topics_create_is_idempotent_and_membership_is_compacted(
         settings.segment_membership_topic,
         settings.dead_letters_topic,
     ]
-    assert first == dict.fromkeys(names, CREATED)
-    assert second == dict.fromkeys(names, EXISTS)
+    internal = [settings.customers_changelog_topic, settings.model_snapshots_topic]
+    assert first == dict.fromkeys(names + internal, CREATED)
+    assert second == dict.fromkeys(names + internal, EXISTS)
     admin = admin_client(settings.bootstrap_servers)
     metadata = admin.list_topics(timeout=10)
     assert {len(metadata.topics[name].partitions) for name in names} == {3}
-    policies = {name: _cleanup_policy(admin, name) for name in names}
-    assert policies.pop(settings.segment_membership_topic) == "compact"
+    assert len(metadata.topics[settings.customers_changelog_topic].partitions) == 3
+    assert len(metadata.topics[settings.model_snapshots_topic].partitions) == 1
+    policies = {name: _cleanup_policy(admin, name) for name in names + internal}
+    for compacted in (settings.segment_membership_topic, *internal):
+        assert policies.pop(compacted) == "compact"
     assert set(policies.values()) == {"delete"}
 
 

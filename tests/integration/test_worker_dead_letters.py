@@ -19,14 +19,11 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from stream_app.app import COUNTS_PATH, MessageHandler, WorkerCounts, create_app
-from stream_app.events import (
-    DeadLetter,
-    DeadLetterReason,
-    EventKind,
-    MessageOrigin,
-    decode_event,
-)
+from stream_app import pipeline as pipeline_module
+from stream_app.app import COUNTS_PATH, create_app
+from stream_app.events import DeadLetter, DeadLetterReason, MessageOrigin
+from stream_app.pipeline import LivePipeline, WorkerCounts
+from stream_app.processor import MemoryStore
 from stream_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -187,74 +184,79 @@ def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
     assert worker.stop() == 0, worker.log_tail()
 
 
-# --- the handler on its own (no broker) ----------------------------------------------------------
+# --- the pipeline on its own (no broker) ---------------------------------------------------------
 
 
-class ListSink:
+class Sinks:
     def __init__(self, fail: bool = False) -> None:
-        self.sent: list[tuple[bytes | None, bytes]] = []
+        self.dead: list[tuple[bytes | None, bytes]] = []
         self.fail = fail
 
-    async def __call__(self, key: bytes | None, value: bytes) -> None:
+    async def change(self, customer_id: str, value: bytes) -> None:
+        return None
+
+    async def membership(self, customer_id: str, value: bytes) -> None:
+        return None
+
+    async def dead_letter(self, key: bytes | None, value: bytes) -> None:
         if self.fail:
             raise ConnectionError("broker went away")
-        self.sent.append((key, value))
-
-
-def exploding_decoder(
-    payload: bytes,
-    kind: EventKind,
-    source: MessageOrigin,
-    *,
-    key: bytes | None = None,
-    max_bytes: int = 0,
-) -> Any:
-    raise RuntimeError("bug in the decoder")
+        self.dead.append((key, value))
 
 
 ORIGIN = MessageOrigin(topic="clickstream", partition=3, offset=41)
 
 
-async def test_an_exception_while_handling_becomes_a_processing_error_dead_letter() -> None:
-    sink = ListSink()
-    handler = MessageHandler(WorkerCounts(), sink, max_bytes=1024, decode=exploding_decoder)
+def pipeline_factory(sinks: Sinks) -> LivePipeline:
+    return LivePipeline(Settings(max_event_bytes=1024), lambda p: MemoryStore(), sinks)
 
-    result = await handler.handle("click", b"c-9", click("e-9"), ORIGIN)
 
-    assert isinstance(result, DeadLetter)
-    assert result.reason is DeadLetterReason.PROCESSING_ERROR
-    assert result.detail == "RuntimeError: bug in the decoder"
-    assert [key for key, _ in sink.sent] == [b"c-9"]
-    sent = DeadLetter.model_validate_json(sink.sent[0][1])
+async def test_an_exception_while_handling_becomes_a_processing_error_dead_letter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def exploding_decoder(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("bug in the decoder")
+
+    monkeypatch.setattr(pipeline_module, "decode_event", exploding_decoder)
+    sinks = Sinks()
+    pipeline = pipeline_factory(sinks)
+
+    await pipeline.handle(b"c-9", click("e-9"), ORIGIN)
+
+    assert [key for key, _ in sinks.dead] == [b"c-9"]
+    sent = DeadLetter.model_validate_json(sinks.dead[0][1])
+    assert sent.reason is DeadLetterReason.PROCESSING_ERROR
+    assert sent.detail == "RuntimeError: bug in the decoder"
     assert (sent.source_topic, sent.source_partition, sent.source_offset) == ("clickstream", 3, 41)
-    assert handler.counts.dead_letters == {"processing_error": 1}
+    assert pipeline.counts.dead_letters == {"processing_error": 1}
 
 
 async def test_a_dead_letter_that_cannot_be_sent_is_counted_not_raised() -> None:
-    handler = MessageHandler(WorkerCounts(), ListSink(fail=True), max_bytes=1024)
+    pipeline = pipeline_factory(Sinks(fail=True))
 
-    result = await handler.handle("click", b"k", b"not json", ORIGIN)
+    await pipeline.handle(b"k", b"not json", ORIGIN)
 
-    assert isinstance(result, DeadLetter) and result.reason is DeadLetterReason.INVALID_JSON
-    assert handler.counts.unsent_dead_letters == 1
+    assert pipeline.counts.dead_letters == {"invalid_json": 1}
+    assert pipeline.counts.unsent_dead_letters == 1
 
 
 async def test_valid_events_are_counted_by_type_and_a_tombstone_is_dead_lettered() -> None:
-    sink = ListSink()
-    handler = MessageHandler(WorkerCounts(), sink, max_bytes=1024, decode=decode_event)
+    sinks = Sinks()
+    pipeline = pipeline_factory(sinks)
+    transactions = MessageOrigin(topic="transactions", partition=3, offset=42)
 
-    await handler.handle("click", b"c-1", click("e-1", "search"), ORIGIN)
-    await handler.handle("transaction", b"c-1", purchase("t-1"), ORIGIN)
-    tombstone = await handler.handle("click", b"c-1", None, ORIGIN)
+    await pipeline.handle(b"c-1", click("e-1", "search"), ORIGIN)
+    await pipeline.handle(b"c-1", purchase("t-1"), transactions)
+    await pipeline.handle(b"c-1", None, ORIGIN)
 
-    assert handler.counts.events == {"search": 1, "purchase": 1}
-    assert isinstance(tombstone, DeadLetter)
+    assert pipeline.counts.events == {"search": 1, "purchase": 1}
+    assert pipeline.counts.snapshot()["dead_letters"] == {"invalid_json": 1}
+    tombstone = DeadLetter.model_validate_json(sinks.dead[0][1])
     assert tombstone.reason is DeadLetterReason.INVALID_JSON
-    assert handler.counts.snapshot()["dead_letters"] == {"invalid_json": 1}
     assert datetime.now(UTC) >= tombstone.failed_at
 
 
-def test_the_app_reads_raw_bytes_from_both_inputs_and_serves_counts(tmp_path: Path) -> None:
+def test_the_app_reads_raw_bytes_from_both_inputs_and_serves_its_endpoints(tmp_path: Path) -> None:
     """Raw serializers matter: with only value_type=bytes Faust would still JSON-decode."""
     settings = Settings(state_dir=tmp_path, app_id="wiring", partitions=3, web_port=16066)
 
@@ -262,13 +264,15 @@ def test_the_app_reads_raw_bytes_from_both_inputs_and_serves_counts(tmp_path: Pa
 
     channels = {name: agent.channel for name, agent in app.agents.items()}
     assert {name: channel.topics for name, channel in channels.items()} == {
-        "decode-click": (settings.clickstream_topic,),
-        "decode-transaction": (settings.transactions_topic,),
+        "segment": (settings.clickstream_topic, settings.transactions_topic),
     }
     for channel in channels.values():
         assert (channel.key_serializer, channel.value_serializer) == ("raw", "raw")
-    assert list(app.web.views) == [COUNTS_PATH]
+    assert sorted(app.web.views) == sorted([COUNTS_PATH, "/health", "/ready", "/metrics"])
     assert app.conf.web_tables_enabled is False
     assert (app.conf.topic_partitions, app.conf.web_port) == (3, 16066)
+    assert str(app.conf.store) == "rocksdb:"
+    table = app.tables["customers"]
+    assert (table.key_serializer, table.value_serializer, table.partitions) == ("raw", "raw", 3)
     assert Path(app.conf.datadir) == tmp_path / "faust" / "wiring"
     assert isinstance(app.event_counts, WorkerCounts)

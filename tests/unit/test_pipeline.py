@@ -6,13 +6,16 @@ import asyncio
 import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from random import Random
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_app.events import DeadLetterReason, MessageOrigin
-from stream_app.pipeline import LivePipeline
+from stream_app.pipeline import LivePipeline, OrderedMerge
 from stream_app.processor import CustomerState
 from stream_app.settings import Settings
 
@@ -169,3 +172,101 @@ async def test_crash_before_delivery_resends_with_same_ids_and_no_gaps() -> None
     assert second.metrics.resent_changes._value.get() > 0
     # Nothing was applied twice: the restarted process saw every re-delivered message as known.
     assert second.processors[0].counts == {"duplicate": len(items[20:])}
+
+
+# --- ordered merge of the two input topics ----------------------------------------------------
+
+
+def test_merge_holds_until_every_topic_has_an_event_or_is_caught_up() -> None:
+    more = {"clicks": True, "tx": True}
+    merge = OrderedMerge(("clicks", "tx"), 0, lambda t, p: more[t], max_wait_s=60)
+    merge.push("clicks", (2.0, "c2"), "c2", now=0)
+    merge.push("clicks", (5.0, "c5"), "c5", now=0)
+    assert merge.pop_ready(now=1) == []  # tx has unread messages: c2 might not be first
+    merge.push("tx", (3.0, "t3"), "t3", now=1)
+    assert merge.pop_ready(now=1) == ["c2", "t3"]  # then tx is empty again and still has more
+    more["tx"] = False  # caught up: nothing can arrive before c5 right now
+    assert merge.pop_ready(now=1) == ["c5"]
+
+
+def test_merge_releases_after_the_wait_bound_when_a_fetch_stalls() -> None:
+    merge = OrderedMerge(("clicks", "tx"), 0, lambda t, p: True, max_wait_s=0.5)
+    merge.push("clicks", (1.0, "a"), "a", now=10.0)
+    assert merge.pop_ready(now=10.4) == []
+    assert merge.pop_ready(now=10.6) == ["a"]
+
+
+def test_merge_breaks_time_ties_by_event_id() -> None:
+    merge = OrderedMerge(("clicks", "tx"), 0, lambda t, p: False, max_wait_s=1)
+    merge.push("tx", (1.0, "b"), "b", now=0)
+    merge.push("clicks", (1.0, "a"), "a", now=0)
+    assert merge.pop_ready(now=0) == ["a", "b"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.booleans()), min_size=1, max_size=40), st.randoms()
+)
+def test_any_interleaving_of_sorted_topics_comes_out_in_offline_order(
+    raw: list[tuple[int, bool]], rng: Random
+) -> None:
+    events = sorted({(t, f"{'t' if tx else 'c'}{t}-{i}", tx) for i, (t, tx) in enumerate(raw)})
+    streams = {"c": [e for e in events if not e[2]], "t": [e for e in events if e[2]]}
+    merge = OrderedMerge(("c", "t"), 0, lambda topic, p: bool(streams[topic]), max_wait_s=1e9)
+    out: list[str] = []
+    while streams["c"] or streams["t"]:
+        topic = rng.choice([name for name, rest in streams.items() if rest])
+        t, event_id, _ = streams[topic].pop(0)
+        merge.push(topic, (float(t), event_id), event_id, now=0)
+        out.extend(merge.pop_ready(now=0))
+    assert out == [event_id for _, event_id, _ in events]
+
+
+def transaction_message(customer: str, minute: int) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": f"{customer}-tx-{minute}",
+            "customer_id": customer,
+            "event_time": (T0 + timedelta(minutes=minute)).isoformat(),
+            "event_type": "purchase",
+            "order_id": f"o-{customer}-{minute}",
+            "amount": "12.50",
+            "currency": "GBP",
+        }
+    )
+
+
+async def test_scrambled_topic_arrival_gives_the_same_changes_as_sorted_order() -> None:
+    day = 24 * 60
+    clicks = [(i, message(f"c{i % 5}", i * 2 * day + i, "cart_add")) for i in range(30)]
+    txs = [(i, transaction_message(f"c{i % 3}", i * 3 * day + 7)) for i in range(20)]
+
+    def ordered(items: list[tuple[str, int, bytes]]) -> list[tuple[str, int, bytes]]:
+        return sorted(items, key=lambda it: orjson.loads(it[2])["event_time"])
+
+    tagged = [("clickstream", o, v) for o, v in clicks] + [("transactions", o, v) for o, v in txs]
+
+    async def run(arrival: list[tuple[str, int, bytes]]) -> list[str]:
+        sinks = ListSinks()
+        remaining = {"clickstream": len(clicks), "transactions": len(txs)}
+        p = LivePipeline(
+            Settings(),
+            lambda partition: BytesStore({}),
+            sinks,
+            clock=lambda: T0,
+            has_more=lambda topic, partition: remaining[topic] > 0,
+        )
+        for topic, offset, value in arrival:
+            remaining[topic] -= 1
+            await p.handle(b"k", value, MessageOrigin(topic=topic, partition=0, offset=offset))
+        return [orjson.dumps(c).decode() for c in sinks.changes]
+
+    reference = await run(ordered(tagged))
+    scrambled = [*clicks[:10], *txs[:15], *clicks[10:], *txs[15:]]
+    arrival = [("clickstream", o, v) for o, v in scrambled[:10]]
+    arrival += [("transactions", o, v) for o, v in scrambled[10:25]]
+    arrival += [("clickstream", o, v) for o, v in scrambled[25:45]]
+    arrival += [("transactions", o, v) for o, v in scrambled[45:]]
+    components = {orjson.loads(c)["component"] for c in reference}
+    assert {"entry", "lifecycle", "cluster"} <= components
+    assert await run(arrival) == reference
