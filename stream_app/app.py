@@ -12,12 +12,16 @@ assigned and table recovery done), ``/metrics`` (Prometheus), ``/counts`` (JSON,
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import faust
+import faust.streams as faust_streams
 from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, TopicPartition
+from faust.types import TP
 
 from stream_app.errors import UserError
 from stream_app.events import MessageOrigin
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 COUNTS_PATH: Final = "/counts"
 BROKER_WAIT_S: Final = 30.0
 LAG_INTERVAL_S: Final = 5.0
+MERGE_FLUSH_INTERVAL_S: Final = 0.1
 CUSTOMERS_TABLE: Final = "customers"
 
 
@@ -119,6 +124,7 @@ def create_app(settings: Settings, models: SegmentModels | None = None) -> Any:
         web_port=settings.web_port,
         web_tables_enabled=False,  # customer data is not for an unauthenticated HTTP port
     )
+    app.producer.buffer.max_messages = settings.producer_buffer_max_messages
     customers = app.Table(
         CUSTOMERS_TABLE,
         key_type=bytes,  # bytes -> raw codec (tables take no serializer arguments)
@@ -131,12 +137,19 @@ def create_app(settings: Settings, models: SegmentModels | None = None) -> Any:
         _raw_topic(app, settings.segment_membership_topic),
         _raw_topic(app, settings.dead_letters_topic),
     )
+
+    def has_more(topic: str, partition: int) -> bool:
+        return _unread(app, pipeline.last_offsets, topic, partition)
+
     pipeline = LivePipeline(
         settings,
         lambda partition: TableStore(customers, partition, settings.partitions),
         sinks,
         metrics=Metrics(),
         models=models,
+        has_more=has_more,
+        as_current=_as_current,
+        merge_max_wait_s=settings.merge_max_wait_s,
     )
     app.pipeline = pipeline
     app.event_counts = pipeline.counts
@@ -153,17 +166,49 @@ def create_app(settings: Settings, models: SegmentModels | None = None) -> Any:
 
 
 def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
+    """One agent over both inputs. Acks are manual: an event held by the ordered merge is acked
+    only once processed, so a crash never commits an offset past unprocessed work."""
     inputs = _raw_topic(app, *settings.input_topics)
 
     async def segment(stream: Any) -> None:
-        async for event in stream.events():
+        async for event in stream.noack().events():
             message = event.message
             origin = MessageOrigin(
                 topic=message.topic, partition=message.partition, offset=message.offset
             )
-            await pipeline.handle(event.key, event.value, origin)
+            for done in await pipeline.handle(event.key, event.value, origin, token=event):
+                done.ack()
+
+    async def release_held() -> None:
+        for done in await pipeline.flush_idle():
+            done.ack()
 
     app.agent(inputs, name="segment")(segment)
+    app.timer(MERGE_FLUSH_INTERVAL_S, name="release-held-events")(release_held)
+
+
+def _unread(app: Any, last_offsets: dict[tuple[str, int], int], topic: str, partition: int) -> bool:
+    """True while a topic partition has messages this worker has not read yet (or we cannot
+    tell yet): then the ordered merge waits for them instead of guessing."""
+    if app.consumer is None:
+        return True
+    end = app.consumer.highwater(TP(topic, partition))
+    if end is None:
+        return True
+    return last_offsets.get((topic, partition), -1) + 1 < int(end)
+
+
+@contextmanager
+def _as_current(event: Any) -> Iterator[None]:
+    """Make `event` Faust's current event while it is processed: table writes pick the RocksDB
+    instance and changelog partition from it (it may be held and released later, or by a timer).
+    Faust offers no public API for this; `faust.streams._current_event` is the contextvar its own
+    stream iteration sets."""
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_streams._current_event.reset(token)
 
 
 def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -> None:

@@ -139,9 +139,14 @@ class OrderedMerge:
         self.queues: dict[str, deque[_Held]] = {topic: deque() for topic in topics}
         self._has_more = has_more
         self._max_wait_s = max_wait_s
+        self._last_arrival: dict[str, float] = {}
+        self._started: float | None = None
 
     def push(self, topic: str, order: tuple[float, str], item: Any, now: float) -> None:
+        if self._started is None:
+            self._started = now
         self.queues[topic].append(_Held(order, now, item))
+        self._last_arrival[topic] = now
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self.queues.values())
@@ -152,15 +157,22 @@ class OrderedMerge:
             heads = [(queue[0], topic) for topic, queue in self.queues.items() if queue]
             if not heads:
                 return released
-            head, topic = min(heads)
-            waiting = any(
-                self._has_more(t, self.partition) for t, queue in self.queues.items() if not queue
-            )
-            oldest = min(h.arrival for h, _ in heads)
-            if waiting and now - oldest < self._max_wait_s:
+            if self._must_wait(now):
                 return released
+            head, topic = min(heads)
             self.queues[topic].popleft()
             released.append(head.item)
+
+    def _must_wait(self, now: float) -> bool:
+        """Wait while a topic with nothing buffered still has unread messages, unless it has
+        delivered nothing for `max_wait_s` (stalled)."""
+        for topic, queue in self.queues.items():
+            if queue or not self._has_more(topic, self.partition):
+                continue
+            quiet_since = self._last_arrival.get(topic, self._started or now)
+            if now - quiet_since < self._max_wait_s:
+                return True
+        return False
 
 
 @dataclass(frozen=True)

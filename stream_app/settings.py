@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     stream_buffer_maxsize: int = Field(16384, ge=64)
     producer_linger_s: float = Field(0.005, ge=0)
+    merge_max_wait_s: float = Field(1.0, gt=0)
+    # Faust stalls every stream while more than this many table-changelog records await sending
+    # (its default, 100, cost ~70 ms per stall; faust-streaming issue 173).
+    producer_buffer_max_messages: int = Field(10_000, ge=100)
     log_level: str = "INFO"
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
 

@@ -270,3 +270,17 @@ async def test_scrambled_topic_arrival_gives_the_same_changes_as_sorted_order() 
     components = {orjson.loads(c)["component"] for c in reference}
     assert {"entry", "lifecycle", "cluster"} <= components
     assert await run(arrival) == reference
+
+
+def test_a_held_event_waits_while_the_other_topic_keeps_delivering_older_ones() -> None:
+    """Regression: the wait bound is about a stalled topic, not about how long an event is held."""
+    merge = OrderedMerge(("clicks", "tx"), 0, lambda t, p: True, max_wait_s=1.0)
+    merge.push("tx", (100.0, "t"), "t", now=0.0)
+    released: list[str] = []
+    for i in range(50):  # clicks keep arriving for 5 s, all older than the transaction
+        now = i * 0.1
+        merge.push("clicks", (float(i), f"c{i:02d}"), f"c{i:02d}", now=now)
+        released.extend(merge.pop_ready(now=now))
+    assert released == [f"c{i:02d}" for i in range(50)]
+    assert merge.pop_ready(now=5.5) == []  # clicks quiet for 0.6 s: still waiting for them
+    assert merge.pop_ready(now=6.0) == ["t"]  # quiet for 1.1 s: stalled, release

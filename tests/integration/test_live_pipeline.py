@@ -1,0 +1,175 @@
+"""The live worker against the real broker: equivalence with the offline replay, crash recovery."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer
+
+from stream_app.datasets import read_dataset
+from stream_app.events import SegmentChange
+from stream_app.publish import make_producer, publish
+from stream_app.replay import replay_offline
+from stream_app.settings import Settings
+
+if TYPE_CHECKING:
+    from conftest import WorkerProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+REES46 = ROOT.parent / "shared" / "datasets" / "rees46_2019oct_head" / "events.csv.gz"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not REES46.exists(), reason=f"{REES46} is absent (CI has it)"),
+]
+
+
+def offline_changes(settings: Settings) -> list[SegmentChange]:
+    collected: list[SegmentChange] = []
+
+    class Collect:
+        def write(self, line: bytes) -> int:
+            collected.append(SegmentChange.model_validate_json(line))
+            return len(line)
+
+    replay_offline(read_dataset(REES46, "rees46"), settings.segmentation, Collect())  # type: ignore[arg-type]
+    return collected
+
+
+class ChangeReader:
+    """Reads `segment-changes` as a subscriber would (its own group, from the beginning)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": f"{settings.app_id}-reader",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self.consumer.subscribe([settings.segment_changes_topic])
+        self.received: list[dict[str, Any]] = []
+
+    def until(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not predicate(self.received):
+            for msg in self.consumer.consume(1000, timeout=0.5):
+                if msg.error() is None:
+                    self.received.append(orjson.loads(msg.value()))
+
+    def unique(self) -> dict[str, dict[str, Any]]:
+        return {change["change_id"]: change for change in self.received}
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def final_segments(changes: list[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:
+    final: dict[str, tuple[int, dict[str, Any]]] = {}
+    for change in changes:
+        customer, sequence = change["customer_id"], change["sequence"]
+        if customer not in final or final[customer][0] < sequence:
+            final[customer] = (sequence, change["current"])
+    return final
+
+
+def assert_contiguous(changes: dict[str, dict[str, Any]]) -> None:
+    per_customer: dict[str, list[int]] = {}
+    for change in changes.values():
+        per_customer.setdefault(change["customer_id"], []).append(change["sequence"])
+    for customer, sequences in per_customer.items():
+        assert sorted(sequences) == list(range(1, len(sequences) + 1)), customer
+
+
+def publish_with_garbage(settings: Settings) -> int:
+    """The REES46 sample, with malformed messages mixed into both input topics."""
+    producer = make_producer(settings)
+    garbage = [
+        (settings.clickstream_topic, b"{not json"),
+        (settings.clickstream_topic, b'{"event_type": "teleport", "customer_id": "x"}'),
+        (settings.transactions_topic, b'{"event_type": "purchase", "amount": 9.99}'),
+    ]
+    for topic, value in garbage:
+        producer.produce(topic, key=b"garbage", value=value)
+    summary = publish(read_dataset(REES46, "rees46"), settings, producer=producer)
+    assert producer.flush(30) == 0
+    return summary.published
+
+
+def test_live_worker_gives_the_offline_segments_and_dead_letters_garbage(
+    settings_factory: Callable[..., Settings],
+    topics_factory: Callable[[Settings], dict[str, str]],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    settings = settings_factory(partitions=1)
+    topics_factory(settings)
+    expected = offline_changes(settings)
+    assert publish_with_garbage(settings) == 17434
+
+    worker = worker_factory(settings)
+    reader = ChangeReader(settings)
+    try:
+        reader.until(lambda got: len(got) >= len(expected), timeout=240)
+        counts = worker.wait_for(lambda c: sum(c["events"].values()) >= 17434, timeout=30)
+    finally:
+        reader.close()
+    assert counts["dead_letters"] == {"invalid_field": 1, "invalid_json": 1, "unknown_type": 1}
+    assert sum(counts["events"].values()) == 17434
+
+    live = reader.unique()
+    assert sorted(live) == sorted(c.change_id for c in expected)
+    offline_final = final_segments([c.model_dump(mode="json") for c in expected])
+    assert final_segments(list(live.values())) == offline_final
+    assert len(offline_final) == 4504
+    assert {c["origin"] for c in live.values()} == {"replay"}
+    assert worker.stop() == 0, worker.log_tail()
+
+
+def test_sigkill_mid_stream_loses_nothing_and_duplicates_are_detectable(
+    settings_factory: Callable[..., Settings],
+    topics_factory: Callable[[Settings], dict[str, str]],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    settings = settings_factory(partitions=2, model_snapshot_interval_s=0.5)
+    topics_factory(settings)
+    expected = offline_changes(settings)
+    publish(read_dataset(REES46, "rees46"), settings)
+
+    reader = ChangeReader(settings)
+    first = worker_factory(settings)
+    try:
+        reader.until(lambda got: len(got) >= len(expected) // 3, timeout=120)
+        first.kill()
+        killed_at = len(reader.received)
+        assert killed_at < len(expected), "the worker finished before it could be killed"
+        second = worker_factory(settings)
+        reader.until(lambda got: len(reader.unique()) >= len(expected), timeout=240)
+    finally:
+        reader.close()
+    assert "models restored from snapshot" in second.log_tail(400)
+
+    live = reader.unique()
+    # Nothing lost, nothing applied twice: exactly the offline set of changes, by id.
+    assert sorted(live) == sorted(c.change_id for c in expected)
+    assert_contiguous(live)
+    # A re-sent change is byte-for-byte the one sent before (same id): a subscriber drops it.
+    copies: dict[str, list[dict[str, Any]]] = {}
+    for change in reader.received:
+        copies.setdefault(change["change_id"], []).append(change)
+    for same in copies.values():
+        assert all(copy == same[0] for copy in same)
+
+    # The model-independent part of every final segment equals the offline replay's.
+    def lifecycle_and_tier(final: dict[str, tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        return {k: (v[0], v[1]["lifecycle"], v[1]["propensity_tier"]) for k, v in final.items()}
+
+    offline_final = final_segments([c.model_dump(mode="json") for c in expected])
+    assert lifecycle_and_tier(final_segments(list(live.values()))) == lifecycle_and_tier(
+        offline_final
+    )
+    assert second.stop() == 0, second.log_tail()
