@@ -12,6 +12,7 @@ assigned and table recovery done), ``/metrics`` (Prometheus), ``/counts`` (JSON,
 from __future__ import annotations
 
 import logging
+import logging.config
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,6 +119,8 @@ def create_app(settings: Settings, models: SegmentModels | None = None) -> Any:
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
         producer_linger=settings.producer_linger_s,
         table_standby_replicas=0,
+        broker_session_timeout=settings.consumer_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.consumer_session_timeout_s / 3),
         web_enabled=True,
         web_bind=settings.web_host,
         web_host=settings.web_host,
@@ -324,6 +327,7 @@ def _require_topics(settings: Settings) -> None:
 
 def run_worker(settings: Settings) -> int:
     """Run the worker until SIGTERM/SIGINT, then drain, snapshot the models, commit and exit."""
+    logging.config.dictConfig(logging_config(settings.log_level))
     wait_for_broker(settings.bootstrap_servers, BROKER_WAIT_S)
     _require_topics(settings)
     models = SegmentModels(settings.segmentation)

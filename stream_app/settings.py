@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     stream_buffer_maxsize: int = Field(16384, ge=64)
     producer_linger_s: float = Field(0.005, ge=0)
     merge_max_wait_s: float = Field(1.0, gt=0)
+    # How long the group waits for a silent (crashed) worker before handing its partitions on.
+    consumer_session_timeout_s: float = Field(10.0, ge=6, le=300)
     # Faust stalls every stream while more than this many table-changelog records await sending
     # (its default, 100, cost ~70 ms per stall; faust-streaming issue 173).
     producer_buffer_max_messages: int = Field(10_000, ge=100)

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 CREATED: Final = "created"
 EXISTS: Final = "exists"
 COMPACTED: Final[dict[str, str]] = {"cleanup.policy": "compact"}
+# Inputs keep records by when they arrived, not by their event time: a replay of 2019 history
+# stamped with event time is deleted by 7-day time retention within minutes (measured: the
+# broker dropped a freshly published REES46 replay 25 s later). Event time travels in the payload.
+INPUT: Final[dict[str, str]] = {"message.timestamp.type": "LogAppendTime"}
 
 
 class _LibrdkafkaLog:
@@ -83,8 +87,8 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         )
 
     return [
-        spec(settings.clickstream_topic),
-        spec(settings.transactions_topic),
+        spec(settings.clickstream_topic, INPUT),
+        spec(settings.transactions_topic, INPUT),
         spec(settings.segment_changes_topic),
         spec(settings.segment_membership_topic, COMPACTED),
         spec(settings.dead_letters_topic),

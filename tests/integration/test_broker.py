@@ -88,6 +88,10 @@ def test_topics_create_is_idempotent_and_membership_is_compacted(
     for compacted in (settings.segment_membership_topic, *internal):
         assert policies.pop(compacted) == "compact"
     assert set(policies.values()) == {"delete"}
+    for topic in (settings.clickstream_topic, settings.transactions_topic):
+        config = ConfigResource(ResourceType.TOPIC, topic)
+        described = admin.describe_configs([config])[config].result(timeout=10)
+        assert described["message.timestamp.type"].value == "LogAppendTime"
 
 
 def _cleanup_policy(admin: Any, topic: str) -> str:
