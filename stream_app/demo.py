@@ -1,0 +1,185 @@
+"""`stream-app demo`: the whole product end to end on this machine, then everything stopped.
+
+Local broker -> topics -> worker (subprocess, as in production) -> a real dataset replayed into
+the input topics, with a few malformed messages -> the example email/push subscriber prints
+segment changes as they arrive -> counts, dead letters and metrics -> worker and broker stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from itertools import islice
+from pathlib import Path
+from typing import Final
+
+import orjson
+
+from stream_app.datasets import RowError, read_dataset
+from stream_app.errors import UserError
+from stream_app.events import Event
+from stream_app.kafka_local import LocalKafka
+from stream_app.publish import make_producer, publish
+from stream_app.settings import ENV_PREFIX, Settings
+from stream_app.subscriber import Interest, describe, run_subscriber
+from stream_app.topics import admin_client, create_topics, topic_specs
+
+DEFAULT_DATASET: Final = Path("../shared/datasets/rees46_2019oct_head/events.csv.gz")
+SHOWN_CHANGES: Final = 25
+
+
+def _say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump(mode="json").items():
+        rendered = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = rendered
+    return env
+
+
+@contextmanager
+def _broker(settings: Settings) -> Iterator[None]:
+    kafka = LocalKafka(settings)
+    started = kafka.start()
+    try:
+        yield
+    finally:
+        if started:
+            kafka.stop()
+            print("broker stopped", flush=True)
+
+
+@contextmanager
+def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app.cli", "worker"],
+            env=_child_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print(f"worker stopped (exit {proc.returncode}); its JSON log: {log_path}", flush=True)
+
+
+def _get(settings: Settings, path: str) -> bytes | None:
+    url = f"http://{settings.web_host}:{settings.web_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body: bytes = response.read()
+            return body
+    except OSError:
+        return None
+
+
+def _wait_ready(settings: Settings, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the worker exited with {proc.returncode}; see its log")
+        if _get(settings, "/ready") is not None and b'"recovered":true' in (
+            _get(settings, "/ready") or b""
+        ):
+            return
+        time.sleep(0.5)
+    raise UserError("the worker did not become ready in time; see its log")
+
+
+def _with_garbage(settings: Settings) -> None:
+    producer = make_producer(settings)
+    for topic, value in (
+        (settings.clickstream_topic, b'{"event_type": "page_view", "oops'),
+        (
+            settings.transactions_topic,
+            b'{"event_id": "x", "event_type": "purchase", "amount": 9.5}',
+        ),
+    ):
+        producer.produce(topic, key=b"demo-garbage", value=value)
+    producer.flush(10)
+
+
+def _limited(items: Iterable[Event | RowError], limit: int) -> Iterator[Event | RowError]:
+    return islice((i for i in items if not isinstance(i, RowError)), limit)
+
+
+def run_demo(settings: Settings, dataset: Path | None, limit: int) -> int:
+    path = dataset or DEFAULT_DATASET
+    if not path.is_file():
+        raise UserError(f"dataset not found: {path} (pass --dataset)")
+    run = f"demo-{int(time.time())}"
+    settings = settings.model_copy(
+        update={
+            "app_id": run,
+            "clickstream_topic": f"{run}-clickstream",
+            "transactions_topic": f"{run}-transactions",
+            "segment_changes_topic": f"{run}-segment-changes",
+            "segment_membership_topic": f"{run}-segment-membership",
+            "dead_letters_topic": f"{run}-dead-letters",
+        }
+    )
+    log_path = settings.state_dir / "demo-worker.log"
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    _say(f"starting the local Kafka broker on {settings.bootstrap_servers}")
+    with _broker(settings):
+        _say("creating topics")
+        for topic, outcome in create_topics(settings).items():
+            print(f"  {topic}: {outcome}")
+        # Publish the backlog first: a max-speed replay into a running worker compresses event
+        # time ~25,000x, so cross-topic jitter of a few ms exceeds the allowed lateness.
+        _say(f"replaying {limit} events of {path.name} into the input topics (+2 malformed)")
+        _with_garbage(settings)
+        summary = publish(_limited(read_dataset(path, "rees46"), limit), settings)
+        print(f"  published {summary.published} events in {summary.elapsed_s:.2f}s")
+        _say("starting the worker (stream-app worker)")
+        with _worker(settings, log_path) as proc:
+            _wait_ready(settings, proc)
+            _say(f"the example subscriber (first {SHOWN_CHANGES} segment changes)")
+            shown: list[str] = []
+
+            def act(change: object) -> None:
+                if len(shown) < SHOWN_CHANGES:
+                    shown.append(describe(change))  # type: ignore[arg-type]
+                    print("  " + shown[-1], flush=True)
+
+            state = run_subscriber(
+                settings, "demo-email", Interest(include_replay=True), act, idle_timeout_s=8.0
+            )
+            print(
+                f"  ... {len(state.seen)} changes received, {state.duplicates} duplicates "
+                f"dropped, {state.gaps} sequence gaps"
+            )
+            _say("worker counts (GET /counts) and a few metrics (GET /metrics)")
+            print("  " + (_get(settings, "/counts") or b"unavailable").decode())
+            metrics = (_get(settings, "/metrics") or b"").decode().splitlines()
+            for line in metrics:
+                if line.startswith(
+                    ("stream_app_segment_changes_total", "stream_app_dead_letters_total")
+                ):
+                    print("  " + line)
+            _say("stopping")
+        _delete_topics(settings)
+    return 0
+
+
+def _delete_topics(settings: Settings) -> None:
+    """The demo's topics are its own (named after the run): remove them, best effort."""
+    names = [spec.topic for spec in topic_specs(settings)]
+    for future in admin_client(settings.bootstrap_servers).delete_topics(names).values():
+        with suppress(Exception):
+            future.result(timeout=10)
