@@ -85,6 +85,7 @@ class Behaviour:
     cart_sessions: int = 0
     abandoned_sessions: int = 0
     categories: dict[str, float] = field(default_factory=dict)
+    last_gap: float = 0.0  # seconds between the latest event and the one before it
 
     @classmethod
     def first(cls, at: float) -> Behaviour:
@@ -178,7 +179,13 @@ def apply_click(
             b.cart_sessions += 1
     if event.category is not None:
         _touch_category(b, event.category, _decay(age, CATEGORY_HALF_LIFE), category_limit)
-    b.last_event_at = max(b.last_event_at, at)
+    _advance_last_event(b, at)
+
+
+def _advance_last_event(b: Behaviour, at: float) -> None:
+    if at > b.last_event_at:
+        b.last_gap = at - b.last_event_at
+        b.last_event_at = at
 
 
 def apply_transaction(
@@ -200,7 +207,7 @@ def apply_transaction(
     else:
         b.refund_count += 1
         b.refund_amount += amount
-    b.last_event_at = max(b.last_event_at, at)
+    _advance_last_event(b, at)
 
 
 def _log_days(seconds: float) -> float:
@@ -219,7 +226,10 @@ def feature_vector(b: Behaviour, now: float) -> dict[str, float]:
         total = sum(b.categories.values())
         top_share = max(b.categories.values()) / total if total > 0 else 0.0
     return {
-        "days_since_last_event": _log_days(now - b.last_event_at),
+        # Silent: time since the last event. At an event (0 by definition): the gap it ended.
+        "days_since_last_event": _log_days(now - b.last_event_at)
+        if now > b.last_event_at
+        else _log_days(b.last_gap),
         "days_since_last_order": _log_days(now - last_order)
         if last_order is not None
         else math.log1p(DAYS_CAP),

@@ -46,7 +46,8 @@ class SegmentationSettings(BaseModel):
     medium_leave: float = Field(0.20, gt=0, lt=1)
     # Behavioural clusters.
     cluster_count: int = Field(6, ge=2, le=32)
-    cluster_halflife: float = Field(0.01, gt=0, le=1)
+    cluster_min_step: float = Field(0.0005, gt=0, le=1)
+    cluster_warmup: int = Field(5000, ge=10)  # measured: max 1.7% probe ids moved per 10% step
     cluster_min_dwell_hours: float = Field(24.0, ge=0)
     cluster_confirmations: int = Field(2, ge=1, le=100)
     # Ordering and idempotency.

@@ -143,7 +143,10 @@ def test_same_seed_and_data_give_identical_models(examples_factory: ExamplesFact
 
 def test_a_different_seed_gives_different_clusters(rows_factory: RowsFactory) -> None:
     rows = rows_factory(200)
-    a, b = BehaviourClusters(6, 0.05, seed=1), BehaviourClusters(6, 0.05, seed=2)
+    a, b = (
+        BehaviourClusters(6, 0.05, seed=1, warmup=50),
+        BehaviourClusters(6, 0.05, seed=2, warmup=50),
+    )
     ids_a = [a.learn_assign(x) for x in rows]
     ids_b = [b.learn_assign(x) for x in rows]
     assert a.kmeans.centers != b.kmeans.centers
@@ -152,12 +155,13 @@ def test_a_different_seed_gives_different_clusters(rows_factory: RowsFactory) ->
 
 @pytest.mark.parametrize("k", [2, 6, 32])
 def test_cluster_ids_stay_within_range(rows_factory: RowsFactory, k: int) -> None:
-    clusters = BehaviourClusters(k, 0.05, seed=42)
+    clusters = BehaviourClusters(k, 0.05, seed=42, warmup=50)
     ids = [clusters.learn_assign(x) for x in rows_factory(300)]
     assert set(ids) <= set(range(k))
     assert sorted(clusters.kmeans.centers) == list(range(k))
-    assert sum(clusters.sizes) == 300
-    assert [clusters.sizes[c] for c in range(k)] == [ids.count(c) for c in range(k)]
+    assert sum(clusters.sizes) == 300  # the 50 warm-up observations are counted at seeding
+    after_warm_up = ids[50:]
+    assert all(clusters.sizes[c] >= after_warm_up.count(c) for c in range(k))
 
 
 @settings(max_examples=25, deadline=None)
@@ -194,7 +198,7 @@ def test_ordered_kmeans_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None
             kmeans = OrderedKMeans(CLUSTER_FEATURES, n_clusters=6, halflife=0.1, seed=3)
             print([kmeans.learn_predict_one(x) for x in rows])
             print([[kmeans.centers[c][f].hex() for f in CLUSTER_FEATURES] for c in range(6)])
-            clusters = BehaviourClusters(6, 0.05, 42)
+            clusters = BehaviourClusters(6, 0.05, 42, warmup=50)
             full = [{f: abs(rng.gauss(1, 1)) for f in FEATURES} for _ in range(300)]
             print([clusters.learn_assign(x) for x in full])
             print(hash("days_since_last_event"))
@@ -390,7 +394,7 @@ VOCABULARY = {word for pair in _TRAITS.values() for word in pair}
 
 
 def test_profiles_are_named_from_the_trait_vocabulary(rows_factory: RowsFactory) -> None:
-    clusters = BehaviourClusters(6, 0.05, seed=42)
+    clusters = BehaviourClusters(6, 0.05, seed=42, warmup=50)
     for x in rows_factory(300):
         clusters.learn_assign(x)
     for cid in range(6):
@@ -422,7 +426,8 @@ PROFILES: list[tuple[dict[str, float], str]] = [
 
 @pytest.mark.parametrize(("centre", "name"), PROFILES)
 def test_profile_names_from_a_known_centre(centre: dict[str, float], name: str) -> None:
-    clusters = BehaviourClusters(3, 0.05, seed=42)
+    clusters = BehaviourClusters(3, 0.05, seed=42, warmup=50)
+    clusters.reservoir, clusters.sizes = None, [1, 1, 1]  # past warm-up, every cluster used
     for f in CLUSTER_FEATURES:
         clusters.kmeans.centers[1][f] = centre.get(f, 0.0)
     profile = clusters.profile(1)
@@ -431,7 +436,8 @@ def test_profile_names_from_a_known_centre(centre: dict[str, float], name: str) 
 
 
 def test_profiles_refresh_every_profile_refresh_observations(rows_factory: RowsFactory) -> None:
-    clusters = BehaviourClusters(2, 0.05, seed=42)
+    clusters = BehaviourClusters(2, 0.05, seed=42, warmup=50)
+    clusters.reservoir, clusters.sizes = None, [1, 1]  # past warm-up, every cluster used
     for f in CLUSTER_FEATURES:
         clusters.kmeans.centers[0][f] = 0.0
     assert clusters.profile(0).name == "typical customers"
@@ -445,7 +451,7 @@ def test_profiles_refresh_every_profile_refresh_observations(rows_factory: RowsF
 
 
 def test_explain_rows_are_scaled_value_times_centre(rows_factory: RowsFactory) -> None:
-    clusters = BehaviourClusters(4, 0.05, seed=42)
+    clusters = BehaviourClusters(4, 0.05, seed=42, warmup=50)
     rows = rows_factory(200)
     for x in rows:
         clusters.learn_assign(x)
@@ -594,3 +600,34 @@ def test_contributions_are_coefficient_times_scaled_value(
 def test_contributions_of_an_untrained_model_are_zero(rows_factory: RowsFactory) -> None:
     rows = Propensity(0.01).contributions(rows_factory(1)[0], top=len(FEATURES))
     assert [c for _, _, c in rows] == [0.0] * len(FEATURES)
+
+
+def test_clusters_warm_up_then_seed_from_real_observations() -> None:
+    """Every customer is cluster 0 while the scaler warms up; then the centres are seeded from
+    the observations themselves, so every cluster has members (no random, never-used centre)."""
+    rng = random.Random(5)
+    groups = [(0.0, 0.0), (3.0, 0.5), (0.5, 3.0)]
+    rows = []
+    for i in range(300):
+        a, b = groups[i % 3]
+        row = dict.fromkeys(CLUSTER_FEATURES, 0.0)
+        row["order_count"] = a + rng.gauss(0, 0.1)
+        row["session_count"] = b + rng.gauss(0, 0.1)
+        rows.append(row)
+    clusters = BehaviourClusters(3, 0.0005, seed=7, warmup=60)
+    early = [clusters.learn_assign(x) for x in rows[:59]]
+    assert early == [0] * 59
+    assert clusters.warming_up
+    assert clusters.profile(1).name.startswith("warming up")
+    later = [clusters.learn_assign(x) for x in rows[59:]]
+    assert not clusters.warming_up
+    assert sorted(set(later)) == [0, 1, 2]
+    assert all(size > 0 for size in clusters.sizes)
+    # One id per latent group: the three groups are perfectly separated.
+    by_group = {i % 3: set() for i in range(3)}
+    for i, cid in enumerate(later, start=59):
+        by_group[i % 3].add(cid)
+    assert all(len(ids) == 1 for ids in by_group.values())
+    assert len({next(iter(ids)) for ids in by_group.values()}) == 3
+    names = {clusters.profile(c).name for c in range(3)}
+    assert len(names) == 3 and not any(n.startswith(("warming", "no members")) for n in names)

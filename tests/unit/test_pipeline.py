@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from stream_app.events import DeadLetterReason, MessageOrigin
 from stream_app.pipeline import LivePipeline, OrderedMerge
 from stream_app.processor import CustomerState
-from stream_app.settings import Settings
+from stream_app.settings import SegmentationSettings, Settings
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 CLICKS = "clickstream"
@@ -250,7 +250,7 @@ async def test_scrambled_topic_arrival_gives_the_same_changes_as_sorted_order() 
         sinks = ListSinks()
         remaining = {"clickstream": len(clicks), "transactions": len(txs)}
         p = LivePipeline(
-            Settings(),
+            Settings(segmentation=SegmentationSettings(cluster_warmup=20)),
             lambda partition: BytesStore({}),
             sinks,
             clock=lambda: T0,

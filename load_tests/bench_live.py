@@ -1,0 +1,269 @@
+"""Live worker benchmark on the real local broker: throughput from a backlog (ours vs a naive
+Faust configuration, same run) and event-to-segment-change latency at a fixed rate.
+
+    .venv/bin/python -m load_tests.bench_live --events 20000 --rate 1000 --duration 20
+
+Everything runs on this machine: the broker, the generator and the worker share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer
+
+from stream_app.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
+from stream_app.kafka_local import LocalKafka
+from stream_app.publish import make_producer, publish
+from stream_app.settings import ENV_PREFIX, Settings
+from stream_app.topics import create_topics
+
+CLICK_MIX = [ClickType.PRODUCT_VIEW] * 6 + [
+    ClickType.PAGE_VIEW,
+    ClickType.SEARCH,
+    ClickType.CART_ADD,
+]
+
+
+def generate(n: int, customers: int, seed: int, start: datetime, step_s: float) -> Iterator[Event]:
+    """A seeded stream: views, searches, cart adds and ~3% purchases over `customers` people."""
+    rng = random.Random(seed)
+    for i in range(n):
+        customer = f"cust-{rng.randrange(customers)}"
+        at = start + timedelta(seconds=i * step_s)
+        if rng.random() < 0.03:
+            yield TransactionEvent(
+                event_id=f"tx-{seed}-{i}",
+                customer_id=customer,
+                event_time=at,
+                event_type="purchase",
+                order_id=f"o-{seed}-{i}",
+                amount=Decimal(rng.randrange(500, 20000)) / 100,
+                currency="EUR",
+                origin=Origin.LIVE,
+            )
+        else:
+            yield ClickEvent(
+                event_id=f"ck-{seed}-{i}",
+                customer_id=customer,
+                event_time=at,
+                event_type=rng.choice(CLICK_MIX),
+                session_id=f"s-{customer}-{i // 200}",
+                category=f"cat-{rng.randrange(20)}",
+                origin=Origin.LIVE,
+            )
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump(mode="json").items():
+        text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    return env
+
+
+def get_json(settings: Settings, path: str) -> Any:
+    try:
+        url = f"http://127.0.0.1:{settings.web_port}{path}"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return orjson.loads(response.read())
+    except OSError:
+        return None
+
+
+class Worker:
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_app.cli", "worker"],
+                env=child_env(settings),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def processed(self) -> int:
+        counts = get_json(self.settings, "/counts")
+        return 0 if counts is None else sum(counts["events"].values())
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = get_json(self.settings, "/ready")
+            if ready and ready.get("recovered"):
+                return
+            if self.proc.poll() is not None:
+                raise SystemExit(f"worker exited {self.proc.returncode}")
+            time.sleep(0.2)
+        raise SystemExit(f"worker not ready after {timeout}s")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def settings_for(base: Settings, name: str, port: int, **overrides: Any) -> Settings:
+    values = base.model_dump()
+    values.update(
+        app_id=f"bench-{name}",
+        clickstream_topic=f"{name}-clickstream",
+        transactions_topic=f"{name}-transactions",
+        segment_changes_topic=f"{name}-changes",
+        segment_membership_topic=f"{name}-membership",
+        dead_letters_topic=f"{name}-dead",
+        web_port=port,
+        **overrides,
+    )
+    return Settings(**values)
+
+
+def throughput(
+    base: Settings, name: str, port: int, events: int, **overrides: Any
+) -> dict[str, Any]:
+    """Publish a backlog first, then time the worker from ready to the last event processed."""
+    settings = settings_for(base, name, port, **overrides)
+    create_topics(settings)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    publish(generate(events, events // 10, seed=7, start=start, step_s=0.05), settings)
+    worker = Worker(settings, base.state_dir / f"{name}.log")
+    try:
+        worker.wait_ready()
+        began, cpu0 = time.monotonic(), worker.cpu_seconds()
+        while worker.processed() < events:
+            time.sleep(0.1)
+        elapsed = time.monotonic() - began
+        cpu = worker.cpu_seconds() - cpu0
+    finally:
+        worker.stop()
+    return {
+        "events": events,
+        "seconds": round(elapsed, 2),
+        "events_per_second": round(events / elapsed, 1),
+        "worker_cpu_share": round(cpu / elapsed, 2),
+    }
+
+
+def latency(base: Settings, port: int, rate: float, duration: float) -> dict[str, Any]:
+    """Produce live events at `rate`/s with event time = now; every event of a new customer
+    yields an `entry` change, whose arrival a subscriber timestamps."""
+    settings = settings_for(base, "latency", port)
+    create_topics(settings)
+    worker = Worker(settings, base.state_dir / "latency.log")
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": "bench-latency-reader",  # not the app id: that is the worker's own group
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([settings.segment_changes_topic])
+    producer = make_producer(settings, **{"linger.ms": 1})
+    latencies: list[float] = []
+    try:
+        worker.wait_ready()
+        total = int(rate * duration)
+        began = time.monotonic()
+        for i in range(total):
+            due = began + i / rate
+            while time.monotonic() < due:
+                _drain(consumer, latencies, 0)
+            event = ClickEvent(
+                event_id=f"live-{i}",
+                customer_id=f"live-{i}",
+                event_time=datetime.now(UTC),
+                event_type=ClickType.PAGE_VIEW,
+            )
+            publish([event], settings, producer=producer)
+        producer.flush(10)
+        deadline = time.monotonic() + 15
+        while len(latencies) < total and time.monotonic() < deadline:
+            _drain(consumer, latencies, 0.2)
+        achieved = total / (time.monotonic() - began)
+    finally:
+        consumer.close()
+        worker.stop()
+    ordered = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
+
+    return {
+        "target_rate": rate,
+        "achieved_rate": round(achieved, 1),
+        "changes_received": len(latencies),
+        "expected": total,
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 1) if ordered else None,
+    }
+
+
+def _drain(consumer: Consumer, latencies: list[float], timeout: float) -> None:
+    for msg in consumer.consume(500, timeout=timeout):
+        if msg.error() is None:
+            change = orjson.loads(msg.value())
+            sent = datetime.fromisoformat(change["event_time"]).timestamp()
+            latencies.append(time.time() - sent)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--out", type=Path, default=Path("load_tests/results/live.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
+        base = Settings(
+            kafka_port=39092, kafka_controller_port=39093, state_dir=Path(tmp), partitions=1
+        )
+        kafka = LocalKafka(base)
+        kafka.start()
+        try:
+            ours = throughput(base, "tuned", 36066, args.events)
+            naive = throughput(
+                base,
+                "naive",
+                36067,
+                args.events,
+                producer_buffer_max_messages=100,
+                stream_buffer_maxsize=4096,
+                producer_linger_s=0.0,
+            )
+            lat = latency(base, 36068, args.rate, args.duration)
+        finally:
+            kafka.stop()
+    result = {
+        "machine": f"{os.cpu_count()} vCPU, broker + generator + worker on the same machine",
+        "throughput": ours,
+        "naive_faust_defaults": naive,
+        "ratio_vs_naive": round(ours["events_per_second"] / naive["events_per_second"], 2),
+        "latency": lat,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
