@@ -20,7 +20,6 @@ from typing import Any, Final
 
 import faust
 import faust.streams as faust_streams
-from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP
 
@@ -29,7 +28,7 @@ from stream_app.events import MessageOrigin
 from stream_app.logs import logging_config
 from stream_app.metrics import Metrics
 from stream_app.models import SegmentModels, SnapshotError
-from stream_app.pipeline import LivePipeline
+from stream_app.pipeline import LivePipeline, partition_of
 from stream_app.processor import CustomerState
 from stream_app.settings import Settings
 from stream_app.topics import admin_client, wait_for_broker
@@ -41,12 +40,6 @@ BROKER_WAIT_S: Final = 30.0
 LAG_INTERVAL_S: Final = 5.0
 MERGE_FLUSH_INTERVAL_S: Final = 0.1
 CUSTOMERS_TABLE: Final = "customers"
-
-
-def partition_of(customer_id: str, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner gives a key: Java, aiokafka, Faust and
-    our confluent-kafka producers (partitioner=murmur2_random) all agree on it."""
-    return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 class TableStore:
@@ -79,8 +72,9 @@ class TableStore:
 
 
 class FaustSinks:
-    def __init__(self, changes: Any, membership: Any, dead_letters: Any) -> None:
+    def __init__(self, changes: Any, membership: Any, dead_letters: Any, inputs: Any) -> None:
         self._changes, self._membership, self._dead_letters = changes, membership, dead_letters
+        self._inputs = inputs
 
     async def change(self, customer_id: str, value: bytes) -> Any:
         return await self._changes.send(key=customer_id.encode(), value=value)
@@ -90,6 +84,9 @@ class FaustSinks:
 
     async def dead_letter(self, key: bytes | None, value: bytes) -> None:
         await self._dead_letters.send(key=key, value=value)
+
+    async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
+        await self._inputs[topic].send(key=key, value=value)
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -139,6 +136,7 @@ def create_app(settings: Settings, models: SegmentModels | None = None) -> Any:
         _raw_topic(app, settings.segment_changes_topic),
         _raw_topic(app, settings.segment_membership_topic),
         _raw_topic(app, settings.dead_letters_topic),
+        {name: _raw_topic(app, name) for name in settings.input_topics},
     )
 
     def has_more(topic: str, partition: int) -> bool:

@@ -31,6 +31,11 @@ class Metrics:
             ["component", "origin"],
             registry=r,
         )
+        self.rerouted = Counter(
+            "stream_app_rerouted_events",
+            "Events keyed by something other than their customer id, re-keyed to its partition",
+            registry=r,
+        )
         self.resent_changes = Counter(
             "stream_app_resent_changes",
             "Unacknowledged changes sent again (after a restart); consumers drop them by change_id",

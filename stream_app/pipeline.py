@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import orjson
+from aiokafka.partitioner import murmur2
 
 from stream_app.events import (
     DeadLetter,
@@ -59,6 +60,10 @@ class Sinks(Protocol):
 
     async def dead_letter(self, key: bytes | None, value: bytes) -> None: ...
 
+    async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
+        """Send a message again to `topic` under `key` (it arrived on the wrong partition)."""
+        ...
+
 
 @dataclass
 class WorkerCounts:
@@ -67,13 +72,23 @@ class WorkerCounts:
     events: Counter[str] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
     unsent_dead_letters: int = 0
+    rerouted: int = 0
 
     def snapshot(self) -> dict[str, Any]:
-        return {
+        counts: dict[str, Any] = {
             "events": dict(sorted(self.events.items())),
             "dead_letters": dict(sorted(self.dead_letters.items())),
             "unsent_dead_letters": self.unsent_dead_letters,
         }
+        if self.rerouted:
+            counts["rerouted"] = self.rerouted
+        return counts
+
+
+def partition_of(customer_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a key: Java, aiokafka, Faust and
+    our confluent-kafka producers (partitioner=murmur2_random) all agree on it."""
+    return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 class AckTracker:
@@ -196,6 +211,7 @@ class LivePipeline:
         has_more: Callable[[str, int], bool] | None = None,
         as_current: Callable[[Any], AbstractContextManager[Any]] | None = None,
         merge_max_wait_s: float = 1.0,
+        partitions: Callable[[str], int] | None = None,
     ) -> None:
         self.settings = settings
         self.models = models or SegmentModels(settings.segmentation)
@@ -211,6 +227,7 @@ class LivePipeline:
         self._has_more = has_more or (lambda topic, partition: False)
         self._as_current = as_current or (lambda token: nullcontext())
         self._merge_max_wait_s = merge_max_wait_s
+        self._partitions = partitions or (lambda topic: settings.partitions)
         self._kinds: dict[str, EventKind] = {
             settings.clickstream_topic: "click",
             settings.transactions_topic: "transaction",
@@ -255,6 +272,14 @@ class LivePipeline:
             return [token]
         if isinstance(decoded, DeadLetter):
             await self._reject(key, decoded)
+            return [token]
+        owner = partition_of(decoded.customer_id, self._partitions(origin.topic))
+        if owner != origin.partition:
+            # Keyed by something else (e.g. a session id): the customer's state lives on another
+            # partition. Re-key it like Faust's group_by would, and let that partition process it.
+            await self.sinks.reroute(origin.topic, decoded.customer_id.encode(), payload)
+            self.counts.rerouted += 1
+            self.metrics.rerouted.inc()
             return [token]
         merge = self._merge(origin.partition)
         order = (decoded.event_time.timestamp(), decoded.event_id)

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_app.events import DeadLetterReason, MessageOrigin
-from stream_app.pipeline import LivePipeline, OrderedMerge
+from stream_app.pipeline import LivePipeline, OrderedMerge, partition_of
 from stream_app.processor import CustomerState
 from stream_app.settings import SegmentationSettings, Settings
 
@@ -49,6 +49,7 @@ class ListSinks:
         self.changes: list[dict[str, Any]] = []
         self.memberships: list[dict[str, Any]] = []
         self.dead_letters: list[dict[str, Any]] = []
+        self.rerouted: list[tuple[str, bytes, bytes]] = []
 
     async def change(self, customer_id: str, value: bytes) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -64,6 +65,9 @@ class ListSinks:
     async def dead_letter(self, key: bytes | None, value: bytes) -> None:
         self.dead_letters.append(orjson.loads(value))
 
+    async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
+        self.rerouted.append((topic, key, value))
+
 
 def message(customer: str, minute: int, event_type: str = "product_view") -> bytes:
     return orjson.dumps(
@@ -78,7 +82,7 @@ def message(customer: str, minute: int, event_type: str = "product_view") -> byt
 
 def pipeline_factory(data: dict[str, bytes], sinks: ListSinks) -> LivePipeline:
     return LivePipeline(
-        Settings(state_dir="/nonexistent"),  # type: ignore[arg-type]
+        Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
         lambda partition: BytesStore(data),
         sinks,
         clock=lambda: T0 + timedelta(days=1),
@@ -250,7 +254,7 @@ async def test_scrambled_topic_arrival_gives_the_same_changes_as_sorted_order() 
         sinks = ListSinks()
         remaining = {"clickstream": len(clicks), "transactions": len(txs)}
         p = LivePipeline(
-            Settings(segmentation=SegmentationSettings(cluster_warmup=20)),
+            Settings(partitions=1, segmentation=SegmentationSettings(cluster_warmup=20)),
             lambda partition: BytesStore({}),
             sinks,
             clock=lambda: T0,
@@ -284,3 +288,21 @@ def test_a_held_event_waits_while_the_other_topic_keeps_delivering_older_ones() 
     assert released == [f"c{i:02d}" for i in range(50)]
     assert merge.pop_ready(now=5.5) == []  # clicks quiet for 0.6 s: still waiting for them
     assert merge.pop_ready(now=6.0) == ["t"]  # quiet for 1.1 s: stalled, release
+
+
+async def test_event_on_another_customers_partition_is_re_keyed_not_processed() -> None:
+    """Keyed by something else (say a session id), an event lands where its customer's state is
+    not: it is sent again keyed by the customer id (murmur2 -> the owning partition)."""
+    sinks = ListSinks()
+    p = LivePipeline(Settings(partitions=4), lambda partition: BytesStore({}), sinks)
+    owner = partition_of("alice", 4)
+    elsewhere = (owner + 1) % 4
+    value = message("alice", 0)
+    done = await p.handle(
+        b"session-9", value, MessageOrigin(topic=CLICKS, partition=elsewhere, offset=7)
+    )
+    assert done == [None]  # handled: acked on this partition
+    assert sinks.rerouted == [(CLICKS, b"alice", value)]
+    assert sinks.changes == [] and p.counts.events == {} and p.counts.rerouted == 1
+    await p.handle(b"alice", value, MessageOrigin(topic=CLICKS, partition=owner, offset=3))
+    assert [c["customer_id"] for c in sinks.changes] == ["alice"]
