@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import orjson
 from confluent_kafka import Consumer
 
 from stream_app.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
-from stream_app.kafka_local import LocalKafka
+from stream_app.kafka_local import LocalKafka, free_ports
 from stream_app.publish import make_producer, publish
 from stream_app.settings import ENV_PREFIX, Settings
 from stream_app.topics import create_topics
@@ -69,24 +68,9 @@ def generate(n: int, customers: int, seed: int, start: datetime, step_s: float) 
             )
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports nobody listens on now (fixed ones can be taken as ephemeral client ports)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def child_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    for name, value in settings.model_dump(mode="json").items():
-        text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
-        env[f"{ENV_PREFIX}{name.upper()}"] = text
-    return env
+    return {**env, **settings.to_env()}
 
 
 def get_json(settings: Settings, path: str) -> Any:

@@ -12,13 +12,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from itertools import islice
 from pathlib import Path
 from typing import Final
-
-import orjson
 
 from stream_app.datasets import RowError, read_dataset
 from stream_app.errors import UserError
@@ -33,16 +31,12 @@ DEFAULT_DATASET: Final = Path("../shared/datasets/rees46_2019oct_head/events.csv
 SHOWN_CHANGES: Final = 25
 
 
+def _without_settings(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX)}
+
+
 def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def _child_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    for name, value in settings.model_dump(mode="json").items():
-        rendered = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
-        env[f"{ENV_PREFIX}{name.upper()}"] = rendered
-    return env
 
 
 @contextmanager
@@ -62,7 +56,7 @@ def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[byt
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "stream_app.cli", "worker"],
-            env=_child_env(settings),
+            env={**_without_settings(os.environ), **settings.to_env()},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

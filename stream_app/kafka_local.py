@@ -315,6 +315,18 @@ def _first_line(text: str, markers: tuple[str, ...] = ()) -> str:
 # --- process helpers --------------------------------------------------------------------------
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now (all held open together, so they are distinct)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -205,6 +205,27 @@ class MemoryStore:
         return [len(state.to_bytes()) for state in self._data.values()]
 
 
+class SerializedStore:
+    """In-memory store that keeps every state as bytes, exactly as a Faust table with a raw
+    value does (tests use it to show the live path gives the offline path's output)."""
+
+    def __init__(self, data: dict[str, bytes] | None = None) -> None:
+        self.data = {} if data is None else data
+
+    def get(self, customer_id: str) -> CustomerState | None:
+        raw = self.data.get(customer_id)
+        return None if raw is None else CustomerState.from_bytes(raw)
+
+    def put(self, state: CustomerState) -> None:
+        self.data[state.customer_id] = state.to_bytes()
+
+    def delete(self, customer_id: str) -> None:
+        self.data.pop(customer_id, None)
+
+    def __iter__(self) -> Iterator[CustomerState]:
+        return iter([CustomerState.from_bytes(raw) for raw in self.data.values()])
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: Status

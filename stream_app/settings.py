@@ -141,6 +141,14 @@ class Settings(BaseSettings):
         """Where the broker's data, logs and pid file live."""
         return self.state_dir / "kafka"
 
+    def to_env(self) -> dict[str, str]:
+        """The ``STREAM_APP_*`` variables that make a child process load exactly these settings."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
+            env[f"{ENV_PREFIX}{name.upper()}"] = text
+        return env
+
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
 

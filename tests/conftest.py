@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import orjson
 import pytest
 
-from stream_app.kafka_local import LocalKafka
+from stream_app.kafka_local import LocalKafka, free_ports
 from stream_app.settings import ENV_PREFIX, Settings
 from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
 
@@ -40,25 +39,9 @@ SettingsFactory = Callable[..., Settings]
 TopicsFactory = Callable[[Settings], dict[str, str]]
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports nobody listens on right now (all held open together, so they are distinct)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``STREAM_APP_*`` variables that make a child process load exactly ``settings``."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json").items():
-        text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
-        env[f"{ENV_PREFIX}{name.upper()}"] = text
-    return env
+    return settings.to_env()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from random import Random
 from typing import Any
@@ -16,29 +15,11 @@ from hypothesis import strategies as st
 
 from stream_app.events import DeadLetterReason, MessageOrigin
 from stream_app.pipeline import LivePipeline, OrderedMerge, partition_of
-from stream_app.processor import CustomerState
+from stream_app.processor import SerializedStore
 from stream_app.settings import SegmentationSettings, Settings
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 CLICKS = "clickstream"
-
-
-class BytesStore:
-    def __init__(self, data: dict[str, bytes]) -> None:
-        self.data = data
-
-    def get(self, customer_id: str) -> CustomerState | None:
-        raw = self.data.get(customer_id)
-        return None if raw is None else CustomerState.from_bytes(raw)
-
-    def put(self, state: CustomerState) -> None:
-        self.data[state.customer_id] = state.to_bytes()
-
-    def delete(self, customer_id: str) -> None:
-        self.data.pop(customer_id, None)
-
-    def __iter__(self) -> Iterator[CustomerState]:
-        return iter([CustomerState.from_bytes(raw) for raw in self.data.values()])
 
 
 class ListSinks:
@@ -83,7 +64,7 @@ def message(customer: str, minute: int, event_type: str = "product_view") -> byt
 def pipeline_factory(data: dict[str, bytes], sinks: ListSinks) -> LivePipeline:
     return LivePipeline(
         Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
-        lambda partition: BytesStore(data),
+        lambda partition: SerializedStore(data),
         sinks,
         clock=lambda: T0 + timedelta(days=1),
     )
@@ -255,7 +236,7 @@ async def test_scrambled_topic_arrival_gives_the_same_changes_as_sorted_order() 
         remaining = {"clickstream": len(clicks), "transactions": len(txs)}
         p = LivePipeline(
             Settings(partitions=1, segmentation=SegmentationSettings(cluster_warmup=20)),
-            lambda partition: BytesStore({}),
+            lambda partition: SerializedStore({}),
             sinks,
             clock=lambda: T0,
             has_more=lambda topic, partition: remaining[topic] > 0,
@@ -294,7 +275,7 @@ async def test_event_on_another_customers_partition_is_re_keyed_not_processed() 
     """Keyed by something else (say a session id), an event lands where its customer's state is
     not: it is sent again keyed by the customer id (murmur2 -> the owning partition)."""
     sinks = ListSinks()
-    p = LivePipeline(Settings(partitions=4), lambda partition: BytesStore({}), sinks)
+    p = LivePipeline(Settings(partitions=4), lambda partition: SerializedStore({}), sinks)
     owner = partition_of("alice", 4)
     elsewhere = (owner + 1) % 4
     value = message("alice", 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -20,7 +19,7 @@ from stream_app.events import (
     TransactionType,
 )
 from stream_app.models import SegmentModels
-from stream_app.processor import CustomerState, MemoryStore, Processor, Status
+from stream_app.processor import MemoryStore, Processor, SerializedStore, Status
 from stream_app.settings import SegmentationSettings
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -49,26 +48,6 @@ def purchase(customer: str, day: float, amount: str = "20.00") -> TransactionEve
         amount=Decimal(amount),
         currency="GBP",
     )
-
-
-class BytesStore:
-    """Stores every state as bytes, exactly like a Faust table with a raw value serializer."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def get(self, customer_id: str) -> CustomerState | None:
-        raw = self.data.get(customer_id)
-        return None if raw is None else CustomerState.from_bytes(raw)
-
-    def put(self, state: CustomerState) -> None:
-        self.data[state.customer_id] = state.to_bytes()
-
-    def delete(self, customer_id: str) -> None:
-        self.data.pop(customer_id, None)
-
-    def __iter__(self) -> Iterator[CustomerState]:
-        return iter([CustomerState.from_bytes(raw) for raw in self.data.values()])
 
 
 def processor_factory(
@@ -211,7 +190,7 @@ def test_same_events_give_identical_changes_and_bytes_store_matches_memory() -> 
             events.append(purchase(f"c{i % 7}", day + 0.1, amount=f"{10 + i}.50"))
     memory = run(processor_factory(), events)
     again = run(processor_factory(), events)
-    as_bytes = run(processor_factory(store=BytesStore()), events)
+    as_bytes = run(processor_factory(store=SerializedStore()), events)
     assert [c.model_dump_json() for c in memory] == [c.model_dump_json() for c in again]
     assert [c.model_dump_json() for c in memory] == [c.model_dump_json() for c in as_bytes]
 
