@@ -1,0 +1,68 @@
+"""The live step without Faust or Kafka: how much of a worker's time is ours.
+
+    .venv/bin/python -m load_tests.bench_pipeline --events 20000
+
+Feeds the same synthetic stream as bench_live through `LivePipeline` with an in-memory store
+that serialises every state (as the table does) and sinks that discard. Compare its events/s
+with bench_live's worker throughput: the difference is Faust, aiokafka, RocksDB and the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from load_tests.bench_live import generate
+from stream_app.events import ClickEvent, MessageOrigin, encode
+from stream_app.pipeline import LivePipeline
+from stream_app.processor import SerializedStore
+from stream_app.settings import Settings
+
+
+class DiscardingSinks:
+    async def change(self, customer_id: str, value: bytes) -> Any:
+        return None
+
+    async def membership(self, customer_id: str, value: bytes) -> None:
+        return None
+
+    async def dead_letter(self, key: bytes | None, value: bytes) -> None:
+        return None
+
+    async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
+        return None
+
+
+async def run(events: int) -> float:
+    stream = generate(
+        events, events // 10, seed=7, start=datetime(2024, 1, 1, tzinfo=UTC), step_s=0.05
+    )
+    messages = [
+        ("clickstream" if isinstance(e, ClickEvent) else "transactions", encode(e), e.customer_id)
+        for e in stream
+    ]
+    pipeline = LivePipeline(
+        Settings(partitions=1), lambda partition: SerializedStore({}), DiscardingSinks()
+    )
+    offsets = {"clickstream": 0, "transactions": 0}
+    started = time.perf_counter()
+    for topic, value, customer in messages:
+        offsets[topic] += 1
+        origin = MessageOrigin(topic=topic, partition=0, offset=offsets[topic])
+        await pipeline.handle(customer.encode(), value, origin)
+    return len(messages) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20000)
+    args = parser.parse_args()
+    rates = sorted(asyncio.run(run(args.events)) for _ in range(3))
+    print(f"LivePipeline without Faust/Kafka: {rates[1]:,.0f} events/s (median of 3)")
+
+
+if __name__ == "__main__":
+    main()
