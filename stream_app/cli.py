@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -73,6 +74,60 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return run_replay_command(args, settings)
 
 
+def _shadow(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from stream_app.ranges import Bounds, parse_offsets
+    from stream_app.replay import parse_instant
+    from stream_app.shadow import ShadowRequest, run_shadow
+
+    if args.start and args.from_offsets:
+        raise UserError("give --from or --from-offsets, not both")
+    if args.until and args.until_offsets:
+        raise UserError("give --until or --until-offsets, not both")
+    bounds = Bounds(
+        start_time=parse_instant(args.start, "--from") if args.start else None,
+        end_time=parse_instant(args.until, "--until") if args.until else None,
+        start_offsets=parse_offsets(args.from_offsets, "--from-offsets")
+        if args.from_offsets
+        else None,
+        end_offsets=parse_offsets(args.until_offsets, "--until-offsets")
+        if args.until_offsets
+        else None,
+    )
+    request = ShadowRequest(
+        name=args.name,
+        bounds=bounds,
+        run_worker=not args.copy_only,
+        timeout_s=args.timeout,
+        show_progress=not args.no_progress,
+    )
+    print(orjson.dumps(run_shadow(settings, request), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_app.compare import run_compare
+
+    return run_compare(args.a, args.b, settings, args.sample, args.out)
+
+
+def _rewind(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from stream_app.replay import parse_instant
+    from stream_app.rewind import run_rewind
+
+    if bool(args.to) == bool(args.to_earliest):
+        raise UserError("give exactly one of --to TIME or --to-earliest")
+    to = parse_instant(args.to, "--to") if args.to else None
+    report = run_rewind(settings, args.group or settings.app_id, to, args.execute)
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    if not args.execute:
+        print("dry run: nothing changed (add --execute to rewind)", file=sys.stderr)
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from stream_app.demo import run_demo
 
@@ -101,6 +156,41 @@ def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
         flush=True,
     )
     return 0
+
+
+def _add_replay_tools(sub: Any) -> None:
+    """Shadow runs, comparisons and rewinds: the engineers' side of replay."""
+    shadow = sub.add_parser(
+        "shadow",
+        help="re-process a range of the live inputs in a separate app id (live group untouched)",
+    )
+    shadow.add_argument("name", help="names the shadow's app id and topics: shadow-NAME-*")
+    shadow.add_argument(
+        "--from", dest="start", metavar="TIME", help="Kafka timestamp (arrival) to start at"
+    )
+    shadow.add_argument("--until", metavar="TIME", help="Kafka timestamp to stop before")
+    shadow.add_argument("--from-offsets", metavar="T:P=O,...", help="start offsets")
+    shadow.add_argument("--until-offsets", metavar="T:P=O,...", help="end offsets (exclusive)")
+    shadow.add_argument("--copy-only", action="store_true", help="copy, do not run a worker")
+    shadow.add_argument("--timeout", type=float, default=1800.0, help="max seconds to process")
+    shadow.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shadow.set_defaults(handler=_shadow)
+
+    compare = sub.add_parser("compare", help="diff two segment-change outputs")
+    compare.add_argument("a", help="changes.jsonl or kafka:TOPIC")
+    compare.add_argument("b", help="changes.jsonl or kafka:TOPIC")
+    compare.add_argument("--sample", type=int, default=10, help="differing customers shown")
+    compare.add_argument("--out", type=Path, help="write the JSON report here")
+    compare.set_defaults(handler=_compare)
+
+    rewind = sub.add_parser(
+        "rewind", help="move the live group's input offsets back (dry run unless --execute)"
+    )
+    rewind.add_argument("--to", metavar="TIME", help="Kafka timestamp (arrival) to rewind to")
+    rewind.add_argument("--to-earliest", action="store_true", help="to the start of retention")
+    rewind.add_argument("--group", help="consumer group (default: the app id)")
+    rewind.add_argument("--execute", action="store_true", help="really move the offsets")
+    rewind.set_defaults(handler=_rewind)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --to-kafka: 'max' (as fast as the broker takes it) or a factor (60 = an hour "
         "of history per minute)",
     )
+    replay.add_argument(
+        "--from", dest="start", metavar="TIME", help="first event time to replay (ISO 8601, UTC)"
+    )
+    replay.add_argument("--until", metavar="TIME", help="replay events before this time (ISO 8601)")
     replay.add_argument("--limit", type=int, default=None, help="stop after N events")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(handler=_replay)
@@ -154,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--include-replay", action="store_true", help="also act on backfill")
     subscribe.add_argument("--idle-timeout", type=float, default=10.0, help="stop after N idle s")
     subscribe.set_defaults(handler=_subscribe)
+
+    _add_replay_tools(sub)
 
     demo = sub.add_parser("demo", help="broker + worker + a replayed stream, end to end")
     demo.add_argument("--dataset", type=Path, default=None)

@@ -7,12 +7,8 @@ segment changes as they arrive -> counts, dead letters and metrics -> worker and
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from itertools import islice
 from pathlib import Path
@@ -23,16 +19,13 @@ from stream_app.errors import UserError
 from stream_app.events import Event
 from stream_app.kafka_local import LocalKafka
 from stream_app.publish import make_producer, publish
-from stream_app.settings import ENV_PREFIX, Settings
+from stream_app.settings import Settings
 from stream_app.subscriber import Interest, describe, run_subscriber
 from stream_app.topics import admin_client, create_topics, topic_specs
+from stream_app.workerproc import get, wait_ready, worker_process
 
 DEFAULT_DATASET: Final = Path("../shared/datasets/rees46_2019oct_head/events.csv.gz")
 SHOWN_CHANGES: Final = 25
-
-
-def _without_settings(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX)}
 
 
 def _say(text: str) -> None:
@@ -49,50 +42,6 @@ def _broker(settings: Settings) -> Iterator[None]:
         if started:
             kafka.stop()
             print("broker stopped", flush=True)
-
-
-@contextmanager
-def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app.cli", "worker"],
-            env={**_without_settings(os.environ), **settings.to_env()},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        print(f"worker stopped (exit {proc.returncode}); its JSON log: {log_path}", flush=True)
-
-
-def _get(settings: Settings, path: str) -> bytes | None:
-    url = f"http://{settings.web_host}:{settings.web_port}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            body: bytes = response.read()
-            return body
-    except OSError:
-        return None
-
-
-def _wait_ready(settings: Settings, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"the worker exited with {proc.returncode}; see its log")
-        if _get(settings, "/ready") is not None and b'"recovered":true' in (
-            _get(settings, "/ready") or b""
-        ):
-            return
-        time.sleep(0.5)
-    raise UserError("the worker did not become ready in time; see its log")
 
 
 def _with_garbage(settings: Settings) -> None:
@@ -141,8 +90,8 @@ def run_demo(settings: Settings, dataset: Path | None, limit: int) -> int:
         summary = publish(_limited(read_dataset(path, "rees46"), limit), settings)
         print(f"  published {summary.published} events in {summary.elapsed_s:.2f}s")
         _say("starting the worker (stream-app worker)")
-        with _worker(settings, log_path) as proc:
-            _wait_ready(settings, proc)
+        with worker_process(settings, log_path) as proc:
+            wait_ready(settings, proc)
             _say(f"the example subscriber (first {SHOWN_CHANGES} segment changes)")
             shown: list[str] = []
 
@@ -159,8 +108,8 @@ def run_demo(settings: Settings, dataset: Path | None, limit: int) -> int:
                 f"dropped, {state.gaps} sequence gaps"
             )
             _say("worker counts (GET /counts) and a few metrics (GET /metrics)")
-            print("  " + (_get(settings, "/counts") or b"unavailable").decode())
-            metrics = (_get(settings, "/metrics") or b"").decode().splitlines()
+            print("  " + (get(settings, "/counts") or b"unavailable").decode())
+            metrics = (get(settings, "/metrics") or b"").decode().splitlines()
             for line in metrics:
                 if line.startswith(
                     ("stream_app_segment_changes_total", "stream_app_dead_letters_total")

@@ -19,8 +19,10 @@ from confluent_kafka import KafkaException, Producer
 from stream_app.datasets import RowError
 from stream_app.errors import UserError
 from stream_app.events import ClickEvent, Event, encode
+from stream_app.progress import Progress
 from stream_app.settings import Settings
 
+POLL_EVERY: Final = 1000
 PRODUCER_CONFIG: Final[dict[str, Any]] = {
     "partitioner": "murmur2_random",
     "linger.ms": 20,
@@ -36,7 +38,7 @@ class PublishSummary:
     published: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
     failed: int = 0
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # from the first produce to the broker's last acknowledgement
 
     @property
     def rate(self) -> float:
@@ -61,9 +63,12 @@ def publish(
     *,
     speed: float | None = None,
     producer: Producer | None = None,
+    progress: Progress | None = None,
+    event_span: tuple[float, float] | None = None,
 ) -> PublishSummary:
     """Publish events in order. `speed` None = as fast as the broker takes them; otherwise event
-    time is played back `speed` times faster than real time."""
+    time is played back `speed` times faster than real time. `event_span` (first and last event
+    time, epoch seconds) lets a paced replay's progress bar show an ETA in event time."""
     own = producer is None
     prod = producer or make_producer(settings)
     summary = PublishSummary()
@@ -79,19 +84,32 @@ def publish(
         if isinstance(item, RowError):
             summary.invalid[item.reason] += 1
             continue
-        event_s = item.event_time.timestamp()
         if speed is not None:
+            event_s = item.event_time.timestamp()
             first_event_s = event_s if first_event_s is None else first_event_s
             _pace(started, (event_s - first_event_s) / speed)
         _produce(prod, topic_for(item, settings), item, delivered)
         summary.published += 1
+        if summary.published % POLL_EVERY == 0:
+            prod.poll(0)  # serve delivery callbacks without paying for a poll per message
+        if progress is not None and (speed is not None or summary.published % POLL_EVERY == 0):
+            progress.update(summary.published, fraction=_played(item, event_span))
     if own and prod.flush(60) > 0:
         raise UserError("the broker did not acknowledge every event within 60 s")
     summary.elapsed_s = time.monotonic() - started
     summary.failed = len(failures)
+    if progress is not None:
+        progress.finish(summary.published)
     if failures:
         raise UserError(f"{len(failures)} events were not delivered: {failures[0]}")
     return summary
+
+
+def _played(event: Event, span: tuple[float, float] | None) -> float | None:
+    """Share of the replay's event-time span already played back (None without a span)."""
+    if span is None or span[1] <= span[0]:
+        return None
+    return (event.event_time.timestamp() - span[0]) / (span[1] - span[0])
 
 
 def _pace(started: float, due_after_s: float) -> None:
@@ -101,20 +119,33 @@ def _pace(started: float, due_after_s: float) -> None:
 
 
 def _produce(prod: Producer, topic: str, event: Event, callback: Any) -> None:
-    value = encode(event)
     timestamp_ms = int(event.event_time.timestamp() * 1000)
+    send(prod, topic, event.customer_id.encode(), encode(event), callback, timestamp_ms)
+
+
+def send(
+    prod: Producer,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    callback: Any,
+    timestamp_ms: int = 0,
+    partition: int = -1,
+) -> None:
+    """Hand one message to the producer, waiting while its local queue is full (backpressure).
+    ``partition`` -1 lets the murmur2 partitioner place it by key."""
     while True:
         try:
             prod.produce(
                 topic,
-                key=event.customer_id.encode(),
+                key=key,
                 value=value,
                 timestamp=timestamp_ms,
+                partition=partition,
                 on_delivery=callback,
             )
-            prod.poll(0)
             return
         except BufferError:
-            prod.poll(0.05)  # local queue full: let deliveries drain (backpressure)
+            prod.poll(0.05)  # local queue full: let deliveries drain
         except KafkaException as exc:
             raise UserError(f"cannot publish to {topic}: {exc}") from exc

@@ -7,11 +7,13 @@ simulated as the trigger's event time, and every model is seeded).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -19,12 +21,14 @@ import orjson
 
 from stream_app.datasets import DatasetFormat, RowError, read_dataset
 from stream_app.errors import UserError
-from stream_app.events import Component, DeadLetterReason, Event, SegmentChange, encode
+from stream_app.events import Component, DeadLetterReason, Event, Origin, SegmentChange, encode
 from stream_app.models import SegmentModels
 from stream_app.processor import MemoryStore, Processor, Status
+from stream_app.progress import Progress
 from stream_app.settings import SegmentationSettings, Settings
 
 FLAP_COMPONENTS: Final = (Component.CLUSTER, Component.PROPENSITY, Component.LIFECYCLE)
+OUTSIDE_WINDOW: Final = "outside_window"
 
 
 class FlapMeter:
@@ -68,25 +72,6 @@ def _component_value(change: SegmentChange) -> tuple[str, str]:
     return prev.lifecycle.value, cur.lifecycle.value
 
 
-class Progress:
-    """A one-line progress indicator on a terminal (events and events/s); silent otherwise."""
-
-    def __init__(self, stream: IO[str], enabled: bool) -> None:
-        self.stream, self.enabled = stream, enabled and stream.isatty()
-        self.start = self.last = time.monotonic()
-
-    def update(self, events: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < 0.5):
-            return
-        self.last = now
-        rate = events / max(now - self.start, 1e-9)
-        self.stream.write(f"\rreplayed {events:,} events ({rate:,.0f}/s)")
-        if final:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 @dataclass
 class ReplayResult:
     events: int = 0
@@ -124,7 +109,7 @@ def replay_offline(
     result.emit(processor.advance(processor.max_event_time))
     result.data.process_seconds += clock() - started
     if progress is not None:
-        progress.update(result.data.events, final=True)
+        progress.finish(result.data.events)
     return result.data, processor, result.flaps
 
 
@@ -192,12 +177,17 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     path: Path = args.file
     if not path.is_file():
         raise UserError(f"no such file: {path}")
+    window = Window(
+        parse_instant(args.start, "--from") if args.start else None,
+        parse_instant(args.until, "--until") if args.until else None,
+    )
     fmt: DatasetFormat = args.format
-    items: Iterable[Event | RowError] = read_dataset(path, fmt)
+    outside = Counter[str]()
+    items: Iterable[Event | RowError] = window.select(read_dataset(path, fmt), outside)
     if args.limit is not None:
         items = _limited(items, args.limit)
     if args.to_kafka:
-        return _to_kafka(items, settings, _speed(args.speed))
+        return _to_kafka(items, settings, _speed(args.speed), outside, not args.no_progress)
     progress = Progress(sys.stderr, enabled=not args.no_progress)
     out = args.out.open("wb") if args.out else None
     try:
@@ -206,12 +196,52 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
         if out is not None:
             out.close()
     report = build_report(result, processor, flaps)
+    report["outside_window"] = outside[OUTSIDE_WINDOW]
     rendered = orjson.dumps(report, option=orjson.OPT_INDENT_2)
     if args.report:
         args.report.write_bytes(rendered + b"\n")
     summary = {k: report[k] for k in ("events", "customers", "segment_changes", "invalid")}
     print(orjson.dumps(summary).decode())
     return 0
+
+
+def parse_instant(text: str, flag: str) -> datetime:
+    """An ISO 8601 date or time from the command line; without a zone it means UTC."""
+    try:
+        instant = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(
+            f"{flag} must be an ISO 8601 date or time such as 2011-06-01 or "
+            f"2011-06-01T12:00:00Z, not {text!r}"
+        ) from None
+    return instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Event-time bounds of a replay: ``start`` inclusive, ``until`` exclusive (either open)."""
+
+    start: datetime | None = None
+    until: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.start is not None and self.until is not None and self.until <= self.start:
+            raise UserError("--until must be later than --from")
+
+    def contains(self, event_time: datetime) -> bool:
+        return (self.start is None or event_time >= self.start) and (
+            self.until is None or event_time < self.until
+        )
+
+    def select(
+        self, items: Iterable[Event | RowError], outside: Counter[str]
+    ) -> Iterator[Event | RowError]:
+        """The events inside the window (RowErrors pass through); counts the others."""
+        for item in items:
+            if isinstance(item, RowError) or self.contains(item.event_time):
+                yield item
+            else:
+                outside[OUTSIDE_WINDOW] += 1
 
 
 def _limited(items: Iterable[Event | RowError], limit: int) -> Iterable[Event | RowError]:
@@ -231,25 +261,55 @@ def _speed(text: str) -> float | None:
         factor = float(text)
     except ValueError:
         factor = -1.0
-    if factor <= 0:
+    if not (0 < factor < math.inf):  # also refuses nan
         raise UserError(f"--speed must be 'max' or a positive factor, not {text!r}")
     return factor
 
 
-def _to_kafka(items: Iterable[Event | RowError], settings: Settings, speed: float | None) -> int:
-    from stream_app.publish import publish
-    from stream_app.topics import wait_for_broker
+def as_replay(event: Event) -> Event:
+    """The replay marker: whatever a file says, a replayed event is backfill, so its segment
+    changes say ``origin: replay`` and a live campaign never fires on it."""
+    if event.origin is Origin.REPLAY:
+        return event
+    return event.model_copy(update={"origin": Origin.REPLAY})
 
-    wait_for_broker(settings.bootstrap_servers, 10.0)
-    summary = publish(items, settings, speed=speed)
-    print(
-        orjson.dumps(
-            {
-                "published": summary.published,
-                "invalid": dict(sorted(summary.invalid.items())),
-                "elapsed_s": round(summary.elapsed_s, 3),
-                "events_per_second": round(summary.rate, 1),
-            }
-        ).decode()
+
+def _to_kafka(
+    items: Iterable[Event | RowError],
+    settings: Settings,
+    speed: float | None,
+    outside: Counter[str],
+    show_progress: bool,
+) -> int:
+    from stream_app.publish import publish
+    from stream_app.topics import require_topics
+
+    require_topics(settings, settings.input_topics)
+    started = time.monotonic()
+    errors: list[Event | RowError] = []
+    events: list[Event] = []
+    for item in items:  # the file is sorted in memory anyway (read_dataset)
+        if isinstance(item, RowError):
+            errors.append(item)
+        else:
+            events.append(as_replay(item))
+    read_s = time.monotonic() - started
+    span = (
+        (events[0].event_time.timestamp(), events[-1].event_time.timestamp())
+        if events and speed is not None
+        else None
     )
+    progress = Progress(sys.stderr, enabled=show_progress, verb="published", total=len(events))
+    summary = publish([*errors, *events], settings, speed=speed, progress=progress, event_span=span)
+    report = {
+        "published": summary.published,
+        "invalid": dict(sorted(summary.invalid.items())),
+        "outside_window": outside[OUTSIDE_WINDOW],
+        "speed": "max" if speed is None else speed,
+        "read_s": round(read_s, 3),
+        "publish_s": round(summary.elapsed_s, 3),
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "events_per_second": round(summary.rate, 1),
+    }
+    print(orjson.dumps(report).decode())
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Final
 
@@ -73,6 +74,18 @@ def wait_for_broker(bootstrap: str, timeout: float) -> None:
                 "(start it with `stream-app kafka start` or `docker compose up`)"
             )
         time.sleep(0.2)
+
+
+def require_topics(settings: Settings, topics: Iterable[str], timeout: float = 10.0) -> None:
+    """UserError naming the first of ``topics`` the broker does not have."""
+    wait_for_broker(settings.bootstrap_servers, timeout)
+    existing = admin_client(settings.bootstrap_servers).list_topics(timeout=timeout).topics
+    for topic in topics:
+        if topic not in existing:
+            raise UserError(
+                f"topic {topic!r} does not exist on {settings.bootstrap_servers} "
+                "(create the application's topics with `stream-app topics create`)"
+            )
 
 
 def topic_specs(settings: Settings) -> list[NewTopic]:
