@@ -65,11 +65,13 @@ def publish(
     producer: Producer | None = None,
     progress: Progress | None = None,
     event_span: tuple[float, float] | None = None,
+    flush: bool | None = None,
 ) -> PublishSummary:
     """Publish events in order. `speed` None = as fast as the broker takes them; otherwise event
     time is played back `speed` times faster than real time. `event_span` (first and last event
-    time, epoch seconds) lets a paced replay's progress bar show an ETA in event time."""
-    own = producer is None
+    time, epoch seconds) lets a paced replay's progress bar show an ETA in event time. `flush`
+    (default: only when the producer is our own) waits for the broker's acknowledgements."""
+    own = producer is None if flush is None else flush
     prod = producer or make_producer(settings)
     summary = PublishSummary()
     failures: list[str] = []

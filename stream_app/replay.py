@@ -281,11 +281,12 @@ def _to_kafka(
     outside: Counter[str],
     show_progress: bool,
 ) -> int:
-    from stream_app.publish import publish
+    from stream_app.publish import make_producer, publish
     from stream_app.topics import require_topics
 
     require_topics(settings, settings.input_topics)
     started = time.monotonic()
+    producer = make_producer(settings)  # connects (and gets its idempotence id) while we read
     errors: list[Event | RowError] = []
     events: list[Event] = []
     for item in items:  # the file is sorted in memory anyway (read_dataset)
@@ -300,7 +301,15 @@ def _to_kafka(
         else None
     )
     progress = Progress(sys.stderr, enabled=show_progress, verb="published", total=len(events))
-    summary = publish([*errors, *events], settings, speed=speed, progress=progress, event_span=span)
+    summary = publish(
+        [*errors, *events],
+        settings,
+        speed=speed,
+        producer=producer,
+        progress=progress,
+        event_span=span,
+        flush=True,
+    )
     report = {
         "published": summary.published,
         "invalid": dict(sorted(summary.invalid.items())),
