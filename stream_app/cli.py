@@ -79,7 +79,12 @@ def _shadow(args: argparse.Namespace, settings: Settings) -> int:
 
     from stream_app.ranges import Bounds, parse_offsets
     from stream_app.replay import parse_instant
-    from stream_app.shadow import ShadowRequest, run_shadow
+    from stream_app.shadow import ShadowRequest, delete_shadow, run_shadow
+
+    if args.delete:
+        deleted = delete_shadow(settings, args.name)
+        print(orjson.dumps({"deleted_topics": deleted}, option=orjson.OPT_INDENT_2).decode())
+        return 0
 
     if args.start and args.from_offsets:
         raise UserError("give --from or --from-offsets, not both")
@@ -172,6 +177,7 @@ def _add_replay_tools(sub: Any) -> None:
     shadow.add_argument("--from-offsets", metavar="T:P=O,...", help="start offsets")
     shadow.add_argument("--until-offsets", metavar="T:P=O,...", help="end offsets (exclusive)")
     shadow.add_argument("--copy-only", action="store_true", help="copy, do not run a worker")
+    shadow.add_argument("--delete", action="store_true", help="delete the shadow's topics, state")
     shadow.add_argument("--timeout", type=float, default=1800.0, help="max seconds to process")
     shadow.add_argument("--no-progress", action="store_true", help="no progress bar")
     shadow.set_defaults(handler=_shadow)

@@ -20,6 +20,7 @@ comparing outputs with ``stream-app compare``.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from stream_app.errors import UserError
 from stream_app.kafka_local import free_ports
@@ -42,7 +43,7 @@ from stream_app.ranges import (
     watermarks,
 )
 from stream_app.settings import Settings
-from stream_app.topics import CREATED, create_topics
+from stream_app.topics import CREATED, admin_client, create_topics
 from stream_app.workerproc import wait_ready, worker_process
 
 NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
@@ -191,7 +192,7 @@ def run_shadow(live: Settings, request: ShadowRequest) -> dict[str, Any]:
     if outcomes[shadow.clickstream_topic] != CREATED:
         raise UserError(
             f"shadow {request.name!r} exists already (topic {shadow.clickstream_topic}); "
-            "choose another name"
+            f"choose another name, or remove it with `stream-app shadow {request.name} --delete`"
         )
     total = sum(r.size for r in ranges)
     copy = copy_range(
@@ -215,6 +216,23 @@ def run_shadow(live: Settings, request: ShadowRequest) -> dict[str, Any]:
         f"kafka:{shadow.segment_changes_topic}"
     )
     return summary
+
+
+def delete_shadow(live: Settings, name: str) -> list[str]:
+    """Delete every topic of the shadow (ours and Faust's internal ones) and its local state."""
+    shadow = shadow_settings(live, name, live.partitions)
+    admin = admin_client(live.bootstrap_servers)
+    prefix = f"{shadow.app_id}-"
+    doomed = sorted(t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix))
+    if not doomed:
+        raise UserError(f"no topics named {prefix}* on {live.bootstrap_servers}")
+    for topic, future in admin.delete_topics(doomed, operation_timeout=30).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            raise UserError(f"could not delete {topic}: {exc.args[0].str()}") from exc
+    shutil.rmtree(shadow.state_dir, ignore_errors=True)
+    return doomed
 
 
 def _process(shadow: Settings, request: ShadowRequest, total: int) -> dict[str, Any]:

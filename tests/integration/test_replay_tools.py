@@ -20,6 +20,7 @@ from stream_app.compare import compare, read_side
 from stream_app.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
 from stream_app.settings import Settings
 from stream_app.shadow import ShadowRequest, run_shadow
+from stream_app.topics import admin_client
 
 if TYPE_CHECKING:
     from conftest import SettingsFactory, TopicsFactory, WorkerFactory, WorkerProcess
@@ -219,6 +220,9 @@ def test_shadow_run_leaves_the_live_group_alone_and_rewind_is_idempotent(
     report = compare(read_side("live", live_changes), read_side("shadow", shadow_changes))
     assert report["identical"], report["sample"]
 
+    assert main(["shadow", name, "--from-offsets", f"{live.transactions_topic}:0=5"]) == 2
+    assert "exists already" in capsys.readouterr().err
+
     # A rewind is a dry run until --execute, and re-reading applied events changes nothing.
     dry = run_cli(capsys, "rewind", "--to-earliest")
     assert [p["new"] for p in dry["partitions"]] == [0, 0]
@@ -229,6 +233,10 @@ def test_shadow_run_leaves_the_live_group_alone_and_rewind_is_idempotent(
     rewound.wait_for(lambda _: duplicates_seen(rewound) >= WINDOW_EVENTS, 90)
     rewound.stop()
     assert change_ids(live, live.segment_changes_topic) == change_ids_of(live_changes)
+
+    assert main(["shadow", name, "--delete"]) == 0
+    remaining = admin_client(live.bootstrap_servers).list_topics(timeout=10).topics
+    assert not [t for t in remaining if t.startswith(f"shadow-{name}-")]
 
 
 def test_rewind_refuses_while_workers_run(
