@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from stream_app.cli import main
 from stream_app.compare import compare, read_side
 from stream_app.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
 from stream_app.settings import Settings
-from stream_app.shadow import ShadowRequest, run_shadow
+from stream_app.shadow import ShadowRequest, run_shadow, shadow_settings
 from stream_app.topics import admin_client
 
 if TYPE_CHECKING:
@@ -38,14 +37,18 @@ pytestmark = [
 
 
 @pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Run `stream-app` in-process with exactly these Settings in the environment."""
-
-    def apply(settings: Settings) -> None:
-        for name, value in settings.to_env().items():
-            monkeypatch.setenv(name, value)
-
-    yield apply
+def app(
+    settings_factory: SettingsFactory,
+    topics_factory: TopicsFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """Fresh one-partition settings (one global event order), their topics created, and the
+    environment set so that `stream-app` run in-process uses exactly them."""
+    settings = settings_factory(partitions=1)
+    topics_factory(settings)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    return settings
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
@@ -136,16 +139,12 @@ def drain(worker: WorkerProcess, expected_events: int) -> None:
 
 
 def test_file_to_kafka_equals_offline_and_a_second_replay_adds_nothing(
-    settings_factory: SettingsFactory,
-    topics_factory: TopicsFactory,
+    app: Settings,
     worker_factory: WorkerFactory,
-    cli_env: Any,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    settings = settings_factory(partitions=1)  # one partition: one global event order
-    topics_factory(settings)
-    cli_env(settings)
+    settings = app
     offline = offline_window(tmp_path, capsys)
 
     first = publish_window(capsys)
@@ -180,15 +179,11 @@ def test_file_to_kafka_equals_offline_and_a_second_replay_adds_nothing(
 
 
 def test_shadow_run_leaves_the_live_group_alone_and_rewind_is_idempotent(
-    settings_factory: SettingsFactory,
-    topics_factory: TopicsFactory,
+    app: Settings,
     worker_factory: WorkerFactory,
-    cli_env: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    live = settings_factory(partitions=1)
-    topics_factory(live)
-    cli_env(live)
+    live = app
     publish_window(capsys)
     worker = worker_factory(live)
     drain(worker, WINDOW_EVENTS)
@@ -201,17 +196,7 @@ def test_shadow_run_leaves_the_live_group_alone_and_rewind_is_idempotent(
     summary = run_shadow(
         live, ShadowRequest(name=name, bounds=Bounds(), timeout_s=120, show_progress=False)
     )
-    shadow = live.model_copy(
-        update={
-            "app_id": f"shadow-{name}",
-            "clickstream_topic": f"shadow-{name}-clickstream",
-            "transactions_topic": f"shadow-{name}-transactions",
-            "segment_changes_topic": f"shadow-{name}-segment-changes",
-            "segment_membership_topic": f"shadow-{name}-segment-membership",
-            "dead_letters_topic": f"shadow-{name}-dead-letters",
-        }
-    )
-    topics_factory(shadow)  # deleted with the test's own topics
+    shadow = shadow_settings(live, name, partitions=1)
     assert summary["copied"] == {shadow.transactions_topic: WINDOW_EVENTS}
     assert committed(live, live.app_id) == live_offsets  # the live group did not move
     assert committed(shadow, shadow.app_id) == [0, WINDOW_EVENTS]
@@ -240,15 +225,11 @@ def test_shadow_run_leaves_the_live_group_alone_and_rewind_is_idempotent(
 
 
 def test_rewind_refuses_while_workers_run(
-    settings_factory: SettingsFactory,
-    topics_factory: TopicsFactory,
+    app: Settings,
     worker_factory: WorkerFactory,
-    cli_env: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = settings_factory(partitions=1)
-    topics_factory(settings)
-    cli_env(settings)
+    settings = app
     worker = worker_factory(settings)
     worker.wait_ready()
     worker.wait_for(lambda _: _has_members(settings), 60)
@@ -264,15 +245,11 @@ def _has_members(settings: Settings) -> bool:
 
 
 def test_speed_60_plays_three_minutes_of_history_in_about_three_seconds(
-    settings_factory: SettingsFactory,
-    topics_factory: TopicsFactory,
-    cli_env: Any,
+    app: Settings,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    settings = settings_factory(partitions=1)
-    topics_factory(settings)
-    cli_env(settings)
+    settings = app
     start = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
     lines = [
         orjson.dumps(
