@@ -81,12 +81,26 @@ class ClusterProfile:
     traits: dict[str, float]  # feature -> centre, in standard deviations from the mean
 
 
-def _distance(a: dict[str, float], b: dict[str, float]) -> float:
+Point = tuple[float, ...]  # scaled values in CLUSTER_FEATURES order
+
+
+def _distance(a: Point, b: Point) -> float:
+    """Squared Euclidean distance, summed in feature order (as OrderedKMeans does)."""
     total = 0.0
-    for f in CLUSTER_FEATURES:
-        delta = a[f] - b[f]
+    for u, v in zip(a, b, strict=True):
+        delta = u - v
         total += delta * delta
     return total
+
+
+def _closest(point: Point, centres: list[Point]) -> int:
+    """Index of the nearest centre; the lowest index on a tie."""
+    best, best_distance = 0, math.inf
+    for cid, centre in enumerate(centres):
+        distance = _distance(point, centre)
+        if distance < best_distance:
+            best, best_distance = cid, distance
+    return best
 
 
 class OrderedKMeans(cluster.KMeans):  # type: ignore[misc]
@@ -146,30 +160,31 @@ class BehaviourClusters:
         return self.reservoir is not None
 
     def _seed_centres(self, raw: list[dict[str, float]]) -> None:
-        points = [self._scaled(x) for x in raw]
+        points = [tuple(self._scaled(x)[f] for f in CLUSTER_FEATURES) for x in raw]
         rng = random.Random(self.seed)
         k = self.kmeans.n_clusters
-        centres = [dict(points[rng.randrange(len(points))])]
+        centres = [points[rng.randrange(len(points))]]
         while len(centres) < k:
             weights = [min(_distance(p, c) for c in centres) for p in points]
             total = sum(weights)
             pick = rng.choices(points, weights=weights)[0] if total > 0 else rng.choice(points)
-            centres.append(dict(pick))
+            centres.append(pick)
         counts = [0] * k
         for _ in range(self.LLOYD_PASSES):
-            sums = [dict.fromkeys(CLUSTER_FEATURES, 0.0) for _ in range(k)]
+            sums = [[0.0] * len(CLUSTER_FEATURES) for _ in range(k)]
             counts = [0] * k
             for p in points:
-                cid = min(range(k), key=lambda c: (_distance(p, centres[c]), c))
+                cid = _closest(p, centres)
                 counts[cid] += 1
-                for f in CLUSTER_FEATURES:
-                    sums[cid][f] += p[f]
+                total_of_cluster = sums[cid]
+                for i, value in enumerate(p):
+                    total_of_cluster[i] += value
             for cid in range(k):
                 if counts[cid]:
-                    centres[cid] = {f: sums[cid][f] / counts[cid] for f in CLUSTER_FEATURES}
+                    centres[cid] = tuple(total / counts[cid] for total in sums[cid])
         for cid in range(k):
-            for f in CLUSTER_FEATURES:
-                self.kmeans.centers[cid][f] = centres[cid][f]
+            for f, value in zip(CLUSTER_FEATURES, centres[cid], strict=True):
+                self.kmeans.centers[cid][f] = value
         self.sizes = counts
         self._profiles.clear()
 
@@ -238,6 +253,10 @@ class BehaviourClusters:
         return rows[:top]
 
 
+def _by_effect(row: tuple[str, float, float]) -> tuple[float, str]:
+    return -abs(row[2]), row[0]
+
+
 class TieAwareROCAUC:
     """Cumulative ROC AUC over a histogram of scores (resolution 1e-4), ties counted as half.
 
@@ -268,8 +287,25 @@ class TieAwareROCAUC:
         return wins / (total_pos * total_neg)
 
 
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """One propensity model's view of one feature vector: its scaled inputs and the probability.
+
+    Scaling once and reusing it for the score and its explanation is what keeps a segment change
+    cheap; the model must not learn between the two (the processor learns before it scores).
+    """
+
+    scaled: dict[str, float]
+    probability: float
+
+
 class Propensity:
-    """Online logistic regression for one binary outcome, evaluated predict-then-learn."""
+    """Online logistic regression for one binary outcome, evaluated predict-then-learn.
+
+    The River pipeline (``StandardScaler | LogisticRegression``) is the model; its two steps are
+    called directly, exactly as ``Pipeline.predict_proba_one`` and ``learn_one`` call them, so the
+    scaled vector can be kept for the explanation instead of being computed again.
+    """
 
     def __init__(self, learning_rate: float) -> None:
         self.model = compose.Pipeline(
@@ -285,25 +321,36 @@ class Propensity:
     def warmed_up(self) -> bool:
         return self.labels >= WARM_UP_LABELS
 
+    def assess(self, features: dict[str, float]) -> Assessment:
+        """Scale the features and score them (no learning)."""
+        scaler, logreg = self.model.steps.values()
+        scaled: dict[str, float] = scaler.transform_one(features)
+        proba: dict[bool, float] = logreg.predict_proba_one(scaled)
+        return Assessment(scaled, float(proba.get(True, 0.0)))
+
     def score(self, features: dict[str, float]) -> float:
-        proba: dict[bool, float] = self.model.predict_proba_one(features)
-        return float(proba.get(True, 0.0))
+        return self.assess(features).probability
 
     def learn(self, features: dict[str, float], outcome: bool, predicted: float) -> None:
         """Score the prediction made back then against the outcome, then learn from it."""
         self.auc.update(outcome, predicted)
         self.log_loss.update(outcome, predicted)
-        self.model.learn_one(features, outcome)
+        scaler, logreg = self.model.steps.values()
+        scaler.learn_one(features)
+        logreg.learn_one(scaler.transform_one(features), outcome)
         self.labels += 1
         self.positives += int(outcome)
 
     def contributions(self, features: dict[str, float], top: int) -> list[tuple[str, float, float]]:
         """(feature, scaled value, coefficient x scaled value), largest effect first."""
-        scaler, logreg = self.model.steps.values()
-        scaled = scaler.transform_one(features)
-        weights = logreg.weights
+        return self.explain(self.assess(features), top)
+
+    def explain(self, assessment: Assessment, top: int) -> list[tuple[str, float, float]]:
+        """`contributions` of an assessment made since the model last learned."""
+        scaled = assessment.scaled
+        weights = self.model["LogisticRegression"].weights
         rows = [(f, float(scaled[f]), float(weights.get(f, 0.0) * scaled[f])) for f in FEATURES]
-        rows.sort(key=lambda r: (-abs(r[2]), r[0]))
+        rows.sort(key=_by_effect)
         return rows[:top]
 
     def quality(self) -> dict[str, Any]:

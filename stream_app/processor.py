@@ -20,6 +20,7 @@ import base64
 import hashlib
 import heapq
 import math
+import operator
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,13 +33,10 @@ import orjson
 from stream_app.events import (
     ClickEvent,
     Component,
-    Contribution,
     Event,
     Lifecycle,
     Origin,
     PropensityTier,
-    Reason,
-    Scores,
     Segment,
     SegmentChange,
     TransactionEvent,
@@ -53,10 +51,11 @@ from stream_app.features import (
     apply_transaction,
     feature_vector,
 )
-from stream_app.models import SegmentModels
+from stream_app.models import Assessment, SegmentModels
 from stream_app.segmentation import (
     Membership,
     cluster_move,
+    earliest_after,
     lifecycle_due,
     lifecycle_stage,
     next_tier,
@@ -67,6 +66,7 @@ STATE_VERSION: Final = 1
 CHURN_CHECKPOINT_DAYS: Final = (7.0, 30.0)  # idle days at which churn risk is re-scored
 TOP_CONTRIBUTIONS: Final = 3
 _PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
+_FEATURE_VALUES: Final = operator.itemgetter(*FEATURES)  # feature dict -> values in that order
 Snapshot = list[Any]  # [event time, prediction made then, packed float32 features, outcome seen]
 
 
@@ -77,7 +77,7 @@ class Status(StrEnum):
 
 
 def _pack(x: dict[str, float]) -> str:
-    return base64.b64encode(_PACK.pack(*(x[f] for f in FEATURES))).decode("ascii")
+    return base64.b64encode(_PACK.pack(*_FEATURE_VALUES(x))).decode("ascii")
 
 
 def _unpack(blob: str) -> dict[str, float]:
@@ -247,11 +247,39 @@ class _Trigger:
     event_type: str
     at: float
     origin: Origin
-    processed_at: datetime
+    processed_at: datetime | None  # None: the processor's clock at `at`, read only for a change
+    event_time: datetime | None = None  # `at` as a datetime, made only for a change
 
 
 def _ts(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
+
+
+class _Moment:
+    """A trigger and the features as of its time. Each propensity model scores them at most
+    once, when a decision or a change first needs it; models learn before a moment, never
+    during one, so the score and its explanation come from the same model."""
+
+    __slots__ = ("_churn", "_models", "_purchase", "trigger", "x")
+
+    def __init__(self, trigger: _Trigger, x: dict[str, float], models: SegmentModels) -> None:
+        self.trigger = trigger
+        self.x = x
+        self._models = models
+        self._purchase: Assessment | None = None
+        self._churn: Assessment | None = None
+
+    @property
+    def purchase(self) -> Assessment:
+        if self._purchase is None:
+            self._purchase = self._models.purchase.assess(self.x)
+        return self._purchase
+
+    @property
+    def churn(self) -> Assessment:
+        if self._churn is None:
+            self._churn = self._models.churn.assess(self.x)
+        return self._churn
 
 
 class Processor:
@@ -307,17 +335,15 @@ class Processor:
         learning by up to 60 days (measured on Online Retail)."""
         b, s = st.behaviour, self.s
         reactivated_at = st.membership.reactivated_at if st.membership else None
-        candidates = [
-            t
-            for t in (
+        due = earliest_after(
+            now,
+            (
                 lifecycle_due(b, now, reactivated_at, s),
                 _checkpoint_time(st),
                 _first_time(st.purchase_pending, s.purchase_horizon_days * DAY),
                 _first_time(st.churn_pending, s.churn_horizon_days * DAY),
-            )
-            if t is not None and t > now
-        ]
-        due = min(candidates) if candidates else None
+            ),
+        )
         if due != st.due_at and due is not None:
             heapq.heappush(self._due, (due, st.customer_id))
         st.due_at = due
@@ -342,13 +368,7 @@ class Processor:
         digest = _id_hash(event.event_id)
         if st is not None and digest in st.recent_ids:
             return self._count(Outcome(Status.DUPLICATE, [], st))
-        trigger = _Trigger(
-            event.event_id,
-            event.event_type.value,
-            at,
-            event.origin,
-            processed_at or self._clock(at),
-        )
+        trigger = _Trigger(event.event_id, event.event_type.value, at, event.origin, processed_at)
         if st is None:
             st = CustomerState(event.customer_id, Behaviour.first(at))
         st.recent_ids.append(digest)
@@ -404,13 +424,14 @@ class Processor:
         st.churn_checkpoint = 0
         x = feature_vector(b, at)
         cluster = self.models.clusters.learn_assign(x)
-        st.purchase_propensity = self.models.purchase.score(x)
+        moment = _Moment(trig, x, self.models)
+        st.purchase_propensity = moment.purchase.probability
         self._snapshot_purchase(st, x, at)
         if st.membership is None:
-            return [self._enter(st, cluster, x, trig)]
+            return [self._enter(st, cluster, moment)]
         if lapsed_before:
             st.membership.reactivated_at = at
-        return self._decide(st, x, trig, cluster)
+        return self._decide(st, moment, cluster)
 
     def _mark_outcomes(self, st: CustomerState, event: Event, at: float) -> None:
         """Record what happened after each pending snapshot; the label is revealed only when the
@@ -455,63 +476,62 @@ class Processor:
         if m is None or not (at_checkpoint or stage_moves):
             return []  # only labels matured: nothing to re-score
         x = feature_vector(st.behaviour, now)
+        trig = _Trigger(f"time:{now:.0f}", "time_passed", now, st.origin, None)
+        moment = _Moment(trig, x, self.models)
         if at_checkpoint:
-            st.churn_risk = self.models.churn.score(x)
+            st.churn_risk = moment.churn.probability
             if len(st.churn_pending) < s.max_pending_snapshots:
                 st.churn_pending.append([now, st.churn_risk, _pack(x), False])
             while (checkpoint := _checkpoint_time(st)) is not None and checkpoint <= now:
                 st.churn_checkpoint += 1
-        st.purchase_propensity = self.models.purchase.score(x)
-        trig = _Trigger(f"time:{now:.0f}", "time_passed", now, st.origin, self._clock(now))
-        return self._decide(st, x, trig, None)
+        st.purchase_propensity = moment.purchase.probability
+        return self._decide(st, moment, None)
 
     def _expire(
         self, pending: list[Snapshot], now: float, horizon: float, *, churn: bool
     ) -> list[Snapshot]:
-        """Learn from every snapshot whose horizon has passed; keep the others."""
+        """Learn from every snapshot whose horizon has passed, in order; keep the others."""
+        matured = [snap for snap in pending if snap[0] + horizon <= now]
+        if not matured:
+            return pending  # the common case: nothing to learn, nothing to copy
         model = self.models.churn if churn else self.models.purchase
-        keep = []
-        for snap in pending:
-            if snap[0] + horizon <= now:
-                outcome = not snap[3] if churn else bool(snap[3])
-                model.learn(_unpack(snap[2]), outcome, snap[1])
-            else:
-                keep.append(snap)
-        return keep
+        for snap in matured:
+            outcome = not snap[3] if churn else bool(snap[3])
+            model.learn(_unpack(snap[2]), outcome, snap[1])
+        return [snap for snap in pending if snap[0] + horizon > now]
 
     # -- policy --------------------------------------------------------------------------------
 
     def _decide(
-        self, st: CustomerState, x: dict[str, float], trig: _Trigger, cluster: int | None
+        self, st: CustomerState, moment: _Moment, cluster: int | None
     ) -> list[SegmentChange]:
         m = st.membership
         assert m is not None
-        s, at, changes = self.s, trig.at, []
+        s, at, changes = self.s, moment.trigger.at, []
         stage = lifecycle_stage(st.behaviour, at, m.reactivated_at, s)
         if stage is not m.stage:
             before = self._segment(m)
             m.stage = stage
-            changes.append(self._change(st, Component.LIFECYCLE, before, x, trig))
+            changes.append(self._change(st, Component.LIFECYCLE, before, moment))
         tier = next_tier(m.tier, st.purchase_propensity, self.models.purchase.warmed_up, s)
         if tier is not m.tier:
             before = self._segment(m)
             m.tier = tier
-            changes.append(self._change(st, Component.PROPENSITY, before, x, trig))
+            changes.append(self._change(st, Component.PROPENSITY, before, moment))
         if cluster is not None and cluster_move(m, cluster, at, s):
             before = self._segment(m)
             m.cluster, m.cluster_since, m.candidate, m.candidate_hits = cluster, at, -1, 0
-            changes.append(self._change(st, Component.CLUSTER, before, x, trig))
+            changes.append(self._change(st, Component.CLUSTER, before, moment))
         return changes
 
-    def _enter(
-        self, st: CustomerState, cluster: int, x: dict[str, float], trig: _Trigger
-    ) -> SegmentChange:
+    def _enter(self, st: CustomerState, cluster: int, moment: _Moment) -> SegmentChange:
+        at = moment.trigger.at
         tier = next_tier(
             PropensityTier.UNSCORED, st.purchase_propensity, self.models.purchase.warmed_up, self.s
         )
-        stage = lifecycle_stage(st.behaviour, trig.at, None, self.s)
-        st.membership = Membership(cluster, trig.at, tier, stage)
-        return self._change(st, Component.ENTRY, None, x, trig)
+        stage = lifecycle_stage(st.behaviour, at, None, self.s)
+        st.membership = Membership(cluster, at, tier, stage)
+        return self._change(st, Component.ENTRY, None, moment)
 
     def _segment(self, m: Membership) -> Segment:
         profile = self.models.clusters.profile(m.cluster).name
@@ -531,49 +551,55 @@ class Processor:
         st: CustomerState,
         component: Component,
         previous: Segment | None,
-        x: dict[str, float],
-        trig: _Trigger,
+        moment: _Moment,
     ) -> SegmentChange:
         assert st.membership is not None
+        trig = moment.trigger
         st.sequence += 1
         current = self._segment(st.membership)
         if component is Component.LIFECYCLE:
-            st.churn_risk = self.models.churn.score(x)
+            st.churn_risk = moment.churn.probability
         key = f"{st.customer_id}|{st.sequence}|{component.value}|{trig.event_id}"
-        reason = Reason(
-            trigger_event_id=trig.event_id,
-            trigger_event_type=trig.event_type,
-            summary=_summary(component, previous, current, st, x),
-            top_contributions=[
-                Contribution(feature=f, value=round(v, 4), contribution=round(c, 4))
-                for f, v, c in self._explain(component, x)
-            ],
-        )
-        return SegmentChange(
-            change_id=hashlib.sha256(key.encode()).hexdigest()[:32],
-            customer_id=st.customer_id,
-            sequence=st.sequence,
-            component=component,
-            previous=previous,
-            current=current,
-            scores=Scores(
-                purchase_propensity=round(st.purchase_propensity, 6),
-                churn_risk=round(st.churn_risk, 6),
-            ),
-            reason=reason,
-            model_version=self.models.version,
-            segment_definition_version=self.s.version,
-            event_time=_ts(trig.at),
-            processed_at=trig.processed_at,
-            origin=trig.origin,
+        if trig.event_time is None:
+            trig.event_time = _ts(trig.at)
+        if trig.processed_at is None:
+            trig.processed_at = self._clock(trig.at)
+        # One validation of the whole nested change: as strict as building each part, cheaper.
+        return SegmentChange.model_validate(
+            {
+                "change_id": hashlib.sha256(key.encode()).hexdigest()[:32],
+                "customer_id": st.customer_id,
+                "sequence": st.sequence,
+                "component": component,
+                "previous": previous,
+                "current": current,
+                "scores": {
+                    "purchase_propensity": round(st.purchase_propensity, 6),
+                    "churn_risk": round(st.churn_risk, 6),
+                },
+                "reason": {
+                    "trigger_event_id": trig.event_id,
+                    "trigger_event_type": trig.event_type,
+                    "summary": _summary(component, previous, current, st, moment.x),
+                    "top_contributions": [
+                        {"feature": f, "value": round(v, 4), "contribution": round(c, 4)}
+                        for f, v, c in self._explain(component, moment)
+                    ],
+                },
+                "model_version": self.models.version,
+                "segment_definition_version": self.s.version,
+                "event_time": trig.event_time,
+                "processed_at": trig.processed_at,
+                "origin": trig.origin,
+            }
         )
 
-    def _explain(self, component: Component, x: dict[str, float]) -> list[tuple[str, float, float]]:
+    def _explain(self, component: Component, moment: _Moment) -> list[tuple[str, float, float]]:
         if component is Component.CLUSTER:
-            return self.models.clusters.explain(x, TOP_CONTRIBUTIONS)
+            return self.models.clusters.explain(moment.x, TOP_CONTRIBUTIONS)
         if component is Component.LIFECYCLE:
-            return self.models.churn.contributions(x, TOP_CONTRIBUTIONS)
-        return self.models.purchase.contributions(x, TOP_CONTRIBUTIONS)
+            return self.models.churn.explain(moment.churn, TOP_CONTRIBUTIONS)
+        return self.models.purchase.explain(moment.purchase, TOP_CONTRIBUTIONS)
 
     def forget(self, customer_id: str) -> bool:
         """Erase a customer (privacy request): state gone, no further segment events."""

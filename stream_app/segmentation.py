@@ -70,15 +70,24 @@ def lifecycle_due(
     b: Behaviour, now: float, reactivated_at: float | None, s: SegmentationSettings
 ) -> float | None:
     """The next event time at which the stage would change if the customer stays silent."""
-    candidates = [
-        b.last_event_at + s.at_risk_after_days * DAY,
-        b.last_event_at + s.lapsed_after_days * DAY,
-        b.first_seen + s.new_customer_days * DAY,
-    ]
-    if reactivated_at is not None:
-        candidates.append(reactivated_at + s.reactivated_days * DAY)
-    future = [t for t in candidates if t > now]
-    return min(future) if future else None
+    return earliest_after(
+        now,
+        (
+            b.last_event_at + s.at_risk_after_days * DAY,
+            b.last_event_at + s.lapsed_after_days * DAY,
+            b.first_seen + s.new_customer_days * DAY,
+            None if reactivated_at is None else reactivated_at + s.reactivated_days * DAY,
+        ),
+    )
+
+
+def earliest_after(now: float, times: tuple[float | None, ...]) -> float | None:
+    """The earliest of `times` strictly after `now`, ignoring None; None if there is none."""
+    earliest = None
+    for t in times:
+        if t is not None and t > now and (earliest is None or t < earliest):
+            earliest = t
+    return earliest
 
 
 def next_tier(

@@ -28,10 +28,14 @@ from stream_app.events import (
     MAX_AMOUNT,
     ClickEvent,
     ClickType,
+    Component,
     DeadLetter,
     DeadLetterReason,
+    Lifecycle,
     MessageOrigin,
     Origin,
+    PropensityTier,
+    SegmentChange,
     TransactionEvent,
     TransactionType,
     dead_letter,
@@ -709,3 +713,68 @@ def test_contract_models_are_frozen(payload_factory: EventFactory) -> None:
     assert isinstance(event, ClickEvent)
     with pytest.raises(ValueError, match="frozen"):
         event.customer_id = "someone-else"  # type: ignore[misc]
+
+
+def _change_with(value: float, text: str) -> SegmentChange:
+    segment = {
+        "cluster": 2,
+        "cluster_profile": text,
+        "propensity_tier": PropensityTier.HIGH,
+        "lifecycle": Lifecycle.AT_RISK,
+    }
+    return SegmentChange.model_validate(
+        {
+            "change_id": "0123456789abcdef0123456789abcdef",
+            "customer_id": "c-\u00e9\u4e2d",
+            "sequence": 7,
+            "component": Component.LIFECYCLE,
+            "previous": None,
+            "current": segment,
+            "scores": {"purchase_propensity": 0.123457, "churn_risk": 1e-05},
+            "reason": {
+                "trigger_event_id": "time:1700000000",
+                "trigger_event_type": "time_passed",
+                "summary": text,
+                "top_contributions": [
+                    {"feature": "order_count", "value": value, "contribution": -value},
+                ],
+            },
+            "model_version": "m",
+            "segment_definition_version": "s",
+            "event_time": datetime(2011, 3, 4, 5, 6, 7, tzinfo=UTC),
+            "processed_at": datetime(2011, 3, 4, 5, 6, 7, 890000, tzinfo=UTC),
+            "origin": Origin.REPLAY,
+        }
+    )
+
+
+def test_encode_gives_these_exact_bytes() -> None:
+    text = 'a "quoted" \\ line\nwith \u2028, \x01 and \U0001f600'
+    escaped = 'a \\"quoted\\" \\\\ line\\nwith \u2028, \\u0001 and \U0001f600'.encode()
+    assert encode(_change_with(1e16, text)) == (
+        b'{"schema_version":1,"change_id":"0123456789abcdef0123456789abcdef",'
+        + '"customer_id":"c-\u00e9\u4e2d",'.encode()
+        + b'"sequence":7,"component":"lifecycle","previous":null,"current":{"cluster":2,'
+        + b'"cluster_profile":"'
+        + escaped
+        + b'","propensity_tier":"high","lifecycle":"at_risk"},'
+        + b'"scores":{"purchase_propensity":0.123457,"churn_risk":0.00001},'
+        + b'"reason":{"trigger_event_id":"time:1700000000","trigger_event_type":"time_passed",'
+        + b'"summary":"'
+        + escaped
+        + b'","top_contributions":[{"feature":"order_count","value":1e+16,"contribution":-1e+16}]},'
+        + b'"model_version":"m","segment_definition_version":"s",'
+        + b'"event_time":"2011-03-04T05:06:07Z","processed_at":"2011-03-04T05:06:07.890000Z",'
+        + b'"origin":"replay"}'
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.floats(allow_nan=False, allow_infinity=False),
+    text=st.text(min_size=1, max_size=40),
+)
+def test_encode_matches_orjson_over_the_json_mode_dump(value: float, text: str) -> None:
+    """encode() skips the intermediate dict; its bytes must be what orjson made of that dict."""
+    change = _change_with(value, text)
+    assert encode(change) == orjson.dumps(change.model_dump(mode="json"))

@@ -28,10 +28,13 @@ from stream_app.models import (
     PROFILE_REFRESH,
     SNAPSHOT_MAGIC,
     WARM_UP_LABELS,
+    Assessment,
     BehaviourClusters,
     Propensity,
     SegmentModels,
     SnapshotError,
+    _closest,
+    _distance,
     model_version,
 )
 from stream_app.settings import SegmentationSettings
@@ -631,3 +634,54 @@ def test_clusters_warm_up_then_seed_from_real_observations() -> None:
     assert len({next(iter(ids)) for ids in by_group.values()}) == 3
     names = {clusters.profile(c).name for c in range(3)}
     assert len(names) == 3 and not any(n.startswith(("warming", "no members")) for n in names)
+
+
+def test_assess_and_learn_are_exactly_the_river_pipeline(examples_factory: ExamplesFactory) -> None:
+    """Propensity calls the pipeline's two steps itself (to keep the scaled vector); the result
+    must be the pipeline's own, bit for bit, while learning and after."""
+    mine, reference = Propensity(0.05), Propensity(0.05)
+    for x, y in examples_factory(300):
+        assessment = mine.assess(x)
+        assert assessment.probability == reference.model.predict_proba_one(x)[True]
+        assert assessment.scaled == reference.model.transform_one(x)
+        assert mine.score(x) == assessment.probability
+        mine.learn(x, y, assessment.probability)
+        reference.model.learn_one(x, y)
+    logreg, reference_logreg = (
+        mine.model["LogisticRegression"],
+        reference.model["LogisticRegression"],
+    )
+    assert logreg.weights == reference_logreg.weights
+    assert logreg.intercept == reference_logreg.intercept
+
+
+def test_explain_of_an_assessment_is_contributions(
+    examples_factory: ExamplesFactory, rows_factory: RowsFactory
+) -> None:
+    p = Propensity(0.05)
+    for x, y in examples_factory(100):
+        p.learn(x, y, 0.5)
+    x = rows_factory(1, seed=3)[0]
+    assert p.explain(p.assess(x), 3) == p.contributions(x, 3)
+
+
+def test_explain_uses_the_assessment_it_is_given() -> None:
+    p = Propensity(0.05)
+    p.model["LogisticRegression"]._weights.update({"order_count": 2.0, "tenure_days": -0.5})
+    scaled = dict.fromkeys(FEATURES, 0.0) | {"order_count": 1.5, "tenure_days": 4.0}
+    rows = p.explain(Assessment(scaled, 0.9), 3)
+    # largest |coefficient x scaled value| first; ties (all the zeros) by feature name
+    assert rows == [
+        ("order_count", 1.5, 3.0),
+        ("tenure_days", 4.0, -2.0),
+        ("activity_last_hour", 0.0, 0.0),
+    ]
+
+
+def test_distance_and_closest_centre() -> None:
+    assert _distance((1.0, 2.0, 3.0), (1.0, 0.0, 6.0)) == 13.0
+    centres = [(0.0, 0.0), (2.0, 0.0), (0.0, 2.0)]
+    assert _closest((1.5, 0.0), centres) == 1
+    assert _closest((0.0, 1.9), centres) == 2
+    assert _closest((1.0, 0.0), centres) == 0  # equally far from 0 and 1: the lower id
+    assert _closest((1.0, 1.0), centres) == 0  # equally far from all three

@@ -18,6 +18,7 @@ from stream_app.features import DAY, HOUR, Behaviour
 from stream_app.segmentation import (
     Membership,
     cluster_move,
+    earliest_after,
     lifecycle_due,
     lifecycle_stage,
     next_tier,
@@ -318,3 +319,21 @@ def test_membership_round_trips_through_json(
     assert restored == m
     assert restored.tier is tier
     assert restored.stage is stage
+
+
+@pytest.mark.parametrize(
+    ("now", "times", "earliest"),
+    [
+        (10.0, (12.0, 11.0, 30.0), 11.0),
+        (10.0, (None, 15.0, None), 15.0),
+        (10.0, (10.0, 5.0, 20.0), 20.0),  # not strictly after `now`: ignored
+        (10.0, (9.0, 10.0), None),
+        (10.0, (None, None), None),
+        (10.0, (), None),
+        (-5.0, (0.0, -1.0), -1.0),
+    ],
+)
+def test_earliest_after(
+    now: float, times: tuple[float | None, ...], earliest: float | None
+) -> None:
+    assert earliest_after(now, times) == earliest
