@@ -7,6 +7,7 @@ simulated as the trigger's event time, and every model is seeded).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 import time
@@ -95,6 +96,10 @@ def replay_offline(
         if isinstance(item, RowError):
             result.data.invalid[item.reason] += 1
             continue
+        if not result.data.events:
+            # The whole file is parsed and sorted by now and lives until the end: move it out of
+            # the cyclic collector's sight, so each full collection stops rescanning ~10^5 events.
+            gc.freeze()
         started = clock()
         outcome = processor.process(item)
         result.data.process_seconds += clock() - started
@@ -108,6 +113,7 @@ def replay_offline(
     started = clock()
     result.emit(processor.advance(processor.max_event_time))
     result.data.process_seconds += clock() - started
+    gc.unfreeze()
     if progress is not None:
         progress.finish(result.data.events)
     return result.data, processor, result.flaps

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import orjson
 import pytest
 
@@ -31,6 +32,13 @@ from stream_app.settings import ENV_PREFIX, Settings
 from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
 
 log = logging.getLogger(__name__)
+
+# Speed is measured in benchmarks, never in unit tests: no per-example deadline and no
+# "data generation too slow" check, which only fail when the machine is busy.
+hypothesis.settings.register_profile(
+    "stream_app", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("stream_app")
 
 TEST_BOOTSTRAP_ENV = "STREAM_APP_TEST_BOOTSTRAP"
 WORKER_READY_TIMEOUT_S = 60.0
