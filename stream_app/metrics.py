@@ -7,6 +7,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 
 class Metrics:
@@ -51,6 +52,12 @@ class Metrics:
             "stream_app_event_to_emit_seconds",
             "Live events only: from the event's time to its segment change being handed to Kafka",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_events = Histogram(
+            "stream_app_batch_events",
+            "Messages the agent handled as one batch (what Faust had buffered, up to the maximum)",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.consumer_lag = Gauge(

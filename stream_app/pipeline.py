@@ -10,6 +10,13 @@ the same state write that records the event's offset, and is then sent; the brok
 acknowledgement empties the outbox on the customer's next update. After a crash, a re-delivered
 event is recognised by its offset and the customer's unacknowledged changes are sent again, with
 the same change ids and sequence numbers.
+
+Batches (:meth:`LivePipeline.handle_batch`): the agent hands over every message Faust has already
+buffered, up to ``batch_max_events``. Each event is processed in order as before, but the state
+writes go to a :class:`TableStore` buffer and reach the table once per customer at the end of the
+batch, and only then are the batch's changes sent, in processing order. So the order "state with
+outbox written, then change sent, then offset acked" holds per batch exactly as it did per event,
+with one table write and changelog record per customer per batch instead of one per event.
 """
 
 from __future__ import annotations
@@ -18,16 +25,18 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import orjson
 from aiokafka.partitioner import murmur2
 
 from stream_app.events import (
+    ClickType,
+    Component,
     DeadLetter,
     DeadLetterReason,
     Event,
@@ -35,6 +44,7 @@ from stream_app.events import (
     MessageOrigin,
     Origin,
     SegmentChange,
+    TransactionType,
     dead_letter,
     decode_event,
     encode,
@@ -47,6 +57,10 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT: Final = 256
+STATE_CACHE_SIZE: Final = 20_000
+YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
+# One raw input message: key, value, where it was read, and the token the caller acks.
+RawMessage = tuple[bytes | None, bytes | None, MessageOrigin, Any]
 
 
 class Sinks(Protocol):
@@ -89,6 +103,108 @@ def partition_of(customer_id: str, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner gives a key: Java, aiokafka, Faust and
     our confluent-kafka producers (partitioner=murmur2_random) all agree on it."""
     return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+class BufferedStore(Protocol):
+    """A StateStore whose writes are buffered until :meth:`flush` (see :class:`TableStore`)."""
+
+    def flush(self) -> int: ...
+
+    def discard_cached(self) -> None: ...
+
+
+class TableStore:
+    """A Processor's StateStore over a table of raw bytes (the Faust table live, a dict in tests),
+    restricted to one partition's customers.
+
+    * ``put`` serialises at once (so the buffered bytes are exactly the state the processor
+      finished with) but writes the table only in :meth:`flush`: one write, so one RocksDB put
+      and one changelog record, per customer per batch.
+    * The states the processor finished with stay in memory (up to ``cache_size``), so a
+      customer's next event needs no table read and no decoding. Only this worker writes its
+      partitions' keys, so the cache cannot go stale; it is dropped with the partition.
+    * After a failed update, :meth:`discard_cached` forgets the in-memory objects (the processor
+      may have half-mutated one); the next read decodes the last buffered or stored bytes, as
+      before the cache existed.
+
+    Table writes must happen while an event of this partition is Faust's current event: Faust
+    sends the changelog record (and picks the RocksDB instance) by its partition.
+    """
+
+    def __init__(
+        self,
+        table: MutableMapping[bytes, bytes],
+        partition: int,
+        partitions: int,
+        cache_size: int = STATE_CACHE_SIZE,
+    ) -> None:
+        self.table = table
+        self.partition = partition
+        self.partitions = partitions
+        self.cache_size = cache_size
+        self._cache: dict[str, CustomerState] = {}
+        self._pending: dict[str, bytes | None] = {}  # None: delete
+
+    def get(self, customer_id: str) -> CustomerState | None:
+        state = self._cache.get(customer_id)
+        if state is not None:
+            return state
+        if customer_id in self._pending:
+            raw = self._pending[customer_id]
+        else:
+            raw = self.table.get(customer_id.encode())
+        if raw is None:
+            return None
+        state = CustomerState.from_bytes(raw)
+        self._remember(state)
+        return state
+
+    def put(self, state: CustomerState) -> None:
+        self._pending[state.customer_id] = state.to_bytes()
+        self._remember(state)
+
+    def delete(self, customer_id: str) -> None:
+        self._pending[customer_id] = None
+        self._cache.pop(customer_id, None)
+
+    def _remember(self, state: CustomerState) -> None:
+        cache = self._cache
+        cache.pop(state.customer_id, None)
+        cache[state.customer_id] = state
+        if len(cache) > self.cache_size:
+            del cache[next(iter(cache))]
+
+    @property
+    def dirty(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> int:
+        """Write every buffered state to the table; returns how many keys were written."""
+        pending, self._pending = self._pending, {}
+        table = self.table
+        for customer_id, raw in pending.items():
+            if raw is None:
+                table.pop(customer_id.encode(), None)
+            else:
+                table[customer_id.encode()] = raw
+        return len(pending)
+
+    def discard_cached(self) -> None:
+        self._cache.clear()
+
+    def __iter__(self) -> Iterator[CustomerState]:
+        seen: set[str] = set()
+        for key in list(self.table.keys()):
+            customer = key.decode()
+            if partition_of(customer, self.partitions) == self.partition:
+                seen.add(customer)
+                state = self.get(customer)
+                if state is not None:
+                    yield state
+        for customer in [c for c in self._pending if c not in seen]:
+            state = self.get(customer)
+            if state is not None:
+                yield state
 
 
 class AckTracker:
@@ -190,13 +306,25 @@ class OrderedMerge:
         return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Pending:
     event: Event
     key: bytes | None
     payload: bytes
     origin: MessageOrigin
     token: Any
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """What one processed event has to send once its batch's state writes are done: the
+    customer's outbox as it was then (changes a previous process may not have delivered) and
+    the fresh changes."""
+
+    customer_id: str
+    outbox: list[str] | None
+    changes: list[SegmentChange]
+    now: datetime
 
 
 class LivePipeline:
@@ -232,30 +360,114 @@ class LivePipeline:
             settings.clickstream_topic: "click",
             settings.transactions_topic: "transaction",
         }
+        # The batch in progress: deliveries in processing order, and per partition the token of
+        # an event processed on it (table writes need one as Faust's current event).
+        self._deliveries: list[_Delivery] = []
+        self._tokens: dict[int, Any] = {}
+        self._buffered: dict[int, BufferedStore] = {}
+        self._since_yield = 0
+        self._busy_s = 0.0  # time spent processing, excluded from the input clock
+        # The agent and the merge timer both process; a batch is processed and delivered whole.
+        self._lock = asyncio.Lock()
+        m = self.metrics
+        self._events_in = {
+            kind.value: m.events_in.labels(kind.value) for kind in (*ClickType, *TransactionType)
+        }
+        self._changes_out = {
+            (component.value, origin.value): m.segment_changes.labels(component.value, origin.value)
+            for component in Component
+            for origin in Origin
+        }
 
     def processor(self, partition: int) -> Processor:
         proc = self.processors.get(partition)
         if proc is None:
-            proc = Processor(
-                self.settings.segmentation,
-                self.models,
-                self._store_for(partition),
-                outbox=self.acks,
-            )
+            store = self._store_for(partition)
+            proc = Processor(self.settings.segmentation, self.models, store, outbox=self.acks)
             proc.rebuild_due_index()
             self.processors[partition] = proc
+            if hasattr(store, "flush") and hasattr(store, "discard_cached"):
+                self._buffered[partition] = cast(BufferedStore, store)
         return proc
 
+    async def revoke(self, partitions: set[int]) -> None:
+        """On revocation, from the event loop: let a batch in progress finish (its states
+        written, its changes sent) before forgetting the partitions, so a change is never sent
+        for a state that was not written. What was read but not processed is not acked, and the
+        partitions' next owner reads it again."""
+        async with self._lock:
+            self.forget_partitions(partitions)
+
     def forget_partitions(self, partitions: set[int]) -> None:
-        """On revocation: another worker owns these customers now."""
+        """On revocation: another worker owns these customers (and their held events) now."""
         for partition in partitions:
             self.processors.pop(partition, None)
+            self._buffered.pop(partition, None)
+            self.merges.pop(partition, None)
+            self._tokens.pop(partition, None)
 
     async def handle(
         self, key: bytes | None, value: bytes | None, origin: MessageOrigin, token: Any = None
     ) -> list[Any]:
         """Take one raw message; return the tokens of every message now completely processed
         (the caller acks those). Never raises: anything wrong becomes a dead letter."""
+        return await self.handle_batch([(key, value, origin, token)])
+
+    async def handle_batch(
+        self, messages: Sequence[RawMessage], arrived: Sequence[float] | None = None
+    ) -> list[Any]:
+        """Take raw messages in consumption order; return the tokens of every message now
+        completely processed: its state written and its outputs handed to the producer (the
+        caller acks those). Anything wrong with a message becomes a dead letter; only a failing
+        state table itself raises (and then nothing of the batch is acked).
+
+        ``arrived``: when each message was read, on :meth:`input_clock` (the ordered merge's
+        clock). Timing a message by when its batch got to it would count the time spent on the
+        previous batch as silence of the other topic. Without it, the time of processing is
+        used."""
+        self.metrics.batch_events.observe(len(messages))
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                done: list[Any] = []
+                for i, (key, value, origin, token) in enumerate(messages):
+                    at = self.input_clock() if arrived is None else arrived[i]
+                    await self._admit(key, value, origin, token, at, done)
+                await self._complete()
+                return done
+            finally:
+                self._busy_s += time.monotonic() - started
+
+    async def flush_idle(self) -> list[Any]:
+        """Release events held longer than the merge's wait bound (called from a timer)."""
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                done: list[Any] = []
+                now = self.input_clock()
+                for merge in list(self.merges.values()):
+                    await self._release(merge, done, now)
+                await self._complete()
+                return done
+            finally:
+                self._busy_s += time.monotonic() - started
+
+    def input_clock(self) -> float:
+        """The ordered merge's clock: monotonic time that stands still while this pipeline
+        processes. A topic is stalled after ``merge_max_wait_s`` of *waiting for input* without
+        a message from it; time spent processing a batch is not silence on its part (counting
+        it released held events too early, and the events read next were late)."""
+        return time.monotonic() - self._busy_s
+
+    async def _admit(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        origin: MessageOrigin,
+        token: Any,
+        arrived: float,
+        done: list[Any],
+    ) -> None:
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
         # A tombstone (None) is not an event; it dead-letters as empty, invalid JSON.
         payload = value if isinstance(value, bytes) else b""
@@ -269,31 +481,26 @@ class LivePipeline:
             )
         except Exception as exc:
             await self._failed(key, payload, origin, exc)
-            return [token]
+            done.append(token)
+            return
         if isinstance(decoded, DeadLetter):
             await self._reject(key, decoded)
-            return [token]
-        owner = partition_of(decoded.customer_id, self._partitions(origin.topic))
+            done.append(token)
+            return
+        partitions = self._partitions(origin.topic)
+        owner = 0 if partitions == 1 else partition_of(decoded.customer_id, partitions)
         if owner != origin.partition:
             # Keyed by something else (e.g. a session id): the customer's state lives on another
             # partition. Re-key it like Faust's group_by would, and let that partition process it.
             await self.sinks.reroute(origin.topic, decoded.customer_id.encode(), payload)
             self.counts.rerouted += 1
             self.metrics.rerouted.inc()
-            return [token]
+            done.append(token)
+            return
         merge = self._merge(origin.partition)
         order = (decoded.event_time.timestamp(), decoded.event_id)
-        merge.push(
-            origin.topic, order, _Pending(decoded, key, payload, origin, token), time.monotonic()
-        )
-        return await self._release(merge)
-
-    async def flush_idle(self) -> list[Any]:
-        """Release events held longer than the merge's wait bound (called from a timer)."""
-        done: list[Any] = []
-        for merge in list(self.merges.values()):
-            done.extend(await self._release(merge))
-        return done
+        merge.push(origin.topic, order, _Pending(decoded, key, payload, origin, token), arrived)
+        await self._release(merge, done, arrived)
 
     def _merge(self, partition: int) -> OrderedMerge:
         merge = self.merges.get(partition)
@@ -303,22 +510,28 @@ class LivePipeline:
             )
         return merge
 
-    async def _release(self, merge: OrderedMerge) -> list[Any]:
-        done = []
-        for pending in merge.pop_ready(time.monotonic()):
+    async def _release(self, merge: OrderedMerge, done: list[Any], now: float) -> None:
+        for pending in merge.pop_ready(now):
             with self._as_current(pending.token):
                 await self._process(pending)
             done.append(pending.token)
-        return done
+            self._since_yield += 1
+            if self._since_yield >= YIELD_EVERY:
+                # A batch takes ~0.1 s per 500 events: let the producer's sender, the fetcher
+                # and the web server run in between (nothing else can touch the pipeline: lock).
+                self._since_yield = 0
+                await asyncio.sleep(0)
 
     async def _process(self, pending: _Pending) -> None:
         started = time.perf_counter()
         decoded, key, origin = pending.event, pending.key, pending.origin
+        processor = self.processor(origin.partition)
+        self._tokens[origin.partition] = pending.token  # any event of the partition will do
         try:
-            self.metrics.events_in.labels(decoded.event_type.value).inc()
+            self._events_in[decoded.event_type.value].inc()
             self.counts.events[decoded.event_type.value] += 1
             now = self._clock()
-            outcome = self.processor(origin.partition).process(
+            outcome = processor.process(
                 decoded, processed_at=now, position=Position(origin.topic, origin.offset)
             )
             if outcome.status is Status.LATE:
@@ -333,11 +546,32 @@ class LivePipeline:
                 return
             if outcome.status is Status.DUPLICATE:
                 self.metrics.duplicates.inc()
-            await self._deliver(outcome.state, outcome.changes, now)
+            state = outcome.state
+            if outcome.changes or (state is not None and state.outbox):
+                outbox = None if state is None else list(state.outbox)
+                self._deliveries.append(
+                    _Delivery(decoded.customer_id, outbox, outcome.changes, now)
+                )
         except Exception as exc:
+            buffered = self._buffered.get(origin.partition)
+            if buffered is not None:
+                buffered.discard_cached()  # a state may be half-updated in memory
             await self._failed(key, pending.payload, origin, exc)
         finally:
             self.metrics.processing_seconds.observe(time.perf_counter() - started)
+
+    async def _complete(self) -> None:
+        """End of a batch: write the buffered states (one write per customer), then send the
+        batch's changes in processing order."""
+        for partition, token in self._tokens.items():
+            store = self._buffered.get(partition)
+            if store is not None:
+                with self._as_current(token):
+                    store.flush()
+        self._tokens.clear()
+        deliveries, self._deliveries = self._deliveries, []
+        for delivery in deliveries:
+            await self._deliver(delivery)
 
     async def _failed(
         self, key: bytes | None, payload: bytes, origin: MessageOrigin, exc: Exception
@@ -349,15 +583,14 @@ class LivePipeline:
         letter = dead_letter(payload, DeadLetterReason.PROCESSING_ERROR, detail, origin, key)
         await self._reject(key, letter)
 
-    async def _deliver(
-        self, state: CustomerState | None, changes: list[SegmentChange], now: datetime
-    ) -> None:
+    async def _deliver(self, delivery: _Delivery) -> None:
         """Send, in sequence order, what this process has not sent yet: first changes left in the
         customer's outbox by a previous process (possibly undelivered), then the fresh ones."""
-        fresh = {change.change_id for change in changes}
-        if state is not None:
-            sent = self.acks.sent.get(state.customer_id, 0)
-            for entry in state.outbox:
+        changes = delivery.changes
+        if delivery.outbox:
+            fresh = {change.change_id for change in changes}
+            sent = self.acks.sent.get(delivery.customer_id, 0)
+            for entry in delivery.outbox:
                 head = orjson.loads(entry)
                 if head["sequence"] > sent and head["change_id"] not in fresh:
                     self.metrics.resent_changes.inc()
@@ -366,7 +599,7 @@ class LivePipeline:
             if change.sequence > self.acks.sent.get(change.customer_id, 0):
                 await self._send(change)
                 if change.origin is Origin.LIVE:
-                    latency = (now - change.event_time).total_seconds()
+                    latency = (delivery.now - change.event_time).total_seconds()
                     self.metrics.event_to_emit_seconds.observe(max(latency, 0.0))
 
     async def _send(self, change: SegmentChange) -> None:
@@ -379,7 +612,7 @@ class LivePipeline:
         else:
             self.acks.on_ack(customer, sequence)
         await self.sinks.membership(customer, membership_record(change))
-        self.metrics.segment_changes.labels(change.component.value, change.origin.value).inc()
+        self._changes_out[(change.component.value, change.origin.value)].inc()
 
     def _acked(self, fut: asyncio.Future[Any], customer: str, sequence: int) -> None:
         if not fut.cancelled() and fut.exception() is None:

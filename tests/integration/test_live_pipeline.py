@@ -178,3 +178,35 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_are_detectable(
         offline_final
     )
     assert second.stop() == 0, second.log_tail()
+
+
+def test_sigterm_mid_backlog_stops_promptly_and_the_restart_completes_the_job(
+    settings_factory: Callable[..., Settings],
+    topics_factory: Callable[[Settings], dict[str, str]],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    """Regression: SIGTERM while the ordered merge held events (a transaction read ahead of
+    clicks not yet read) waited for their acks forever, since the stopped fetcher never
+    delivered the clicks that would release them. Now the worker exits 0 at once, and the
+    events it had not finished are read again by the next worker."""
+    settings = settings_factory(partitions=1, model_snapshot_interval_s=0.5)
+    topics_factory(settings)
+    expected = offline_changes(settings)
+    publish(read_dataset(REES46, "rees46"), settings)
+
+    reader = ChangeReader(settings)
+    first = worker_factory(settings)
+    try:
+        reader.until(lambda got: len(got) >= len(expected) // 3, timeout=120)
+        started = time.monotonic()
+        assert first.stop(timeout=30) == 0, first.log_tail()
+        assert time.monotonic() - started < 30
+        assert len(reader.unique()) < len(expected), "the worker finished before it was stopped"
+        second = worker_factory(settings)
+        reader.until(lambda got: len(reader.unique()) >= len(expected), timeout=120)
+    finally:
+        reader.close()
+    live = reader.unique()
+    assert sorted(live) == sorted(c.change_id for c in expected)
+    assert_contiguous(live)
+    assert second.stop() == 0, second.log_tail()

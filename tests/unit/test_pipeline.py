@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from datetime import UTC, datetime, timedelta
 from random import Random
 from typing import Any
@@ -14,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_app.events import DeadLetterReason, MessageOrigin
-from stream_app.pipeline import LivePipeline, OrderedMerge, partition_of
-from stream_app.processor import SerializedStore
+from stream_app.pipeline import LivePipeline, OrderedMerge, RawMessage, TableStore, partition_of
+from stream_app.processor import CustomerState, SerializedStore
 from stream_app.settings import SegmentationSettings, Settings
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -287,3 +288,205 @@ async def test_event_on_another_customers_partition_is_re_keyed_not_processed() 
     assert sinks.changes == [] and p.counts.events == {} and p.counts.rerouted == 1
     await p.handle(b"alice", value, MessageOrigin(topic=CLICKS, partition=owner, offset=3))
     assert [c["customer_id"] for c in sinks.changes] == ["alice"]
+
+
+# --- batches: one state write per customer per batch, same outputs -----------------------------
+
+
+class CountingTable(dict[bytes, bytes]):
+    """A raw table that counts writes (each is a RocksDB put and a changelog record live)."""
+
+    writes = 0
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+def batched_pipeline(table: CountingTable, sinks: ListSinks, cache_size: int = 100) -> LivePipeline:
+    return LivePipeline(
+        Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
+        lambda partition: TableStore(table, partition, 1, cache_size),
+        sinks,
+        clock=lambda: T0 + timedelta(days=1),
+    )
+
+
+def raw(items: list[tuple[int, bytes]]) -> list[RawMessage]:
+    return [
+        (b"k", value, MessageOrigin(topic=CLICKS, partition=0, offset=offset), offset)
+        for offset, value in items
+    ]
+
+
+@pytest.mark.parametrize("cache_size", [0, 2, 100])
+async def test_batches_give_the_per_event_outputs_with_one_write_per_customer(
+    cache_size: int,
+) -> None:
+    items = _stream()  # 40 events over 4 customers
+    reference = ListSinks()
+    await feed(pipeline_factory({}, reference), items)
+
+    table = CountingTable()
+    sinks = ListSinks()
+    p = batched_pipeline(table, sinks, cache_size)
+    done: list[Any] = []
+    for start in range(0, len(items), 10):
+        done.extend(await p.handle_batch(raw(items[start : start + 10])))
+    assert done == [offset for offset, _ in items]  # every message acked, in order
+    assert sinks.changes == reference.changes
+    assert sinks.memberships == reference.memberships
+    assert table.writes == 4 * 4  # 4 batches x 4 customers, not 40
+    # The table holds what the per-event path stores (the outbox aside: acks arrive per batch).
+    for customer, stored in table.items():
+        state = CustomerState.from_bytes(stored)
+        assert state.offsets == {
+            CLICKS: max(o for o, v in items if f'"{customer.decode()}-' in v.decode())
+        }
+
+
+async def test_a_batchs_changes_are_sent_only_after_its_states_are_written() -> None:
+    table = CountingTable()
+    seen_writes: list[int] = []
+
+    class Watching(ListSinks):
+        async def change(self, customer_id: str, value: bytes) -> asyncio.Future[None]:
+            seen_writes.append(table.writes)
+            return await super().change(customer_id, value)
+
+    p = batched_pipeline(table, Watching())
+    await p.handle_batch(raw([(0, message("a", 0)), (1, message("b", 1))]))
+    assert seen_writes == [2, 2]  # both entry changes went out after both state writes
+
+
+async def test_a_failed_update_does_not_leave_a_half_updated_state_in_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = CountingTable()
+    sinks = ListSinks()
+    p = batched_pipeline(table, sinks)
+    await p.handle_batch(raw([(0, message("a", 0))]))
+    before = table[b"a"]
+    boom = {"on": True}
+    original = p.models.clusters.learn_assign
+
+    def explode(x: Any) -> int:
+        if boom["on"]:
+            raise RuntimeError("disk on fire")
+        return original(x)
+
+    monkeypatch.setattr(p.models.clusters, "learn_assign", explode)
+    await p.handle_batch(raw([(1, message("a", 1))]))
+    assert [d["reason"] for d in sinks.dead_letters] == ["processing_error"]
+    assert table[b"a"] == before
+    store = p.processors[0].store
+    assert isinstance(store, TableStore)
+    state = store.get("a")
+    assert state is not None and state.to_bytes() == before  # not the half-updated object
+
+
+async def test_the_merge_clock_is_when_a_message_was_read_not_when_its_batch_ran() -> None:
+    """Regression: a batch processed long after it was read made the other topic look stalled
+    (nothing pushed for > merge_max_wait_s of wall clock) and released a later transaction
+    first, so the clicks read with it became late events."""
+    ends = {"clickstream": 2, "transactions": 1}  # highwaters: a backlog of three messages
+    sinks = ListSinks()
+
+    def has_more(topic: str, partition: int) -> bool:
+        return p.last_offsets.get((topic, partition), -1) + 1 < ends[topic]
+
+    p = LivePipeline(
+        Settings(partitions=1, segmentation=SegmentationSettings(allowed_lateness_seconds=0)),
+        lambda partition: TableStore({}, partition, 1),
+        sinks,
+        clock=lambda: T0,
+        has_more=has_more,
+        merge_max_wait_s=1.0,
+    )
+
+    def msg(topic: str, offset: int, value: bytes) -> RawMessage:
+        return (b"k", value, MessageOrigin(topic=topic, partition=0, offset=offset), offset)
+
+    read_at = time.monotonic() - 30  # the batch waited 30 s behind a slow one
+    await p.handle_batch(
+        [
+            msg("clickstream", 0, message("a", 0)),
+            msg("transactions", 0, transaction_message("a", 600)),
+            msg("clickstream", 1, message("b", 1)),
+        ],
+        arrived=[read_at, read_at + 0.01, read_at + 0.02],
+    )
+    assert sinks.dead_letters == []
+    assert [c["reason"]["trigger_event_id"] for c in sinks.changes][:2] == ["a-0", "b-1"]
+
+
+async def test_time_spent_processing_is_not_silence_of_the_other_topic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: after a slow batch, the merge timer took the clicks topic for stalled (no
+    click read for longer than merge_max_wait_s of wall clock, all of it spent processing),
+    released a later transaction, and the clicks read next were late events."""
+    ends = {"clickstream": 3, "transactions": 1}
+    sinks = ListSinks()
+
+    def has_more(topic: str, partition: int) -> bool:
+        return p.last_offsets.get((topic, partition), -1) + 1 < ends[topic]
+
+    p = LivePipeline(
+        Settings(partitions=1, segmentation=SegmentationSettings(allowed_lateness_seconds=0)),
+        lambda partition: TableStore({}, partition, 1),
+        sinks,
+        clock=lambda: T0,
+        has_more=has_more,
+        merge_max_wait_s=0.2,
+    )
+    learn = p.models.clusters.learn_assign
+
+    def slow(x: Any) -> int:
+        time.sleep(0.3)  # a long batch
+        return learn(x)
+
+    monkeypatch.setattr(p.models.clusters, "learn_assign", slow)
+
+    def msg(topic: str, offset: int, value: bytes) -> RawMessage:
+        return (b"k", value, MessageOrigin(topic=topic, partition=0, offset=offset), offset)
+
+    first = [
+        msg("clickstream", 0, message("a", 0)),
+        msg("transactions", 0, transaction_message("a", 600)),
+    ]
+    await p.handle_batch(first, arrived=[p.input_clock()] * 2)
+    assert await p.flush_idle() == []  # the transaction stays held: clicks were not silent
+    now = p.input_clock()
+    await p.handle_batch(
+        [msg("clickstream", 1, message("b", 1)), msg("clickstream", 2, message("c", 2))],
+        arrived=[now, now],
+    )
+    assert sinks.dead_letters == []
+    triggers = [c["reason"]["trigger_event_id"] for c in sinks.changes]
+    assert triggers[:3] == ["a-0", "b-1", "c-2"]
+
+
+async def test_revocation_waits_for_the_batch_in_progress() -> None:
+    """A batch's changes are sent after its states are written; a revocation arriving while
+    it sends must not drop the partition's store in between."""
+    table = CountingTable()
+    release = asyncio.Event()
+
+    class Slow(ListSinks):
+        async def change(self, customer_id: str, value: bytes) -> asyncio.Future[None]:
+            await release.wait()
+            return await super().change(customer_id, value)
+
+    sinks = Slow()
+    p = batched_pipeline(table, sinks)
+    batch = asyncio.create_task(p.handle_batch(raw([(0, message("a", 0)), (1, message("b", 1))])))
+    await asyncio.sleep(0.01)
+    revoke = asyncio.create_task(p.revoke({0}))
+    await asyncio.sleep(0.01)
+    assert not revoke.done() and 0 in p.processors
+    release.set()
+    assert await batch == [0, 1]
+    await revoke
+    assert p.processors == {} and p.merges == {}
+    assert sorted(table) == [b"a", b"b"] and len(sinks.changes) == 2

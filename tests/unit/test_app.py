@@ -1,0 +1,202 @@
+"""The Faust agent itself, driven by Faust's test context (``agent.test_context()``): no broker.
+
+What a broker would add is delivery, and the integration tests cover that. Here the agent gets
+messages through the test context's channel, with the table on Faust's ``memory://`` store (the
+worker's RocksDB store is the same Table API). The producer is not started in a test context, so
+its ``send`` is replaced by a recorder that acknowledges at once, as Faust's testing guide does
+for topic sends. The consumer's highwater is set to what was put so far: caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from faust.events import Event
+from faust.types import Message
+
+from stream_app.app import CUSTOMERS_TABLE, create_app
+from stream_app.processor import CustomerState
+from stream_app.settings import Settings
+
+T0 = "2024-03-01T12:00:00+00:00"
+
+
+def click(customer: str, event_id: str, minute: int, event_type: str = "product_view") -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": event_id,
+            "customer_id": customer,
+            "event_time": f"2024-03-01T12:{minute:02d}:00+00:00",
+            "event_type": event_type,
+        }
+    )
+
+
+class Harness:
+    """Puts raw messages into the agent's test channel as the fetcher would hand them over."""
+
+    def __init__(self, tmp_path: Path, **overrides: Any) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.settings = Settings(
+            state_dir=tmp_path,
+            app_id=f"unit-{suffix}",
+            clickstream_topic=f"clicks-{suffix}",
+            transactions_topic=f"tx-{suffix}",
+            partitions=1,
+            **overrides,
+        )
+        self.app = create_app(self.settings, store="memory://")
+        self.sent: list[tuple[str, bytes | None, bytes | None]] = []
+        self.offsets: dict[str, int] = {}
+        self.messages: list[Message] = []
+        self.app.producer.send = self._send  # not started in a test context
+        self.app.consumer.highwater = lambda tp: self.offsets.get(tp.topic, 0)  # caught up
+
+    @property
+    def acked(self) -> list[tuple[str, int]]:
+        return [(m.topic, m.offset) for m in self.messages if m.acked]
+
+    async def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+    ) -> asyncio.Future[None]:
+        self.sent.append((topic, key, value))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    @property
+    def agent(self) -> Any:
+        return self.app.agents[next(name for name in self.app.agents if "segment" in name)]
+
+    async def put(self, channel: Any, topic: str, key: bytes, value: bytes) -> None:
+        offset = self.offsets.get(topic, 0)
+        self.offsets[topic] = offset + 1
+        message = Message(
+            topic=topic,
+            partition=0,
+            offset=offset,
+            timestamp=time.time(),
+            timestamp_type=0,
+            headers=None,
+            key=key,
+            value=value,
+            checksum=None,
+            serialized_key_size=len(key),
+            serialized_value_size=len(value),
+            generation_id=self.app.consumer_generation_id,
+        )
+        self.messages.append(message)
+        await channel.put(Event(self.app, key, value, {}, message))
+
+    def changes(self) -> list[dict[str, Any]]:
+        topic = self.settings.segment_changes_topic
+        return [orjson.loads(value) for t, _, value in self.sent if t == topic and value]
+
+    def state(self, customer: str) -> CustomerState:
+        raw = self.app.tables[CUSTOMERS_TABLE][customer.encode()]
+        return CustomerState.from_bytes(raw)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("the agent did not get there in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_agent_applies_events_to_the_table_sends_changes_and_acks(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    clicks = h.settings.clickstream_topic
+    async with h.agent.test_context() as agent:
+        channel = agent.stream().channel
+        for i in range(6):
+            customer = f"c{i % 2}"
+            await h.put(channel, clicks, customer.encode(), click(customer, f"e{i}", i))
+        await h.put(channel, clicks, b"x", b"{not json")
+        await until(lambda: len(h.acked) == 7)
+
+    pipeline = h.app.pipeline
+    assert pipeline.counts.snapshot()["events"] == {"product_view": 6}
+    assert pipeline.counts.snapshot()["dead_letters"] == {"invalid_json": 1}
+    # Table state: every event applied once, with the offset it came from.
+    for customer, last in (("c0", 4), ("c1", 5)):
+        state = h.state(customer)
+        assert len(state.recent_ids) == 3  # one id per applied event
+        assert state.offsets == {clicks: last}
+        assert state.sequence == 1
+    # Outputs: one entry change per customer (and its membership record), one dead letter.
+    changes = h.changes()
+    assert sorted((c["customer_id"], c["component"], c["sequence"]) for c in changes) == [
+        ("c0", "entry", 1),
+        ("c1", "entry", 1),
+    ]
+    membership = [v for t, _, v in h.sent if t == h.settings.segment_membership_topic]
+    assert len(membership) == 2
+    letters = [orjson.loads(v or b"") for t, _, v in h.sent if t == h.settings.dead_letters_topic]
+    assert [(d["reason"], d["source_offset"]) for d in letters] == [("invalid_json", 6)]
+    assert sorted(h.acked) == [(clicks, offset) for offset in range(7)]
+
+
+async def test_a_redelivered_message_is_not_applied_twice(tmp_path: Path) -> None:
+    """At-least-once: after a crash the consumer re-reads from the last committed offset."""
+    h = Harness(tmp_path)
+    clicks = h.settings.clickstream_topic
+    async with h.agent.test_context() as agent:
+        channel = agent.stream().channel
+        await h.put(channel, clicks, b"c0", click("c0", "e0", 0))
+        await h.put(channel, clicks, b"c0", click("c0", "e1", 1))
+        await until(lambda: len(h.acked) == 2)
+        before = h.state("c0").to_bytes()
+        h.offsets[clicks] = 1  # offset 1 again, as after a restart from committed offset 1
+        await h.put(channel, clicks, b"c0", click("c0", "e1", 1))
+        await until(lambda: len(h.acked) == 3)
+
+    assert h.state("c0").to_bytes() == before
+    assert h.app.pipeline.metrics.duplicates._value.get() == 1
+    assert len(h.changes()) == 1
+
+
+async def test_events_of_both_topics_reach_the_table_in_event_time_order(tmp_path: Path) -> None:
+    """The agent's ordered merge over the two inputs, through Faust: a transaction read before
+    older clicks is applied after them (the clicks are not late events)."""
+    h = Harness(tmp_path, segmentation={"allowed_lateness_seconds": 0})
+    clicks, txs = h.settings.clickstream_topic, h.settings.transactions_topic
+    purchase = orjson.dumps(
+        {
+            "event_id": "p1",
+            "customer_id": "c0",
+            "event_time": "2024-03-01T12:30:00+00:00",
+            "event_type": "purchase",
+            "order_id": "o1",
+            "amount": "10.00",
+            "currency": "EUR",
+        }
+    )
+    h.offsets[clicks] = 0
+    async with h.agent.test_context() as agent:
+        channel = agent.stream().channel
+        # The clicks topic still has two unread messages when the transaction arrives.
+        h.app.consumer.highwater = lambda tp: {clicks: 2, txs: 1}[tp.topic]
+        await h.put(channel, txs, b"c0", purchase)
+        await h.put(channel, clicks, b"c0", click("c0", "k1", 1))
+        await h.put(channel, clicks, b"c0", click("c0", "k2", 2))
+        await until(lambda: len(h.acked) == 3)
+
+    assert h.app.pipeline.counts.snapshot()["dead_letters"] == {}
+    state = h.state("c0")
+    assert len(state.recent_ids) == 3  # one id per applied event
+    assert state.offsets == {clicks: 1, txs: 0}
