@@ -1,14 +1,27 @@
-"""Live worker benchmark on the real local broker: throughput from a backlog (ours vs a naive
-Faust configuration, same run) and event-to-segment-change latency at a fixed rate.
+"""Live worker benchmark on the real local broker: throughput from a backlog (ours vs naive
+per-event Faust, same run) and event-to-segment-change latency at a fixed rate.
 
     .venv/bin/python -m load_tests.bench_live --events 20000 --rate 1000 --duration 20
 
+Throughput is measured for three workers over the same pre-published backlog, one after the
+other: ``throughput`` (the worker as configured by default), ``per_event`` (the same code with
+batches of one, no state cache and Faust's default buffers: what the worker did before issue #4)
+and ``naive_faust`` (``load_tests.baselines.naive_faust``: the per-event agent a user would write
+first; skipped if that module is absent). ``ratio_vs_naive`` is ours over naive_faust (else over
+per_event). ``worker_cpu_us_per_event`` is the least noisy figure on a shared machine.
+
 Everything runs on this machine: the broker, the generator and the worker share its cores.
+
+Superseded by the load harness, ``python -m load_tests run --scenario steady --rate 5000
+--duration 60 --baseline --report DIR`` (realistic traffic, latency percentiles over time, lag,
+CPU per process, baselines side by side, a report with pass/fail per objective). Kept while other
+scripts still import ``generate``, ``Worker`` and ``settings_for`` from here.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import statistics
@@ -82,12 +95,25 @@ def get_json(settings: Settings, path: str) -> Any:
         return None
 
 
+NAIVE_MODULE = "load_tests.baselines.naive_faust"
+PER_EVENT = {  # the worker before issue #4: per-event path, Faust's default buffers
+    "batch_max_events": 1,
+    "state_cache_size": 0,
+    "producer_buffer_max_messages": 100,
+    "stream_buffer_maxsize": 4096,
+    "producer_linger_s": 0.0,
+    "producer_max_batch_size": 16384,
+}
+
+
 class Worker:
-    def __init__(self, settings: Settings, log: Path) -> None:
+    def __init__(
+        self, settings: Settings, log: Path, command: tuple[str, ...] = ("stream_app.cli", "worker")
+    ) -> None:
         self.settings = settings
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_app.cli", "worker"],
+                [sys.executable, "-m", *command],
                 env=child_env(settings),
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -133,14 +159,19 @@ def settings_for(base: Settings, name: str, port: int, **overrides: Any) -> Sett
 
 
 def throughput(
-    base: Settings, name: str, port: int, events: int, **overrides: Any
+    base: Settings,
+    name: str,
+    port: int,
+    events: int,
+    command: tuple[str, ...] = ("stream_app.cli", "worker"),
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Publish a backlog first, then time the worker from ready to the last event processed."""
     settings = settings_for(base, name, port, **overrides)
     create_topics(settings)
     start = datetime(2024, 1, 1, tzinfo=UTC)
     publish(generate(events, events // 10, seed=7, start=start, step_s=0.05), settings)
-    worker = Worker(settings, base.state_dir / f"{name}.log")
+    worker = Worker(settings, base.state_dir / f"{name}.log", command)
     try:
         worker.wait_ready()
         began, cpu0 = time.monotonic(), worker.cpu_seconds()
@@ -155,6 +186,7 @@ def throughput(
         "seconds": round(elapsed, 2),
         "events_per_second": round(events / elapsed, 1),
         "worker_cpu_share": round(cpu / elapsed, 2),
+        "worker_cpu_us_per_event": round(cpu / events * 1e6),
     }
 
 
@@ -245,7 +277,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20)
     parser.add_argument("--out", type=Path, default=Path("load_tests/results/live.json"))
     args = parser.parse_args()
-    kafka_port, controller_port, *web = free_ports(5)
+    kafka_port, controller_port, *web = free_ports(6)
+    naive_available = importlib.util.find_spec(NAIVE_MODULE) is not None
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
         base = Settings(
             kafka_port=kafka_port,
@@ -257,23 +290,25 @@ def main() -> None:
         kafka.start()
         try:
             ours = throughput(base, "tuned", web[0], args.events)
-            naive = throughput(
-                base,
-                "naive",
-                web[1],
-                args.events,
-                producer_buffer_max_messages=100,
-                stream_buffer_maxsize=4096,
-                producer_linger_s=0.0,
+            per_event = throughput(base, "perevent", web[1], args.events, **PER_EVENT)
+            naive = (
+                throughput(base, "naive", web[3], args.events, (NAIVE_MODULE,))
+                if naive_available
+                else None
             )
             lat = latency(base, web[2], args.rate, args.duration)
         finally:
             kafka.stop()
+    reference = naive or per_event
     result = {
         "machine": f"{os.cpu_count()} vCPU, broker + generator + worker on the same machine",
         "throughput": ours,
-        "naive_faust_defaults": naive,
-        "ratio_vs_naive": round(ours["events_per_second"] / naive["events_per_second"], 2),
+        "per_event": per_event,
+        "naive_faust": naive,
+        "ratio_vs_naive": round(ours["events_per_second"] / reference["events_per_second"], 2),
+        "cpu_ratio_vs_naive": round(
+            reference["worker_cpu_us_per_event"] / ours["worker_cpu_us_per_event"], 2
+        ),
         "latency": lat,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,11 @@
 
     .venv/bin/python -m load_tests.bench_pipeline --events 20000
 
-Feeds the same synthetic stream as bench_live through `LivePipeline` with an in-memory store
-that serialises every state (as the table does) and sinks that discard. Compare its events/s
-with bench_live's worker throughput: the difference is Faust, aiokafka, RocksDB and the broker.
+Feeds the same synthetic stream as bench_live through `LivePipeline` with sinks that discard,
+twice: per event into a store that serialises every state (the worker before issue #4), and in
+batches of ``--batch`` into the worker's TableStore over a dict (state cache, one write per
+customer per batch). Compare with bench_live's worker throughput: the difference is Faust,
+aiokafka, RocksDB and the broker.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from load_tests.bench_live import generate
 from stream_app.events import ClickEvent, MessageOrigin, encode
-from stream_app.pipeline import LivePipeline
+from stream_app.pipeline import LivePipeline, RawMessage, TableStore
 from stream_app.processor import SerializedStore
 from stream_app.settings import Settings
 
@@ -36,7 +38,7 @@ class DiscardingSinks:
         return None
 
 
-async def run(events: int) -> float:
+async def run(events: int, batch: int = 0) -> float:
     stream = generate(
         events, events // 10, seed=7, start=datetime(2024, 1, 1, tzinfo=UTC), step_s=0.05
     )
@@ -44,24 +46,42 @@ async def run(events: int) -> float:
         ("clickstream" if isinstance(e, ClickEvent) else "transactions", encode(e), e.customer_id)
         for e in stream
     ]
+    table: dict[bytes, bytes] = {}
     pipeline = LivePipeline(
-        Settings(partitions=1), lambda partition: SerializedStore({}), DiscardingSinks()
+        Settings(partitions=1),
+        (lambda partition: TableStore(table, partition, 1))
+        if batch
+        else (lambda partition: SerializedStore({})),
+        DiscardingSinks(),
     )
     offsets = {"clickstream": 0, "transactions": 0}
-    started = time.perf_counter()
+    raw: list[RawMessage] = []
     for topic, value, customer in messages:
         offsets[topic] += 1
         origin = MessageOrigin(topic=topic, partition=0, offset=offsets[topic])
-        await pipeline.handle(customer.encode(), value, origin)
+        raw.append((customer.encode(), value, origin, None))
+    started = time.perf_counter()
+    if batch:
+        for start in range(0, len(raw), batch):
+            await pipeline.handle_batch(raw[start : start + batch])
+    else:
+        for key, value, origin, _ in raw:
+            await pipeline.handle(key, value, origin)
     return len(messages) / (time.perf_counter() - started)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
     rates = sorted(asyncio.run(run(args.events)) for _ in range(3))
-    print(f"LivePipeline without Faust/Kafka: {rates[1]:,.0f} events/s (median of 3)")
+    print(f"LivePipeline without Faust/Kafka, per event: {rates[1]:,.0f} events/s (median of 3)")
+    rates = sorted(asyncio.run(run(args.events, args.batch)) for _ in range(3))
+    print(
+        f"LivePipeline without Faust/Kafka, batches of {args.batch}: "
+        f"{rates[1]:,.0f} events/s (median of 3)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Baselines for the load harness: the same work without Faust, and a naive Faust agent."""
