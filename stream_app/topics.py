@@ -118,7 +118,8 @@ def create_topics(settings: Settings, *, timeout: float = 30.0) -> dict[str, str
     specs = topic_specs(settings)
     futures = admin.create_topics(specs, operation_timeout=timeout, request_timeout=timeout)
     outcomes = {spec.topic: _outcome(spec.topic, futures[spec.topic]) for spec in specs}
-    _warn_on_partition_mismatch(admin, settings, [t for t, o in outcomes.items() if o == EXISTS])
+    existing = [spec for spec in specs if outcomes[spec.topic] == EXISTS]
+    _warn_on_partition_mismatch(admin, existing)
     return outcomes
 
 
@@ -133,19 +134,17 @@ def _outcome(topic: str, future: Future[None]) -> str:
     return CREATED
 
 
-def _warn_on_partition_mismatch(
-    admin: AdminClient, settings: Settings, existing: list[str]
-) -> None:
+def _warn_on_partition_mismatch(admin: AdminClient, existing: list[NewTopic]) -> None:
     """Existing topics are left alone, but a different partition count breaks co-partitioning."""
     if not existing:
         return
     metadata = admin.list_topics(timeout=10)
-    for topic in existing:
-        found = metadata.topics.get(topic)
-        if found is not None and len(found.partitions) != settings.partitions:
+    for spec in existing:
+        found = metadata.topics.get(spec.topic)
+        if found is not None and len(found.partitions) != spec.num_partitions:
             log.warning(
                 "topic %s has %d partitions, settings say %d",
-                topic,
+                spec.topic,
                 len(found.partitions),
-                settings.partitions,
+                spec.num_partitions,
             )
