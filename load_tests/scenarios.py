@@ -49,6 +49,7 @@ from load_tests.systems import Broker, SystemKind, SystemProcess, delete_topics,
 from stream_app.topics import create_topics
 
 SPIKE_FACTOR: Final = 10.0
+WARMUP_PHASE: Final = "warm-up"
 SETTLE_SHARE: Final = 0.25  # of a ramp step, ignored while the system settles at the new rate
 GRACE_S: Final = 0.25  # after a second ends, before its subscriber bucket is read
 
@@ -120,13 +121,16 @@ def build_schedule(options: RunOptions) -> RateSchedule:
             duration,
         )
     if options.scenario is ScenarioName.RAMP:
-        step = options.step_rate or rate
+        # A warm-up at the start rate comes first and is not judged: the worker's start (model
+        # warm-up, first commits) must not decide the maximum sustainable rate.
+        step, warm = options.step_rate or rate, options.warmup
         count = math.floor((options.max_rate - rate) / step + 1e-9) + 1
-        phases = tuple(
-            Phase(i * options.step_s, rate + i * step, f"step {rate + i * step:g}/s")
+        steps = tuple(
+            Phase(warm + i * options.step_s, rate + i * step, f"step {rate + i * step:g}/s")
             for i in range(count)
         )
-        return RateSchedule(phases, count * options.step_s)
+        phases = ((Phase(0.0, rate, WARMUP_PHASE),) if warm > 0 else ()) + steps
+        return RateSchedule(phases, warm + count * options.step_s)
     return RateSchedule((Phase(0.0, rate, str(options.scenario)),), duration)
 
 
@@ -332,7 +336,7 @@ class RunLoop:
             # Ramp: judge each step as it ends; stop at the first one not sustained.
             if self.options.scenario is ScenarioName.RAMP and stopped_early_at is None:
                 step = _finished_step(self.schedule, second)
-                if step is not None:
+                if step is not None and step.name != WARMUP_PHASE:
                     judged = judge_step(
                         result.rows, ticks_by_second, step, self.objectives, subscriber
                     )

@@ -269,8 +269,23 @@ def test_scenario_schedules() -> None:
     ramp = build_schedule(
         RunOptions(scenario=ScenarioName.RAMP, rate=1000, step_rate=500, max_rate=3000, step_s=5)
     )
-    assert [p.rate for p in ramp.phases] == [1000, 1500, 2000, 2500, 3000]
-    assert ramp.duration_s == 25
+    # An unjudged 10 s warm-up at the start rate, then the steps.
+    assert [p.rate for p in ramp.phases] == [1000, 1000, 1500, 2000, 2500, 3000]
+    assert [p.start_s for p in ramp.phases] == [0, 10, 15, 20, 25, 30]
+    assert ramp.phases[0].name == "warm-up"
+    assert ramp.duration_s == 35
+    cold = build_schedule(
+        RunOptions(
+            scenario=ScenarioName.RAMP,
+            rate=1000,
+            step_rate=500,
+            max_rate=2000,
+            step_s=5,
+            warmup_s=0,
+        )
+    )
+    assert [(p.start_s, p.rate) for p in cold.phases] == [(0, 1000), (5, 1500), (10, 2000)]
+    assert cold.duration_s == 15
 
 
 def test_run_options_refuse_impossible_runs() -> None:
