@@ -19,7 +19,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
 import orjson
+from numpy.typing import NDArray
 from river import cluster, compose, linear_model, metrics, optim, preprocessing
 
 from stream_app.features import FEATURES
@@ -84,23 +86,15 @@ class ClusterProfile:
 Point = tuple[float, ...]  # scaled values in CLUSTER_FEATURES order
 
 
-def _distance(a: Point, b: Point) -> float:
-    """Squared Euclidean distance, summed in feature order (as OrderedKMeans does)."""
-    total = 0.0
-    for u, v in zip(a, b, strict=True):
-        delta = u - v
+def _squared_distances(points: NDArray[np.float64], centre: Point) -> NDArray[np.float64]:
+    """Squared Euclidean distance of every point (a row) to `centre`, summed feature by feature in
+    CLUSTER_FEATURES order: the same float operations, in the same order, as a Python loop
+    ``total = 0.0; total += delta * delta`` per point (so results are bit-identical to it)."""
+    total = np.zeros(points.shape[0])
+    for i, value in enumerate(centre):
+        delta = points[:, i] - value
         total += delta * delta
     return total
-
-
-def _closest(point: Point, centres: list[Point]) -> int:
-    """Index of the nearest centre; the lowest index on a tie."""
-    best, best_distance = 0, math.inf
-    for cid, centre in enumerate(centres):
-        distance = _distance(point, centre)
-        if distance < best_distance:
-            best, best_distance = cid, distance
-    return best
 
 
 class OrderedKMeans(cluster.KMeans):  # type: ignore[misc]
@@ -160,33 +154,52 @@ class BehaviourClusters:
         return self.reservoir is not None
 
     def _seed_centres(self, raw: list[dict[str, float]]) -> None:
-        points = [tuple(self._scaled(x)[f] for f in CLUSTER_FEATURES) for x in raw]
+        """Seeded k-means++ and LLOYD_PASSES Lloyd passes over the warm-up observations.
+
+        Vectorised with numpy (the pure-Python loops stalled a live worker for ~0.5 s at the
+        warm-up's end: the p99 tail of the load tests), with every sum in the loops' order, so the
+        centres are bit-identical to them (tests/unit/test_models.py keeps the loops as oracle).
+        """
+        points = self._scaled_rows(raw)
+        rows: list[Point] = [tuple(row) for row in points.tolist()]
         rng = random.Random(self.seed)
         k = self.kmeans.n_clusters
-        centres = [points[rng.randrange(len(points))]]
+        centres = [rows[rng.randrange(len(rows))]]
+        nearest = _squared_distances(points, centres[0])
         while len(centres) < k:
-            weights = [min(_distance(p, c) for c in centres) for p in points]
+            weights = nearest.tolist()
             total = sum(weights)
-            pick = rng.choices(points, weights=weights)[0] if total > 0 else rng.choice(points)
+            pick = rng.choices(rows, weights=weights)[0] if total > 0 else rng.choice(rows)
             centres.append(pick)
+            nearest = np.minimum(nearest, _squared_distances(points, pick))
         counts = [0] * k
         for _ in range(self.LLOYD_PASSES):
-            sums = [[0.0] * len(CLUSTER_FEATURES) for _ in range(k)]
-            counts = [0] * k
-            for p in points:
-                cid = _closest(p, centres)
-                counts[cid] += 1
-                total_of_cluster = sums[cid]
-                for i, value in enumerate(p):
-                    total_of_cluster[i] += value
+            distances = np.stack([_squared_distances(points, c) for c in centres], axis=1)
+            closest = np.argmin(distances, axis=1)  # the lowest id on a tie
+            counts = np.bincount(closest, minlength=k).tolist()
+            sums = [
+                np.bincount(closest, weights=points[:, i], minlength=k)
+                for i in range(len(CLUSTER_FEATURES))
+            ]
             for cid in range(k):
                 if counts[cid]:
-                    centres[cid] = tuple(total / counts[cid] for total in sums[cid])
+                    centres[cid] = tuple(float(column[cid]) / counts[cid] for column in sums)
         for cid in range(k):
             for f, value in zip(CLUSTER_FEATURES, centres[cid], strict=True):
                 self.kmeans.centers[cid][f] = value
         self.sizes = counts
         self._profiles.clear()
+
+    def _scaled_rows(self, raw: list[dict[str, float]]) -> NDArray[np.float64]:
+        """`_scaled` of many observations at once, one row each: River StandardScaler's formula,
+        ``(x - mean) / var ** 0.5`` (0 where the variance is 0), the same float operations."""
+        means, variances = self.scaler.means, self.scaler.vars
+        columns = []
+        for f in CLUSTER_FEATURES:
+            values = np.array([x[f] for x in raw], dtype=np.float64)
+            spread = variances[f] ** 0.5  # a Python float power, as River computes it
+            columns.append((values - means[f]) / spread if variances[f] else np.zeros(len(raw)))
+        return np.stack(columns, axis=1)
 
     def _scaled(self, features: dict[str, float]) -> dict[str, float]:
         scaled: dict[str, float] = self.scaler.transform_one(

@@ -33,8 +33,7 @@ from stream_app.models import (
     Propensity,
     SegmentModels,
     SnapshotError,
-    _closest,
-    _distance,
+    _squared_distances,
     model_version,
 )
 from stream_app.settings import SegmentationSettings
@@ -678,10 +677,79 @@ def test_explain_uses_the_assessment_it_is_given() -> None:
     ]
 
 
-def test_distance_and_closest_centre() -> None:
-    assert _distance((1.0, 2.0, 3.0), (1.0, 0.0, 6.0)) == 13.0
-    centres = [(0.0, 0.0), (2.0, 0.0), (0.0, 2.0)]
-    assert _closest((1.5, 0.0), centres) == 1
-    assert _closest((0.0, 1.9), centres) == 2
-    assert _closest((1.0, 0.0), centres) == 0  # equally far from 0 and 1: the lower id
-    assert _closest((1.0, 1.0), centres) == 0  # equally far from all three
+def _distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    total = 0.0
+    for u, v in zip(a, b, strict=True):
+        delta = u - v
+        total += delta * delta
+    return total
+
+
+def _closest(point: tuple[float, ...], centres: list[tuple[float, ...]]) -> int:
+    best, best_distance = 0, math.inf
+    for cid, centre in enumerate(centres):
+        distance = _distance(point, centre)
+        if distance < best_distance:
+            best, best_distance = cid, distance
+    return best
+
+
+def _seed_by_loops(
+    clusters: BehaviourClusters, raw: list[Row]
+) -> tuple[list[tuple[float, ...]], list[int]]:
+    """The seeding as plain Python loops (what BehaviourClusters did before it used numpy)."""
+    points = [tuple(clusters._scaled(x)[f] for f in CLUSTER_FEATURES) for x in raw]
+    rng = random.Random(clusters.seed)
+    k = clusters.kmeans.n_clusters
+    centres = [points[rng.randrange(len(points))]]
+    while len(centres) < k:
+        weights = [min(_distance(p, c) for c in centres) for p in points]
+        total = sum(weights)
+        pick = rng.choices(points, weights=weights)[0] if total > 0 else rng.choice(points)
+        centres.append(pick)
+    counts = [0] * k
+    for _ in range(clusters.LLOYD_PASSES):
+        sums = [[0.0] * len(CLUSTER_FEATURES) for _ in range(k)]
+        counts = [0] * k
+        for p in points:
+            cid = _closest(p, centres)
+            counts[cid] += 1
+            for i, value in enumerate(p):
+                sums[cid][i] += value
+        for cid in range(k):
+            if counts[cid]:
+                centres[cid] = tuple(total / counts[cid] for total in sums[cid])
+    return centres, counts
+
+
+def test_squared_distances_sum_in_feature_order() -> None:
+    import numpy as np
+
+    points = np.array([[1.0, 2.0, 3.0], [0.1, 0.2, 0.3]])
+    got = _squared_distances(points, (1.0, 0.0, 6.0)).tolist()
+    assert got == [13.0, _distance((0.1, 0.2, 0.3), (1.0, 0.0, 6.0))]
+
+
+@settings(max_examples=40)
+@given(
+    seed=st.integers(0, 2**16),
+    k=st.integers(1, 7),
+    n=st.integers(1, 120),
+    duplicates=st.booleans(),
+)
+def test_vectorised_seeding_is_bit_identical_to_the_loops(
+    seed: int, k: int, n: int, duplicates: bool
+) -> None:
+    """Centres and sizes equal the pure-Python k-means++ and Lloyd loops exactly, not approximately,
+    ties and identical points included, so a replay's output did not change with numpy."""
+    rng = random.Random(seed)
+    base = [{f: rng.choice([0.0, 1.0, rng.expovariate(1.0)]) for f in FEATURES} for _ in range(n)]
+    raw = [base[i % 3] if duplicates else base[i] for i in range(n)]
+    clusters = BehaviourClusters(k, 0.05, seed=seed, warmup=n)
+    for x in raw:
+        clusters.scaler.learn_one({f: x[f] for f in CLUSTER_FEATURES})
+    expected_centres, expected_counts = _seed_by_loops(clusters, raw)
+    clusters._seed_centres(raw)
+    got = [tuple(clusters.kmeans.centers[c][f] for f in CLUSTER_FEATURES) for c in range(k)]
+    assert got == expected_centres
+    assert clusters.sizes == expected_counts
