@@ -233,9 +233,11 @@ def run_load(options: RunOptions, objectives: Objectives, command: str = "") -> 
             )
         if options.baseline:
             # Interleaved repeats, so a burst of other work on the machine hits every system.
-            samples: dict[str, list[dict[str, Any]]] = {str(kind): [] for kind in systems}
+            # The floor runs in the capacity measurement only: it has no segmentation to report.
+            measured = [*systems, SystemKind.FLOOR]
+            samples: dict[str, list[dict[str, Any]]] = {str(kind): [] for kind in measured}
             for _ in range(options.capacity_repeats):
-                for kind in systems:
+                for kind in measured:
                     sample = measure_capacity(kind, options, kafka, Path(tmp), progress)
                     samples[str(kind)].append(sample)
                     progress.done(

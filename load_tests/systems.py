@@ -35,17 +35,20 @@ STOP_TIMEOUT_S: Final = 30.0
 
 
 class SystemKind(StrEnum):
-    """``worker`` is stream_app; the other two are the baselines of issue #6."""
+    """``worker`` is stream_app; plain and naive are the baselines of issue #6; the floor bounds
+    what any Faust worker doing the same I/O reaches (measured for capacity only)."""
 
     WORKER = "worker"
     PLAIN = "plain-loop"
     NAIVE = "naive-faust"
+    FLOOR = "faust-floor"
 
 
 COMMANDS: Final[dict[SystemKind, list[str]]] = {
     SystemKind.WORKER: ["-m", "stream_app.cli", "worker"],
     SystemKind.PLAIN: ["-m", "load_tests.baselines.plain_loop"],
     SystemKind.NAIVE: ["-m", "load_tests.baselines.naive_faust"],
+    SystemKind.FLOOR: ["-m", "load_tests.baselines.faust_floor"],
 }
 DESCRIPTIONS: Final[dict[SystemKind, str]] = {
     SystemKind.WORKER: "stream_app worker (Faust, ordered merge, outbox, tuned buffers)",
@@ -53,6 +56,9 @@ DESCRIPTIONS: Final[dict[SystemKind, str]] = {
     "RocksDB state + changelog, offsets committed after delivery (no Faust)",
     SystemKind.NAIVE: "naive per-event Faust agent: decode -> Processor -> await send, "
     "Faust defaults (no merge, no outbox)",
+    SystemKind.FLOOR: "Faust floor: the worker's Faust app, agent shape and I/O (a table write per "
+    "customer per batch, a change and a membership record sent per event), no decoding and no "
+    "segmentation (capacity only)",
 }
 
 

@@ -85,12 +85,9 @@ def _raw_topic(app: Any, *names: str) -> Any:
     )
 
 
-def create_app(
-    settings: Settings, models: SegmentModels | None = None, store: str = "rocksdb://"
-) -> Any:
-    """Build the Faust app; the returned app carries ``app.pipeline`` (its LivePipeline).
-
-    ``store``: Faust's table store; unit tests use ``memory://`` (no RocksDB files)."""
+def faust_app(settings: Settings, store: str = "rocksdb://") -> Any:
+    """The worker's Faust app with its tuned settings, before any table, agent or page (the load
+    tests' Faust floor baseline builds on the same one)."""
     datadir = settings.state_dir.expanduser().resolve() / "faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -125,6 +122,16 @@ def create_app(
         web_tables_enabled=False,  # customer data is not for an unauthenticated HTTP port
     )
     app.producer.buffer.max_messages = settings.producer_buffer_max_messages
+    return app
+
+
+def create_app(
+    settings: Settings, models: SegmentModels | None = None, store: str = "rocksdb://"
+) -> Any:
+    """Build the Faust app; the returned app carries ``app.pipeline`` (its LivePipeline).
+
+    ``store``: Faust's table store; unit tests use ``memory://`` (no RocksDB files)."""
+    app = faust_app(settings, store)
     customers = app.Table(
         CUSTOMERS_TABLE,
         key_type=bytes,  # bytes -> raw codec (tables take no serializer arguments)

@@ -14,7 +14,8 @@ import pytest
 
 from load_tests.__main__ import run_load
 from load_tests.objectives import Objectives
-from load_tests.scenarios import RunOptions, ScenarioName
+from load_tests.scenarios import Progress, RunOptions, ScenarioName, measure_capacity
+from load_tests.systems import SystemKind, broker
 from stream_app.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -71,3 +72,26 @@ def test_smoke_scenario_writes_a_sane_report(kafka_broker: Settings, tmp_path: P
     markdown = (report / "report.md").read_text()
     assert "| objective | target | measured | result | note |" in markdown
     assert "vCPU" in markdown
+
+
+def test_capacity_of_the_faust_floor_counts_the_whole_backlog(
+    kafka_broker: Settings, tmp_path: Path
+) -> None:
+    """The capacity measurement (as --baseline runs it) on the Faust floor baseline: the whole
+    backlog is consumed, timed and its CPU measured."""
+    options = RunOptions(
+        capacity_events=3000,
+        partitions=2,
+        bootstrap=kafka_broker.bootstrap_servers,
+        report_dir=tmp_path / "report",
+        progress=False,
+    )
+    with broker(options.bootstrap, tmp_path / "broker") as kafka:
+        found = measure_capacity(SystemKind.FLOOR, options, kafka, tmp_path, Progress(False))
+    assert found["system"] == "faust-floor"
+    assert found["events"] == 3000
+    assert found["processed"] == 3000
+    assert found["events_per_s"] is not None
+    assert found["events_per_s"] > 0
+    assert found["events_per_cpu_s"] is not None
+    assert found["events_per_cpu_s"] > 0

@@ -1,0 +1,112 @@
+"""Baseline: the Faust floor, the worker's Kafka and table I/O with none of its work.
+
+The worker's Faust app (``stream_app.app.faust_app``: the same buffers, producer and RocksDB
+settings), the same agent shape (one agent over both inputs, no auto-ack, batches of what the
+fetcher has already delivered, up to ``batch_max_events``), and per batch the I/O a worker does:
+one RocksDB table write (with its changelog record) per customer, then a segment change (1,000
+bytes) and a membership record (250 bytes) sent for every ``FLOOR_CHANGE_EVERY``-th event (default
+7: the worker emits 0.13 changes per event on the load tests' capacity backlog), then the acks.
+No decoding, no features, no models, no policy, no dead letters. ``FLOOR_TABLE=0`` leaves out the
+table writes and ``FLOOR_CHANGE_EVERY=0`` the sends, to see Faust's ingest alone.
+
+Its capacity is the most any Faust worker doing this I/O can reach on this machine, whatever its
+segmentation costs: if it is below a target, the target needs something other than a faster
+segmentation core.
+
+Configured by STREAM_APP_* variables like the worker; serves ``/ready`` and ``/counts``.
+
+    python -m load_tests.baselines.faust_floor
+"""
+
+from __future__ import annotations
+
+import logging.config
+import os
+from collections import Counter
+from typing import Any, Final
+
+import faust
+
+from stream_app.app import _as_current, _more_coming, _raw_topic, faust_app
+from stream_app.logs import logging_config
+from stream_app.settings import Settings
+
+CHANGE: Final = b"c" * 1000  # about the size of a SegmentChange as JSON
+MEMBERSHIP: Final = b"m" * 250  # about the size of a membership record
+
+
+def create_floor_app(settings: Settings) -> Any:
+    app = faust_app(settings)
+    customers = app.Table(
+        "customers",
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,
+        options={"block_cache_size": settings.rocksdb_block_cache_bytes},
+    )
+    inputs = _raw_topic(app, *settings.input_topics)
+    counted: Counter[str] = Counter()
+    max_batch = settings.batch_max_events
+    change_every = int(os.environ.get("FLOOR_CHANGE_EVERY", "7"))
+    write_table = os.environ.get("FLOOR_TABLE", "1") != "0"
+
+    async def handle(batch: list[Any]) -> None:
+        latest: dict[bytes, Any] = {}
+        for event in batch:
+            latest[event.key or b""] = event
+        for key, event in latest.items() if write_table else ():
+            with _as_current(event):
+                customers[key] = event.value
+        for n, event in enumerate(batch, start=counted["floor"]):
+            if not change_every or n % change_every:
+                continue
+            key = event.key or b""
+            await app.producer.send(settings.segment_changes_topic, key, CHANGE, None, None, None)
+            await app.producer.send(
+                settings.segment_membership_topic, key, MEMBERSHIP, None, None, None
+            )
+        for event in batch:
+            event.ack()
+        counted["floor"] += len(batch)
+
+    async def floor(stream: Any) -> None:
+        queue = stream.channel.queue
+        batch: list[Any] = []
+        async for event in stream.noack().events():
+            batch.append(event)
+            if len(batch) < max_batch and await _more_coming(queue):
+                continue
+            await handle(batch)
+            batch = []
+
+    app.agent(inputs, name="faust-floor")(floor)
+
+    async def counts(web: Any, request: Any) -> Any:
+        return web.json({"events": dict(counted), "dead_letters": {}})
+
+    async def ready(web: Any, request: Any) -> Any:
+        assigned = bool(app.consumer.assignment()) if app.consumer else False
+        recovered = app.tables.recovery.completed.is_set()
+        body = {"assigned": assigned, "recovered": recovered}
+        return web.json(body, status=200 if assigned and recovered else 503)
+
+    app.page("/counts", name="counts")(counts)
+    app.page("/ready", name="ready")(ready)
+    return app
+
+
+def main() -> None:
+    settings = Settings()
+    logging.config.dictConfig(logging_config(settings.log_level))
+    app = create_floor_app(settings)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level,
+        quiet=True,
+        logging_config=logging_config(settings.log_level),
+    )
+    worker.execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()
