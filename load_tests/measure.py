@@ -302,13 +302,7 @@ def parse_metrics(text: str | None) -> dict[str, Any]:
                     count = sample.value
                 elif sample.name.endswith("_sum"):
                     total = sample.value
-            out[family.name] = {
-                "count": int(count),
-                "sum_s": round(total, 4),
-                "mean_ms": round(1000 * total / count, 3) if count else None,
-                "p50_ms_estimate": _bucket_quantile(buckets, 0.50),
-                "p99_ms_estimate": _bucket_quantile(buckets, 0.99),
-            }
+            out[family.name] = _histogram_summary(family.name, buckets, count, total)
             continue
         values: dict[str, float] = {}
         for sample in family.samples:
@@ -321,11 +315,49 @@ def parse_metrics(text: str | None) -> dict[str, Any]:
     return out
 
 
-def _bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
-    """Linear interpolation inside the bucket holding the quantile (as PromQL does), in ms."""
+def _histogram_summary(
+    name: str, buckets: list[tuple[float, float]], count: float, total: float
+) -> dict[str, Any]:
+    """A ``*_seconds`` histogram in ms; any other (e.g. events per batch) in its own unit."""
+    if name.endswith("_seconds"):
+        return {
+            "count": int(count),
+            "sum_s": round(total, 4),
+            "mean_ms": round(1000 * total / count, 3) if count else None,
+            "p50_ms_estimate": _bucket_quantile(buckets, 0.50, 1000),
+            "p99_ms_estimate": _bucket_quantile(buckets, 0.99, 1000),
+        }
+    return {
+        "count": int(count),
+        "sum": round(total, 4),
+        "mean": round(total / count, 3) if count else None,
+        "p50_estimate": _bucket_quantile(buckets, 0.50),
+        "p99_estimate": _bucket_quantile(buckets, 0.99),
+    }
+
+
+def _bucket_quantile(
+    buckets: list[tuple[float, float]], q: float, scale: float = 1.0
+) -> float | None:
+    """Linear interpolation inside the bucket holding the quantile (as PromQL does), times
+    `scale` (1000: seconds to ms)."""
     buckets = sorted(buckets)
     if not buckets or buckets[-1][1] == 0:
         return None
+    target = q * buckets[-1][1]
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= target:
+            if math.isinf(bound):
+                return round(previous_bound * scale, 3)
+            share = (
+                (target - previous_count) / (count - previous_count)
+                if count > previous_count
+                else 1
+            )
+            return round((previous_bound + (bound - previous_bound) * share) * scale, 3)
+        previous_bound, previous_count = bound, count
+    return None
     target = q * buckets[-1][1]
     previous_bound, previous_count = 0.0, 0.0
     for bound, count in buckets:

@@ -390,6 +390,13 @@ def test_prometheus_histograms_become_quantile_estimates() -> None:
             'h_seconds_bucket{le="+Inf"} 100.0',
             "h_seconds_count 100.0",
             "h_seconds_sum 2.0",
+            "# HELP b_events per batch",
+            "# TYPE b_events histogram",
+            'b_events_bucket{le="1.0"} 2.0',
+            'b_events_bucket{le="100.0"} 4.0',
+            'b_events_bucket{le="+Inf"} 4.0',
+            "b_events_count 4.0",
+            "b_events_sum 102.0",
             "# HELP c_total y",
             "# TYPE c_total counter",
             'c_total{reason="a"} 3.0',
@@ -401,6 +408,14 @@ def test_prometheus_histograms_become_quantile_estimates() -> None:
     assert parsed["h_seconds"]["mean_ms"] == 20.0
     assert parsed["h_seconds"]["p50_ms_estimate"] == 10.0
     assert parsed["h_seconds"]["p99_ms_estimate"] == pytest.approx(98.2)
+    # Not a duration: reported in its own unit (events), not as milliseconds.
+    assert parsed["b_events"] == {
+        "count": 4,
+        "sum": 102.0,
+        "mean": 25.5,
+        "p50_estimate": 1.0,
+        "p99_estimate": pytest.approx(98.02),
+    }
     assert parsed["c"] == {"reason=a": 3.0}
 
 
