@@ -8,6 +8,9 @@ Run: ``.venv/bin/python -m load_tests.bench_offline [--out load_tests/results/of
    "wall" = reading + parsing + sorting the file + replay. The datasets module's parse caches are
    process-global ``lru_cache``s, so they are cleared before every run (a real replay is a fresh
    process); otherwise runs 2 and 3 would parse with warm caches.
+   One more replay of each times River's own calls (``RIVER_CALLS``: scaler transform/learn,
+   logistic scoring/learning, the KMeans assignment), less the timer's cost: what per-event
+   learning costs however fast everything else is (``river_us_per_event``).
 2. Propensity: one instrumented Online Retail replay records every delayed label the processor
    learns from (``Propensity.learn`` wrapped on the processor's models) with its snapshot time,
    taken from the snapshot itself (``snap[0]``) by wrapping ``Processor._expire`` and matched to
@@ -30,6 +33,7 @@ Everything but the timings is deterministic (seeded sample, seeded estimators, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import gc
@@ -50,6 +54,7 @@ from pathlib import Path
 from typing import Any, Final
 from unittest import mock
 
+from river import linear_model, preprocessing
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -60,7 +65,7 @@ from stream_app import datasets, replay
 from stream_app.datasets import DatasetFormat, RowError, read_dataset
 from stream_app.events import Event
 from stream_app.features import FEATURES
-from stream_app.models import CLUSTER_FEATURES, BehaviourClusters, SegmentModels
+from stream_app.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans, SegmentModels
 from stream_app.processor import MemoryStore, Outcome, Position, Processor, Snapshot
 from stream_app.replay import build_report, replay_offline
 from stream_app.settings import SegmentationSettings
@@ -162,6 +167,61 @@ def measure_throughput(
         "events_per_s_wall": round(events / median["wall_seconds"], 1),
     }
     return measured, report
+
+
+RIVER_CALLS: Final = (
+    (preprocessing.StandardScaler, "transform_one"),
+    (preprocessing.StandardScaler, "learn_one"),
+    (linear_model.LogisticRegression, "predict_proba_one"),
+    (linear_model.LogisticRegression, "learn_one"),
+    (OrderedKMeans, "predict_one"),
+)
+
+
+def _timing(spent: list[float], method: Callable[..., Any]) -> Callable[..., Any]:
+    clock = time.perf_counter
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        spent[1] += 1
+        started = clock()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent[0] += clock() - started
+
+    return timed
+
+
+def measure_river_time(
+    path: Path, fmt: DatasetFormat, settings: SegmentationSettings
+) -> dict[str, Any]:
+    """Time spent inside River's own calls (scaling, logistic scoring and learning, the KMeans
+    assignment) during one replay: what per-event learning costs however fast the rest is. The
+    timer's own cost (measured around an empty call) is subtracted."""
+    _clear_parse_caches()
+    items = list(read_dataset(path, fmt))
+    spent = [0.0, 0.0]  # seconds, calls
+    with contextlib.ExitStack() as stack:
+        for owner, name in RIVER_CALLS:
+            stack.enter_context(
+                mock.patch.object(owner, name, _timing(spent, getattr(owner, name)))
+            )
+        result, _, _ = replay_offline(items, settings)
+    empty = [0.0, 0.0]
+    nothing = _timing(empty, lambda: None)
+    for _ in range(100_000):
+        nothing()
+    overhead = empty[0] / empty[1]
+    river_s = spent[0] - overhead * spent[1]
+    return {
+        "events": result.events,
+        "river_calls": int(spent[1]),
+        "river_calls_per_event": round(spent[1] / result.events, 2),
+        "river_seconds": round(river_s, 4),
+        "river_us_per_event": round(1e6 * river_s / result.events, 1),
+        "timer_overhead_ns_per_call": round(1e9 * overhead, 1),
+        "budget_us_per_event_at_30000": round(1e6 / 30_000, 1),
+    }
 
 
 # --- 2./3. instrumented replay ----------------------------------------------------------------
@@ -595,7 +655,9 @@ def _throughput(settings: SegmentationSettings) -> tuple[dict[str, Any], dict[st
     retail["csv_rows"] = rows
     retail["rows_per_s_wall"] = round(rows / retail["median"]["wall_seconds"], 1)
     retail["rows_per_s_parse_only"] = round(rows / retail["median"]["parse_seconds"], 1)
+    retail["river"] = measure_river_time(RETAIL, "online-retail", settings)
     rees, _ = measure_throughput(REES46, "rees46", settings)
+    rees["river"] = measure_river_time(REES46, "rees46", settings)
     return {"online_retail": retail, "rees46": rees}, plain_report
 
 
