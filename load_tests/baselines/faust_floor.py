@@ -20,15 +20,12 @@ Configured by STREAM_APP_* variables like the worker; serves ``/ready`` and ``/c
 
 from __future__ import annotations
 
-import logging.config
 import os
 from collections import Counter
 from typing import Any, Final
 
-import faust
-
+from load_tests.baselines.faust_common import add_harness_pages, run
 from stream_app.app import _as_current, _more_coming, _raw_topic, faust_app
-from stream_app.logs import logging_config
 from stream_app.settings import Settings
 
 CHANGE: Final = b"c" * 1000  # about the size of a SegmentChange as JSON
@@ -81,31 +78,12 @@ def create_floor_app(settings: Settings) -> Any:
 
     app.agent(inputs, name="faust-floor")(floor)
 
-    async def counts(web: Any, request: Any) -> Any:
-        return web.json({"events": dict(counted), "dead_letters": {}})
-
-    async def ready(web: Any, request: Any) -> Any:
-        assigned = bool(app.consumer.assignment()) if app.consumer else False
-        recovered = app.tables.recovery.completed.is_set()
-        body = {"assigned": assigned, "recovered": recovered}
-        return web.json(body, status=200 if assigned and recovered else 503)
-
-    app.page("/counts", name="counts")(counts)
-    app.page("/ready", name="ready")(ready)
+    add_harness_pages(app, lambda: {"events": dict(counted), "dead_letters": {}})
     return app
 
 
 def main() -> None:
-    settings = Settings()
-    logging.config.dictConfig(logging_config(settings.log_level))
-    app = create_floor_app(settings)
-    worker = faust.Worker(
-        app,
-        loglevel=settings.log_level,
-        quiet=True,
-        logging_config=logging_config(settings.log_level),
-    )
-    worker.execute_from_commandline()
+    run(create_floor_app)
 
 
 if __name__ == "__main__":

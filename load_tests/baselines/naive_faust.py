@@ -13,7 +13,6 @@ Configured by STREAM_APP_* variables like the worker; serves ``/ready`` and ``/c
 
 from __future__ import annotations
 
-import logging.config
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,9 +20,9 @@ from typing import Any
 
 import faust
 
+from load_tests.baselines.faust_common import add_harness_pages, run
 from stream_app.events import DeadLetter, DeadLetterReason, MessageOrigin, dead_letter, encode
 from stream_app.events import decode_event as decode
-from stream_app.logs import logging_config
 from stream_app.models import SegmentModels
 from stream_app.pipeline import membership_record, partition_of
 from stream_app.processor import CustomerState, Position, Processor, Status
@@ -129,31 +128,12 @@ def create_naive_app(settings: Settings) -> Any:
                 await changes.send(key=key, value=encode(change))
                 await membership.send(key=key, value=membership_record(change))
 
-    async def counts(web: Any, request: Any) -> Any:
-        return web.json({"events": dict(events), "dead_letters": dict(letters)})
-
-    async def ready(web: Any, request: Any) -> Any:
-        assigned = bool(app.consumer.assignment()) if app.consumer else False
-        recovered = app.tables.recovery.completed.is_set()
-        body = {"assigned": assigned, "recovered": recovered}
-        return web.json(body, status=200 if assigned and recovered else 503)
-
-    app.page("/counts", name="counts")(counts)
-    app.page("/ready", name="ready")(ready)
+    add_harness_pages(app, lambda: {"events": dict(events), "dead_letters": dict(letters)})
     return app
 
 
 def main() -> None:
-    settings = Settings()
-    logging.config.dictConfig(logging_config(settings.log_level))
-    app = create_naive_app(settings)
-    worker = faust.Worker(
-        app,
-        loglevel=settings.log_level,
-        quiet=True,
-        logging_config=logging_config(settings.log_level),
-    )
-    worker.execute_from_commandline()
+    run(create_naive_app)
 
 
 if __name__ == "__main__":
