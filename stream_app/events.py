@@ -220,6 +220,7 @@ class DeadLetterReason(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     INVALID_FIELD = "invalid_field"
     LATE_EVENT = "late_event"
+    FUTURE_EVENT = "future_event"
     PROCESSING_ERROR = "processing_error"
 
 

@@ -53,6 +53,12 @@ class SegmentationSettings(BaseModel):
     cluster_confirmations: int = Field(2, ge=1, le=100)
     # Ordering and idempotency.
     allowed_lateness_seconds: float = Field(300.0, ge=0)
+    # Event time is untrusted: an event more than this far ahead of the clock (live: the
+    # worker's wall clock; offline: the stream's own progress) is dead-lettered as future_event.
+    max_future_skew_seconds: float = Field(300.0, ge=0)
+    # Offline there is no wall clock: the stream's progress (newest accepted event time) is the
+    # clock, and quiet periods in real data are long (Online Retail: 12 days at Christmas).
+    offline_max_gap_days: float = Field(60.0, gt=0)
     recent_event_ids: int = Field(32, ge=1, le=1024)
     top_categories: int = Field(5, ge=1, le=20)
 
@@ -129,6 +135,13 @@ class Settings(BaseSettings):
     # On loopback, lz4 measured slower (the CPU it costs exceeds the socket time it saves).
     producer_compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     log_level: str = "INFO"
+    # /ready answers 503 when input is waiting but nothing was processed for this long, or the
+    # broker has not answered a probe for this long.
+    ready_stall_s: float = Field(30.0, gt=0)
+    broker_probe_interval_s: float = Field(5.0, gt=0)
+    # Repeated identical log lines (e.g. connection errors) are written once per interval, with
+    # the number suppressed.
+    log_repeat_interval_s: float = Field(30.0, gt=0)
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
 
     @model_validator(mode="after")
