@@ -73,6 +73,32 @@ class FaustSinks:
         await self._app.producer.send(topic, key, value, None, None, None)
 
 
+class ChangelogAcks:
+    """Knows when the customer table's writes are durable.
+
+    A Faust table write goes to RocksDB at once and to its changelog through the producer
+    buffer (``send_soon``); nothing tells the writer when the broker has it, and the buffer's own
+    ``flush`` gives up after 0.1 s without a send. So the table's ``send_changelog`` is wrapped
+    to keep each record's future, and :meth:`wait` awaits them all: the broker's acknowledgement
+    of every state write so far. The pipeline sends a batch's changes only after that."""
+
+    def __init__(self, table: Any) -> None:
+        self._pending: list[asyncio.Future[Any]] = []
+        send = table.send_changelog
+
+        def send_and_keep(*args: Any, **kwargs: Any) -> Any:
+            fut = send(*args, **kwargs)
+            self._pending.append(fut)
+            return fut
+
+        table.send_changelog = send_and_keep
+
+    async def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
@@ -140,6 +166,7 @@ def create_app(
         options={"block_cache_size": settings.rocksdb_block_cache_bytes},
     )
     sinks = FaustSinks(app, settings)
+    durable = ChangelogAcks(customers)
 
     def has_more(topic: str, partition: int) -> bool:
         return _unread(app, pipeline.last_offsets, topic, partition)
@@ -155,6 +182,7 @@ def create_app(
         has_more=has_more,
         as_current=_as_current,
         merge_max_wait_s=settings.merge_max_wait_s,
+        durable=durable.wait,
     )
     app.pipeline = pipeline
     app.event_counts = pipeline.counts

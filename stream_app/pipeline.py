@@ -51,12 +51,20 @@ from stream_app.events import (
 )
 from stream_app.metrics import Metrics
 from stream_app.models import SegmentModels
-from stream_app.processor import CustomerState, Position, Processor, StateStore, Status
+from stream_app.processor import (
+    CustomerState,
+    Position,
+    Processor,
+    StateStore,
+    Status,
+)
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT: Final = 256
+DELIVERY_KEY_PREFIX: Final = b"\x00delivery:"  # not a customer id: ids are validated text
+DEAD_LETTER_RETRY_MAX_S: Final = 5.0
 STATE_CACHE_SIZE: Final = 20_000
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 # One raw input message: key, value, where it was read, and the token the caller acks.
@@ -105,12 +113,37 @@ def partition_of(customer_id: str, partitions: int) -> int:
     return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+@dataclass(slots=True)
+class DeliveryMarker:
+    """Per partition, stored in the state table beside its customers (so it moves with the
+    partition): the newest batch whose states were written, and the newest batch all of whose
+    changes the broker has acknowledged. After a crash only the outboxes of states written after
+    `delivered` are sent again, instead of every customer's last changes."""
+
+    written: int = 0
+    delivered: int = 0
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"written": self.written, "delivered": self.delivered})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> DeliveryMarker:
+        if raw is None:
+            return cls()
+        v = orjson.loads(raw)
+        return cls(written=int(v["written"]), delivered=int(v["delivered"]))
+
+
 class BufferedStore(Protocol):
     """A StateStore whose writes are buffered until :meth:`flush` (see :class:`TableStore`)."""
 
-    def flush(self) -> int: ...
+    batch: int
+
+    def flush(self, marker: DeliveryMarker | None = None) -> int: ...
 
     def discard_cached(self) -> None: ...
+
+    def marker(self) -> DeliveryMarker: ...
 
 
 class TableStore:
@@ -144,6 +177,8 @@ class TableStore:
         self.cache_size = cache_size
         self._cache: dict[str, CustomerState] = {}
         self._pending: dict[str, bytes | None] = {}  # None: delete
+        self.batch = 1  # stamped on every state written until the next flush
+        self._marker_key = DELIVERY_KEY_PREFIX + str(partition).encode()
 
     def get(self, customer_id: str) -> CustomerState | None:
         state = self._cache.get(customer_id)
@@ -160,12 +195,16 @@ class TableStore:
         return state
 
     def put(self, state: CustomerState) -> None:
+        state.written_batch = self.batch
         self._pending[state.customer_id] = state.to_bytes()
         self._remember(state)
 
     def delete(self, customer_id: str) -> None:
         self._pending[customer_id] = None
         self._cache.pop(customer_id, None)
+
+    def marker(self) -> DeliveryMarker:
+        return DeliveryMarker.from_bytes(self.table.get(self._marker_key))
 
     def _remember(self, state: CustomerState) -> None:
         cache = self._cache
@@ -178,8 +217,9 @@ class TableStore:
     def dirty(self) -> int:
         return len(self._pending)
 
-    def flush(self) -> int:
-        """Write every buffered state to the table; returns how many keys were written."""
+    def flush(self, marker: DeliveryMarker | None = None) -> int:
+        """Write every buffered state to the table, then the partition's delivery marker;
+        returns how many customer keys were written."""
         pending, self._pending = self._pending, {}
         table = self.table
         for customer_id, raw in pending.items():
@@ -187,6 +227,8 @@ class TableStore:
                 table.pop(customer_id.encode(), None)
             else:
                 table[customer_id.encode()] = raw
+        if marker is not None:
+            table[self._marker_key] = marker.to_bytes()
         return len(pending)
 
     def discard_cached(self) -> None:
@@ -195,6 +237,8 @@ class TableStore:
     def __iter__(self) -> Iterator[CustomerState]:
         seen: set[str] = set()
         for key in list(self.table.keys()):
+            if key.startswith(DELIVERY_KEY_PREFIX):
+                continue
             customer = key.decode()
             if partition_of(customer, self.partitions) == self.partition:
                 seen.add(customer)
@@ -222,6 +266,10 @@ class AckTracker:
     def on_ack(self, customer_id: str, sequence: int) -> None:
         if sequence > self.acked.get(customer_id, 0):
             self.acked[customer_id] = sequence
+
+
+async def _nothing_to_wait_for() -> None:
+    """Stores that write synchronously (dicts in tests) are durable once written."""
 
 
 def membership_record(change: SegmentChange) -> bytes:
@@ -325,6 +373,20 @@ class _Delivery:
     outbox: list[str] | None
     changes: list[SegmentChange]
     now: datetime
+    partition: int = 0
+
+
+@dataclass(slots=True)
+class _PartitionDelivery:
+    """The live side of a partition's :class:`DeliveryMarker`: batches whose changes still
+    await the broker's acknowledgement."""
+
+    marker: DeliveryMarker
+    unacked: Counter[int] = field(default_factory=Counter)
+
+    def delivered(self) -> int:
+        waiting = [batch for batch, n in self.unacked.items() if n > 0]
+        return min(waiting) - 1 if waiting else self.marker.written
 
 
 class LivePipeline:
@@ -340,6 +402,7 @@ class LivePipeline:
         as_current: Callable[[Any], AbstractContextManager[Any]] | None = None,
         merge_max_wait_s: float = 1.0,
         partitions: Callable[[str], int] | None = None,
+        durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.models = models or SegmentModels(settings.segmentation)
@@ -356,6 +419,8 @@ class LivePipeline:
         self._as_current = as_current or (lambda token: nullcontext())
         self._merge_max_wait_s = merge_max_wait_s
         self._partitions = partitions or (lambda topic: settings.partitions)
+        self._durable = durable or _nothing_to_wait_for
+        self.delivery: dict[int, _PartitionDelivery] = {}
         self._kinds: dict[str, EventKind] = {
             settings.clickstream_topic: "click",
             settings.transactions_topic: "transaction",
@@ -383,12 +448,40 @@ class LivePipeline:
         proc = self.processors.get(partition)
         if proc is None:
             store = self._store_for(partition)
-            proc = Processor(self.settings.segmentation, self.models, store, outbox=self.acks)
-            proc.rebuild_due_index()
+            proc = Processor(
+                self.settings.segmentation,
+                self.models,
+                store,
+                outbox=self.acks,
+            )
             self.processors[partition] = proc
-            if hasattr(store, "flush") and hasattr(store, "discard_cached"):
-                self._buffered[partition] = cast(BufferedStore, store)
+            if hasattr(store, "flush") and hasattr(store, "marker"):
+                self._recover(partition, proc, cast(BufferedStore, store))
+            else:
+                proc.rebuild_due_index()
         return proc
+
+    def _recover(self, partition: int, proc: Processor, store: BufferedStore) -> None:
+        """A partition (re)assigned: rebuild its due-time index and queue, for sending after this
+        batch's states are durable, the outboxes of states written after the last batch known
+        delivered (a crash may have cut their sends short)."""
+        self._buffered[partition] = store
+        marker = store.marker()
+        newest = marker.written
+        now = self._clock()
+
+        def visit(state: CustomerState) -> None:
+            nonlocal newest
+            newest = max(newest, state.written_batch)
+            if state.outbox and state.written_batch > marker.delivered:
+                outbox = list(state.outbox)
+                self._deliveries.append(_Delivery(state.customer_id, outbox, [], now, partition))
+
+        proc.rebuild_due_index(visit)
+        # Batches after the newest one seen, so a half-written batch's number is never reused.
+        marker.written = newest
+        store.batch = newest + 1
+        self.delivery[partition] = _PartitionDelivery(marker)
 
     async def revoke(self, partitions: set[int]) -> None:
         """On revocation, from the event loop: let a batch in progress finish (its states
@@ -405,6 +498,7 @@ class LivePipeline:
             self._buffered.pop(partition, None)
             self.merges.pop(partition, None)
             self._tokens.pop(partition, None)
+            self.delivery.pop(partition, None)
 
     async def handle(
         self, key: bytes | None, value: bytes | None, origin: MessageOrigin, token: Any = None
@@ -525,8 +619,9 @@ class LivePipeline:
     async def _process(self, pending: _Pending) -> None:
         started = time.perf_counter()
         decoded, key, origin = pending.event, pending.key, pending.origin
-        processor = self.processor(origin.partition)
-        self._tokens[origin.partition] = pending.token  # any event of the partition will do
+        partition = origin.partition
+        processor = self.processor(partition)
+        self._tokens[partition] = pending.token  # any event of the partition will do
         try:
             self._events_in[decoded.event_type.value].inc()
             self.counts.events[decoded.event_type.value] += 1
@@ -534,15 +629,8 @@ class LivePipeline:
             outcome = processor.process(
                 decoded, processed_at=now, position=Position(origin.topic, origin.offset)
             )
-            if outcome.status is Status.LATE:
-                detail = (
-                    f"event_time {decoded.event_time.isoformat()} is before the watermark "
-                    f"(allowed lateness {self.settings.segmentation.allowed_lateness_seconds:.0f}s)"
-                )
-                letter = dead_letter(
-                    pending.payload, DeadLetterReason.LATE_EVENT, detail, origin, key
-                )
-                await self._reject(key, letter)
+            if outcome.status in (Status.LATE, Status.FUTURE):
+                await self._reject(key, self._refused(pending, outcome.status, now))
                 return
             if outcome.status is Status.DUPLICATE:
                 self.metrics.duplicates.inc()
@@ -550,7 +638,7 @@ class LivePipeline:
             if outcome.changes or (state is not None and state.outbox):
                 outbox = None if state is None else list(state.outbox)
                 self._deliveries.append(
-                    _Delivery(decoded.customer_id, outbox, outcome.changes, now)
+                    _Delivery(decoded.customer_id, outbox, outcome.changes, now, partition)
                 )
         except Exception as exc:
             buffered = self._buffered.get(origin.partition)
@@ -560,15 +648,39 @@ class LivePipeline:
         finally:
             self.metrics.processing_seconds.observe(time.perf_counter() - started)
 
+    def _refused(self, pending: _Pending, status: Status, now: datetime) -> DeadLetter:
+        event, s = pending.event, self.settings.segmentation
+        if status is Status.LATE:
+            reason = DeadLetterReason.LATE_EVENT
+            detail = (
+                f"event_time {event.event_time.isoformat()} is before the watermark "
+                f"(allowed lateness {s.allowed_lateness_seconds:.0f}s)"
+            )
+        else:
+            reason = DeadLetterReason.FUTURE_EVENT
+            detail = (
+                f"event_time {event.event_time.isoformat()} is more than "
+                f"{s.max_future_skew_seconds:.0f}s ahead of the worker's clock ({now.isoformat()})"
+            )
+        return dead_letter(pending.payload, reason, detail, pending.origin, pending.key)
+
     async def _complete(self) -> None:
-        """End of a batch: write the buffered states (one write per customer), then send the
-        batch's changes in processing order."""
+        """End of a batch: write the buffered states (one write per customer) with each
+        partition's delivery marker, wait until the broker has acknowledged those writes, and
+        only then send the batch's changes in processing order. A change therefore never leaves
+        before the state that records it (and its sequence number) is durable: after any crash
+        the event is recognised as applied and the outbox re-sends the very same bytes."""
         for partition, token in self._tokens.items():
             store = self._buffered.get(partition)
             if store is not None:
+                tracker = self.delivery[partition]
+                tracker.marker.delivered = tracker.delivered()  # before this batch counts
+                tracker.marker.written = store.batch
                 with self._as_current(token):
-                    store.flush()
+                    store.flush(tracker.marker)
+                store.batch += 1
         self._tokens.clear()
+        await self._durable()
         deliveries, self._deliveries = self._deliveries, []
         for delivery in deliveries:
             await self._deliver(delivery)
@@ -594,29 +706,53 @@ class LivePipeline:
                 head = orjson.loads(entry)
                 if head["sequence"] > sent and head["change_id"] not in fresh:
                     self.metrics.resent_changes.inc()
-                    await self._send(SegmentChange.model_validate_json(entry))
+                    # Sent again as the very bytes stored, never re-encoded.
+                    change = SegmentChange.model_validate_json(entry)
+                    await self._send(change, delivery.partition, entry.encode())
         for change in changes:
             if change.sequence > self.acks.sent.get(change.customer_id, 0):
-                await self._send(change)
+                await self._send(change, delivery.partition)
                 if change.origin is Origin.LIVE:
                     latency = (delivery.now - change.event_time).total_seconds()
                     self.metrics.event_to_emit_seconds.observe(max(latency, 0.0))
 
-    async def _send(self, change: SegmentChange) -> None:
+    async def _send(
+        self, change: SegmentChange, partition: int, value: bytes | None = None
+    ) -> None:
         customer = change.customer_id
-        acked = await self.sinks.change(customer, encode(change))
+        acked = await self.sinks.change(customer, encode(change) if value is None else value)
         self.acks.sent[customer] = change.sequence
         sequence = change.sequence
+        tracker = self.delivery.get(partition)
+        batch = 0 if tracker is None else tracker.marker.written
         if isinstance(acked, asyncio.Future):
-            acked.add_done_callback(lambda fut: self._acked(fut, customer, sequence))
+            if tracker is not None:
+                tracker.unacked[batch] += 1
+            acked.add_done_callback(
+                lambda fut: self._acked(fut, customer, sequence, tracker, batch)
+            )
         else:
             self.acks.on_ack(customer, sequence)
         await self.sinks.membership(customer, membership_record(change))
         self._changes_out[(change.component.value, change.origin.value)].inc()
 
-    def _acked(self, fut: asyncio.Future[Any], customer: str, sequence: int) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self.acks.on_ack(customer, sequence)
+    def _acked(
+        self,
+        fut: asyncio.Future[Any],
+        customer: str,
+        sequence: int,
+        tracker: _PartitionDelivery | None,
+        batch: int,
+    ) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            # The batch stays undelivered: after a restart its outboxes are sent again.
+            log.error("segment change %s#%d was not acknowledged by the broker", customer, sequence)
+            return
+        self.acks.on_ack(customer, sequence)
+        if tracker is not None:
+            tracker.unacked[batch] -= 1
+            if tracker.unacked[batch] <= 0:
+                del tracker.unacked[batch]
 
     async def _reject(self, key: bytes | None, letter: DeadLetter) -> None:
         self.metrics.dead_letters.labels(letter.reason.value).inc()
@@ -629,11 +765,23 @@ class LivePipeline:
             letter.detail[:200],
         )
         self.counts.dead_letters[letter.reason.value] += 1
-        try:
-            await self.sinks.dead_letter(key, encode(letter))
-        except Exception:
-            self.counts.unsent_dead_letters += 1
-            log.exception("could not send a dead letter for %s", letter.source_topic)
+        value = encode(letter)
+        wait = 0.1
+        while True:
+            # Nothing is acked that was neither applied nor dead-lettered: keep trying (the
+            # batch, and so its acks, waits), and say so once per attempt with growing pauses.
+            try:
+                await self.sinks.dead_letter(key, value)
+                return
+            except Exception:
+                self.counts.unsent_dead_letters += 1
+                log.exception(
+                    "could not send a dead letter for %s; retrying in %.1fs",
+                    letter.source_topic,
+                    wait,
+                )
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, DEAD_LETTER_RETRY_MAX_S)
 
     def update_quality_metrics(self) -> None:
         for name, model in (("purchase", self.models.purchase), ("churn", self.models.churn)):

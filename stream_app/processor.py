@@ -74,6 +74,7 @@ class Status(StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     LATE = "late"
+    FUTURE = "future"
 
 
 def _pack(x: dict[str, float]) -> str:
@@ -109,6 +110,8 @@ class CustomerState:
     # changes not yet acknowledged by the broker (re-sent after a crash; consumers dedupe by id).
     offsets: dict[str, int] = field(default_factory=dict)
     outbox: list[str] = field(default_factory=list)
+    # Live only: the partition's batch that last wrote this state (see pipeline.DeliveryMarker).
+    written_batch: int = 0
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -128,6 +131,7 @@ class CustomerState:
                 self.origin.value,
                 self.offsets,
                 self.outbox,
+                self.written_batch,
             ]
         )
 
@@ -151,6 +155,7 @@ class CustomerState:
             origin=Origin(v[12]),
             offsets=v[13],
             outbox=v[14],
+            written_batch=v[15] if len(v) > 15 else 0,  # states written before it existed
         )
 
 
@@ -226,6 +231,17 @@ class SerializedStore:
         return iter([CustomerState.from_bytes(raw) for raw in self.data.values()])
 
 
+@dataclass(slots=True)
+class StreamProgress:
+    """The newest event time accepted so far: the stream's own clock, one per processor (so one
+    per partition live). Not shared across partitions: Kafka hands a backlog over partition by
+    partition in chunks, and a partition read ahead would make the others' events late. A
+    customer's trail still does not depend on the partition count, because their own due work
+    fires before their next event (:meth:`Processor.process`)."""
+
+    max_event_time: float = -math.inf
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: Status
@@ -292,6 +308,7 @@ class Processor:
         store: StateStore,
         clock: Callable[[float], datetime] | None = None,
         outbox: Outbox | None = None,
+        progress: StreamProgress | None = None,
     ) -> None:
         self.s = settings
         self.outbox = outbox
@@ -299,20 +316,44 @@ class Processor:
         self.store = store
         self._clock = clock or _ts
         self._due: list[tuple[float, str]] = []
-        self.max_event_time = -math.inf
+        self.progress = progress or StreamProgress()
         self.counts: dict[str, int] = {}
         self._segments: dict[tuple[int, str, PropensityTier, Lifecycle], Segment] = {}
 
     # -- watermark and due-time index ---------------------------------------------------------
 
     @property
-    def watermark(self) -> float:
-        return self.max_event_time - self.s.allowed_lateness_seconds
+    def max_event_time(self) -> float:
+        return self.progress.max_event_time
 
-    def rebuild_due_index(self) -> None:
-        """Rebuild the due-time heap from the store (after a restart or a rebalance)."""
-        self._due = [(st.due_at, st.customer_id) for st in self.store if st.due_at is not None]
-        heapq.heapify(self._due)
+    @property
+    def watermark(self) -> float:
+        return self.progress.max_event_time - self.s.allowed_lateness_seconds
+
+    def rebuild_due_index(self, visit: Callable[[CustomerState], None] | None = None) -> None:
+        """Rebuild the due-time heap from the store (after a restart or a rebalance); `visit`
+        sees every stored state on the way (the live layer finds undelivered outboxes)."""
+        due: list[tuple[float, str]] = []
+        for st in self.store:
+            if st.due_at is not None:
+                due.append((st.due_at, st.customer_id))
+            if visit is not None:
+                visit(st)
+        heapq.heapify(due)
+        self._due = due
+
+    def is_future(self, at: float, clock: float | None) -> bool:
+        """Event time is input, not truth. Live, `clock` is the worker's wall clock and an event
+        more than the allowed skew ahead of it is refused. Offline there is no wall clock: the
+        stream's own progress is the clock, and real data has long quiet periods, so the bound
+        is the larger of the skew and ``offline_max_gap_days``."""
+        s = self.s
+        if clock is not None:
+            return at > clock + s.max_future_skew_seconds
+        progress = self.progress.max_event_time
+        if progress == -math.inf:
+            return False
+        return at > progress + max(s.max_future_skew_seconds, s.offline_max_gap_days * DAY)
 
     def advance(self, until: float) -> list[SegmentChange]:
         """Fire every time-driven change due at or before event time `until`, oldest first."""
@@ -353,8 +394,16 @@ class Processor:
     def process(
         self, event: Event, processed_at: datetime | None = None, position: Position | None = None
     ) -> Outcome:
-        """Apply one event; also fires time-driven changes the advancing watermark makes due."""
+        """Apply one event; also fires time-driven changes the advancing watermark makes due.
+
+        `processed_at` is the worker's clock live (None offline); an event too far ahead of it is
+        refused as ``future`` and moves nothing. Before the event is applied, the customer's own
+        time-driven work due by its time fires, so a customer's trail does not depend on how far
+        the watermark of their partition has got (the partition count)."""
         at = event.event_time.timestamp()
+        clock = None if processed_at is None else processed_at.timestamp()
+        if self.is_future(at, clock):
+            return self._count(Outcome(Status.FUTURE, []))
         st = self.store.get(event.customer_id)
         redelivered = (
             st is not None
@@ -369,20 +418,31 @@ class Processor:
         if st is not None and digest in st.recent_ids:
             return self._count(Outcome(Status.DUPLICATE, [], st))
         trigger = _Trigger(event.event_id, event.event_type.value, at, event.origin, processed_at)
+        changes = [] if st is None else self._catch_up(st, at)
         if st is None:
             st = CustomerState(event.customer_id, Behaviour.first(at))
         st.recent_ids.append(digest)
         del st.recent_ids[: -self.s.recent_event_ids]
-        changes = self._on_event(st, event, trigger)
+        changes.extend(self._on_event(st, event, trigger))
         if position is not None:
             st.offsets[position.topic] = position.offset
         self._schedule(st, at)
         self._record(st, changes)
         self.store.put(st)
-        if at > self.max_event_time:
-            self.max_event_time = at
+        if at > self.progress.max_event_time:
+            self.progress.max_event_time = at
             changes.extend(self.advance(self.watermark))
         return self._count(Outcome(Status.APPLIED, changes, st))
+
+    def _catch_up(self, st: CustomerState, until: float) -> list[SegmentChange]:
+        """Fire the customer's own time-driven work due at or before `until` (their next event),
+        as the watermark would have; their heap entries go stale and are skipped later."""
+        changes: list[SegmentChange] = []
+        while st.due_at is not None and st.due_at <= until:
+            due = st.due_at
+            changes.extend(self._on_time(st, due))
+            self._schedule(st, due)
+        return changes
 
     def _record(self, st: CustomerState, changes: list[SegmentChange]) -> None:
         """Keep changes in the customer's outbox until the broker acknowledged them."""

@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_app.events import DeadLetterReason, MessageOrigin
-from stream_app.pipeline import LivePipeline, OrderedMerge, RawMessage, TableStore, partition_of
+from stream_app.pipeline import (
+    DELIVERY_KEY_PREFIX,
+    LivePipeline,
+    OrderedMerge,
+    RawMessage,
+    TableStore,
+    partition_of,
+)
 from stream_app.processor import CustomerState, SerializedStore
 from stream_app.settings import SegmentationSettings, Settings
 
@@ -67,7 +74,7 @@ def pipeline_factory(data: dict[str, bytes], sinks: ListSinks) -> LivePipeline:
         Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
         lambda partition: SerializedStore(data),
         sinks,
-        clock=lambda: T0 + timedelta(days=1),
+        clock=lambda: T0 + timedelta(days=365),
     )
 
 
@@ -239,7 +246,7 @@ async def test_scrambled_topic_arrival_gives_the_same_changes_as_sorted_order() 
             Settings(partitions=1, segmentation=SegmentationSettings(cluster_warmup=20)),
             lambda partition: SerializedStore({}),
             sinks,
-            clock=lambda: T0,
+            clock=lambda: T0 + timedelta(days=365),
             has_more=lambda topic, partition: remaining[topic] > 0,
         )
         for topic, offset, value in arrival:
@@ -303,12 +310,17 @@ class CountingTable(dict[bytes, bytes]):
         super().__setitem__(key, value)
 
 
+def customers(table: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The table's customer states, without the partitions' delivery markers."""
+    return {k: v for k, v in table.items() if not k.startswith(DELIVERY_KEY_PREFIX)}
+
+
 def batched_pipeline(table: CountingTable, sinks: ListSinks, cache_size: int = 100) -> LivePipeline:
     return LivePipeline(
         Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
         lambda partition: TableStore(table, partition, 1, cache_size),
         sinks,
-        clock=lambda: T0 + timedelta(days=1),
+        clock=lambda: T0 + timedelta(days=365),
     )
 
 
@@ -336,9 +348,10 @@ async def test_batches_give_the_per_event_outputs_with_one_write_per_customer(
     assert done == [offset for offset, _ in items]  # every message acked, in order
     assert sinks.changes == reference.changes
     assert sinks.memberships == reference.memberships
-    assert table.writes == 4 * 4  # 4 batches x 4 customers, not 40
+    # 4 batches x 4 customers, not 40, plus the partition's delivery marker once per batch.
+    assert table.writes == 4 * 4 + 4
     # The table holds what the per-event path stores (the outbox aside: acks arrive per batch).
-    for customer, stored in table.items():
+    for customer, stored in customers(table).items():
         state = CustomerState.from_bytes(stored)
         assert state.offsets == {
             CLICKS: max(o for o, v in items if f'"{customer.decode()}-' in v.decode())
@@ -356,7 +369,8 @@ async def test_a_batchs_changes_are_sent_only_after_its_states_are_written() -> 
 
     p = batched_pipeline(table, Watching())
     await p.handle_batch(raw([(0, message("a", 0)), (1, message("b", 1))]))
-    assert seen_writes == [2, 2]  # both entry changes went out after both state writes
+    # Both entry changes went out after both state writes and the partition's delivery marker.
+    assert seen_writes == [3, 3]
 
 
 async def test_a_failed_update_does_not_leave_a_half_updated_state_in_the_cache(
@@ -399,7 +413,7 @@ async def test_the_merge_clock_is_when_a_message_was_read_not_when_its_batch_ran
         Settings(partitions=1, segmentation=SegmentationSettings(allowed_lateness_seconds=0)),
         lambda partition: TableStore({}, partition, 1),
         sinks,
-        clock=lambda: T0,
+        clock=lambda: T0 + timedelta(days=365),
         has_more=has_more,
         merge_max_wait_s=1.0,
     )
@@ -436,7 +450,7 @@ async def test_time_spent_processing_is_not_silence_of_the_other_topic(
         Settings(partitions=1, segmentation=SegmentationSettings(allowed_lateness_seconds=0)),
         lambda partition: TableStore({}, partition, 1),
         sinks,
-        clock=lambda: T0,
+        clock=lambda: T0 + timedelta(days=365),
         has_more=has_more,
         merge_max_wait_s=0.2,
     )
@@ -489,4 +503,4 @@ async def test_revocation_waits_for_the_batch_in_progress() -> None:
     assert await batch == [0, 1]
     await revoke
     assert p.processors == {} and p.merges == {}
-    assert sorted(table) == [b"a", b"b"] and len(sinks.changes) == 2
+    assert sorted(customers(table)) == [b"a", b"b"] and len(sinks.changes) == 2
