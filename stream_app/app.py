@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.config
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -188,8 +189,11 @@ def create_app(
     app.event_counts = pipeline.counts
     _add_agent(app, pipeline, settings)
     _add_model_snapshots(app, pipeline, settings)
-    _add_views(app, pipeline)
+    readiness = Readiness(settings)
+    app.readiness = readiness
+    _add_views(app, pipeline, readiness)
     _add_lag_timer(app, pipeline, settings)
+    _add_broker_probe(app, readiness, settings)
 
     @app.on_partitions_revoked.connect  # type: ignore[untyped-decorator]
     async def on_revoked(app: Any, revoked: set[Any], **kwargs: Any) -> None:
@@ -228,14 +232,18 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
             arrived.clear()
             for done in await pipeline.handle_batch(batch, times):
                 done.ack()
+            app.readiness.progressed()
 
     async def release_held() -> None:
         if events:
             # The agent is collecting a batch: messages are being read, so no topic has gone
             # quiet yet (those it read are just not in the merge yet); its batch releases them.
             return
-        for done in await pipeline.flush_idle():
+        released = await pipeline.flush_idle()
+        for done in released:
             done.ack()
+        if released:
+            app.readiness.progressed()
 
     app.agent(inputs, name="segment")(segment)
     app.timer(MERGE_FLUSH_INTERVAL_S, name="release-held-events")(release_held)
@@ -316,7 +324,76 @@ def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -
             log.exception("could not write the model snapshot at shutdown")
 
 
-def _add_views(app: Any, pipeline: LivePipeline) -> None:
+class Readiness:
+    """What ``/ready`` tells a load balancer or an orchestrator beyond "assigned and recovered":
+    whether the broker answers and whether the worker makes progress.
+
+    * broker: a metadata request every ``broker_probe_interval_s`` (in a thread, so a hanging
+      broker never blocks the event loop); unreachable once the newest probe failed or none has
+      succeeded for three intervals.
+    * progress: stalled when an input partition has messages this worker has not read and no
+      batch has completed for ``ready_stall_s`` (an idle worker with nothing to read is fine).
+    """
+
+    def __init__(self, settings: Settings, clock: Any = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock
+        started = clock()
+        self.broker_ok_at = started
+        self.broker_failed = False
+        self.progress_at = started
+
+    def probed(self, ok: bool) -> None:
+        self.broker_failed = not ok
+        if ok:
+            self.broker_ok_at = self._clock()
+
+    def progressed(self) -> None:
+        self.progress_at = self._clock()
+
+    def broker_reachable(self) -> bool:
+        silence = self._clock() - self.broker_ok_at
+        return not self.broker_failed and silence < 3 * self.settings.broker_probe_interval_s
+
+    def stalled(self, lag: int) -> bool:
+        return lag > 0 and self._clock() - self.progress_at > self.settings.ready_stall_s
+
+
+def _lag(app: Any, pipeline: LivePipeline, settings: Settings) -> int:
+    """Messages on this worker's input partitions that it has not read yet (as far as known)."""
+    total = 0
+    for tp in app.consumer.assignment() if app.consumer else ():
+        if tp.topic in settings.input_topics:
+            end = app.consumer.highwater(tp)
+            done = pipeline.last_offsets.get((tp.topic, tp.partition), -1) + 1
+            if end is not None:
+                total += max(int(end) - done, 0)
+    return total
+
+
+def _add_broker_probe(app: Any, readiness: Readiness, settings: Settings) -> None:
+    admin = admin_client(settings.bootstrap_servers)
+    timeout = min(2.0, settings.broker_probe_interval_s)
+
+    def probe() -> bool:
+        try:
+            admin.list_topics(timeout=timeout)
+            return True
+        except Exception:
+            return False
+
+    async def check_broker() -> None:
+        ok = await asyncio.get_running_loop().run_in_executor(None, probe)
+        if readiness.broker_reachable() and not ok:
+            log.warning("broker %s does not answer; /ready is 503", settings.bootstrap_servers)
+        elif ok and readiness.broker_failed:
+            log.info("broker %s answers again", settings.bootstrap_servers)
+        readiness.probed(ok)
+
+    app.timer(settings.broker_probe_interval_s, name="broker-probe")(check_broker)
+
+
+def _add_views(app: Any, pipeline: LivePipeline, readiness: Readiness) -> None:
     async def counts(web: Any, request: Any) -> Any:
         return web.json(pipeline.counts.snapshot())
 
@@ -326,8 +403,18 @@ def _add_views(app: Any, pipeline: LivePipeline) -> None:
     async def ready(web: Any, request: Any) -> Any:
         assigned = bool(app.consumer.assignment()) if app.consumer else False
         recovered = app.tables.recovery.completed.is_set()
-        body = {"assigned": assigned, "recovered": recovered}
-        return web.json(body, status=200 if assigned and recovered else 503)
+        broker = readiness.broker_reachable()
+        lag = _lag(app, pipeline, readiness.settings)
+        stalled = readiness.stalled(lag)
+        body = {
+            "assigned": assigned,
+            "recovered": recovered,
+            "broker_reachable": broker,
+            "stalled": stalled,
+            "unread": lag,
+        }
+        ok = assigned and recovered and broker and not stalled
+        return web.json(body, status=200 if ok else 503)
 
     async def metrics(web: Any, request: Any) -> Any:
         pipeline.update_quality_metrics()
@@ -409,7 +496,7 @@ def _require_topics(settings: Settings) -> None:
 
 def run_worker(settings: Settings) -> int:
     """Run the worker until SIGTERM/SIGINT, then drain, snapshot the models, commit and exit."""
-    logging.config.dictConfig(logging_config(settings.log_level))
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_repeat_interval_s))
     wait_for_broker(settings.bootstrap_servers, BROKER_WAIT_S)
     _require_topics(settings)
     models = SegmentModels(settings.segmentation)
@@ -419,7 +506,7 @@ def run_worker(settings: Settings) -> int:
         app,
         loglevel=settings.log_level,
         quiet=True,
-        logging_config=logging_config(settings.log_level),
+        logging_config=logging_config(settings.log_level, settings.log_repeat_interval_s),
     )
     try:
         worker.execute_from_commandline()
