@@ -1,21 +1,35 @@
 """Configuration: the only module that reads the environment.
 
 Every knob is an environment variable with the prefix ``STREAM_APP_``; nested segmentation knobs
-use a double underscore, e.g. ``STREAM_APP_SEGMENTATION__PURCHASE_HORIZON_DAYS=14``.
+use a double underscore, e.g. ``STREAM_APP_SEGMENTATION__PURCHASE_HORIZON_DAYS=14``. A command
+loads them with `load_settings`, which refuses an unknown ``STREAM_APP_*`` variable (naming the
+closest known one) and turns an invalid value into one line naming its variable.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import os
+import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-ENV_PREFIX = "STREAM_APP_"
+from stream_app.errors import UserError
+
+ENV_PREFIX: Final = "STREAM_APP_"
+NESTED_DELIMITER: Final = "__"
+# Variables with the prefix that are not settings but belong to the project (the test command's
+# own); the unknown-variable check lets them pass and the tests keep them.
+NOT_SETTINGS: Final = frozenset({"STREAM_APP_TEST_BOOTSTRAP", "STREAM_APP_TEST_RUN_DIR"})
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _default_cache_dir() -> Path:
@@ -85,7 +99,7 @@ class Settings(BaseSettings):
     """Effective settings of a stream_app process."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
+        env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, frozen=True, extra="forbid"
     )
 
     # Broker.
@@ -134,7 +148,7 @@ class Settings(BaseSettings):
     # Compression of everything the worker produces ("lz4"/"zstd" use cramjam, a dependency).
     # On loopback, lz4 measured slower (the CPU it costs exceeds the socket time it saves).
     producer_compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # one of LOG_LEVELS, any case (stored upper-case)
     # /ready answers 503 when input is waiting but nothing was processed for this long, or the
     # broker has not answered a probe for this long.
     ready_stall_s: float = Field(30.0, gt=0)
@@ -143,6 +157,13 @@ class Settings(BaseSettings):
     # the number suppressed.
     log_repeat_interval_s: float = Field(30.0, gt=0)
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_name(cls, value: object) -> object:
+        if isinstance(value, str) and value.upper() in LOG_LEVELS:
+            return value.upper()
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
 
     @model_validator(mode="after")
     def _default_bootstrap(self) -> Settings:
@@ -181,6 +202,92 @@ class Settings(BaseSettings):
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
 
 
+def env_name(*loc: str | int) -> str:
+    """The variable of a setting: ``env_name("segmentation", "seed")`` is
+    ``STREAM_APP_SEGMENTATION__SEED``."""
+    return ENV_PREFIX + NESTED_DELIMITER.join(str(part) for part in loc).upper()
+
+
+def is_prefixed(name: str) -> bool:
+    """True for a variable pydantic-settings would read as a setting (it ignores case)."""
+    return name.upper().startswith(ENV_PREFIX)
+
+
+def known_variables() -> frozenset[str]:
+    """Every settings variable: one per field, plus one per knob of each nested model."""
+    names = set()
+    for name, field in Settings.model_fields.items():
+        names.add(env_name(name))
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            names.update(env_name(name, knob) for knob in nested.model_fields)
+    return frozenset(names)
+
+
+def closest_variable(name: str, known: frozenset[str]) -> str | None:
+    """The known variable ``name`` most likely misspells. A knob of a known nested model is
+    matched among that model's knobs only: ``..._SEGMENTATION__SEDE`` gives ``..._SEED``."""
+    upper = name.upper()
+    head, delimiter, knob = upper.partition(NESTED_DELIMITER)
+    if delimiter and head in known:
+        scope, typed = head + NESTED_DELIMITER, knob
+    else:
+        scope, typed = ENV_PREFIX, upper.removeprefix(ENV_PREFIX)
+    candidates = [k.removeprefix(scope) for k in sorted(known) if k.startswith(scope)]
+    found = difflib.get_close_matches(typed, candidates, n=1)
+    return scope + found[0] if found else None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``STREAM_APP_*`` variables of ``environ`` that are neither settings nor exempt."""
+    allowed = known_variables() | NOT_SETTINGS
+    return sorted(n for n in environ if is_prefixed(n) and n.upper() not in allowed)
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse unknown ``STREAM_APP_*`` variables: a typo would otherwise be silently ignored."""
+    unknown = unknown_variables(environ)
+    if not unknown:
+        return
+    first = unknown[0]
+    guess = closest_variable(first, known_variables())
+    hint = f"did you mean {guess}?" if guess else "no setting has a similar name; unset it"
+    more = f"; also unknown: {', '.join(unknown[1:])}" if unknown[1:] else ""
+    raise UserError(f"unknown setting {first} ({hint}){more}")
+
+
+def describe_invalid(error: ValidationError) -> str:
+    """One line for invalid settings, naming the variable of the first problem."""
+    errors = error.errors(include_url=False)
+    line = _describe_detail(errors[0])
+    return line + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+
+
+def _describe_detail(detail: ErrorDetails) -> str:
+    message = detail["msg"].removeprefix("Value error, ")
+    if not detail["loc"]:
+        return f"invalid settings: {message}"
+    return f"invalid setting {env_name(*detail['loc'])}: {message}"
+
+
+def _describe_unparsable(error: SettingsError) -> str:
+    """pydantic-settings could not decode a complex value (JSON) from the environment."""
+    field = re.search(r'field "(\w+)"', str(error))
+    where = env_name(field.group(1)) if field else "value"
+    cause = f" ({error.__cause__})" if error.__cause__ is not None else ""
+    return f"invalid setting {where}: cannot parse the value as JSON{cause}"
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the environment (and explicit overrides, which win)."""
-    return Settings(**overrides)  # type: ignore[arg-type]
+    """The settings of a command: the environment, with explicit overrides winning.
+
+    Raises UserError, as one line naming the variable, for an unknown ``STREAM_APP_*`` variable
+    or an invalid value.
+    """
+    check_environment(os.environ)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise UserError(describe_invalid(exc)) from None
+    except SettingsError as exc:
+        raise UserError(_describe_unparsable(exc)) from None

@@ -14,8 +14,20 @@ import pytest
 from pydantic import ValidationError
 
 from stream_app.cli import main
+from stream_app.errors import UserError
 from stream_app.schemas import schema_path, write_schemas
-from stream_app.settings import ENV_PREFIX, SegmentationSettings, Settings, load_settings
+from stream_app.settings import (
+    ENV_PREFIX,
+    LOG_LEVELS,
+    NOT_SETTINGS,
+    SegmentationSettings,
+    Settings,
+    check_environment,
+    closest_variable,
+    known_variables,
+    load_settings,
+    unknown_variables,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -181,6 +193,110 @@ def test_segmentation_version_from_environment(monkeypatch: pytest.MonkeyPatch) 
     )
 
 
+@pytest.mark.parametrize("given", ["DEBUG", "debug", "Warning", "error", "CRITICAL"])
+def test_log_level_accepts_standard_names_in_any_case(given: str) -> None:
+    assert Settings(log_level=given).log_level == given.upper()
+
+
+@pytest.mark.parametrize("given", ["LOUD", "WARN", "", "10", "info "])
+def test_log_level_refuses_other_names(given: str) -> None:
+    with pytest.raises(ValidationError, match="must be one of DEBUG, INFO, WARNING"):
+        Settings(log_level=given)
+
+
+def test_log_level_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_APP_LOG_LEVEL", "warning")
+    assert load_settings().log_level == "WARNING"
+    assert LOG_LEVELS == ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+# --- unknown variables ----------------------------------------------------------------------------
+
+
+def test_known_variables_are_the_fields_and_the_nested_knobs() -> None:
+    known = known_variables()
+    assert {"STREAM_APP_PARTITIONS", "STREAM_APP_LOG_LEVEL", "STREAM_APP_SEGMENTATION"} <= known
+    assert {"STREAM_APP_SEGMENTATION__SEED", "STREAM_APP_SEGMENTATION__HIGH_ENTER"} <= known
+    assert len(known) == len(Settings.model_fields) + len(SegmentationSettings.model_fields)
+    assert not known & NOT_SETTINGS
+
+
+def test_every_variable_a_child_gets_is_known() -> None:
+    """Workers are configured by `Settings.to_env`; the check must never refuse those."""
+    env = Settings(partitions=3, segmentation=SegmentationSettings(seed=7)).to_env()
+    assert unknown_variables(env) == []
+    check_environment(env)
+
+
+def test_known_exempt_and_unprefixed_variables_pass() -> None:
+    check_environment(
+        {
+            "STREAM_APP_PARTITIONS": "3",
+            "STREAM_APP_SEGMENTATION__SEED": "1",
+            "stream_app_web_port": "7000",  # pydantic-settings ignores case, and so does the check
+            "STREAM_APP_TEST_BOOTSTRAP": "127.0.0.1:9092",
+            "STREAM_APP_TEST_RUN_DIR": "/tmp/run",
+            "PARTITONS": "4",
+            "HOME": "/root",
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "guess"),
+    [
+        ("STREAM_APP_PARTITONS", "STREAM_APP_PARTITIONS"),
+        ("STREAM_APP_LOGLEVEL", "STREAM_APP_LOG_LEVEL"),
+        ("stream_app_web_prot", "STREAM_APP_WEB_PORT"),
+        ("STREAM_APP_SEGMENTATION__SEDE", "STREAM_APP_SEGMENTATION__SEED"),
+        ("STREAM_APP_SEGMENTATION_SEED", "STREAM_APP_SEGMENTATION__SEED"),
+        ("STREAM_APP_SEGMENTATION__CLUSTERCOUNT", "STREAM_APP_SEGMENTATION__CLUSTER_COUNT"),
+        ("STREAM_APP_BOGUS", None),
+        ("STREAM_APP_SEGMENTATION__BOGUS", None),  # compared with the knobs only
+    ],
+)
+def test_closest_variable(name: str, guess: str | None) -> None:
+    assert closest_variable(name, known_variables()) == guess
+
+
+def test_unknown_variable_is_refused_with_the_closest_name() -> None:
+    with pytest.raises(UserError) as raised:
+        check_environment({"STREAM_APP_PARTITONS": "4", "STREAM_APP_PARTITIONS": "4"})
+    assert str(raised.value) == (
+        "unknown setting STREAM_APP_PARTITONS (did you mean STREAM_APP_PARTITIONS?)"
+    )
+
+
+def test_unknown_nested_knob_is_refused_with_the_closest_knob() -> None:
+    with pytest.raises(UserError, match=r"STREAM_APP_SEGMENTATION__SEDE \(did you mean "):
+        check_environment({"STREAM_APP_SEGMENTATION__SEDE": "3"})
+
+
+def test_several_unknown_variables_are_one_line() -> None:
+    with pytest.raises(UserError) as raised:
+        check_environment({"STREAM_APP_ZZZ": "1", "STREAM_APP_BOGUS": "1", "STREAM_APP_YYY": "1"})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message == (
+        "unknown setting STREAM_APP_BOGUS (no setting has a similar name; unset it); "
+        "also unknown: STREAM_APP_YYY, STREAM_APP_ZZZ"
+    )
+
+
+def test_load_settings_checks_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_APP_PARTITONS", "4")
+    with pytest.raises(UserError, match="unknown setting STREAM_APP_PARTITONS"):
+        load_settings()
+
+
+def test_load_settings_names_the_variable_of_an_invalid_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STREAM_APP_WEB_PORT", "80")
+    with pytest.raises(UserError, match=r"^invalid setting STREAM_APP_WEB_PORT: Input should be"):
+        load_settings()
+
+
 # --- CLI ------------------------------------------------------------------------------------------
 
 
@@ -221,18 +337,36 @@ def test_cli_missing_command_is_one_error_line(capsys: pytest.CaptureFixture[str
         (
             "STREAM_APP_PARTITIONS",
             "0",
-            "error: invalid setting partitions: Input should be greater than or equal to 1",
+            "error: invalid setting STREAM_APP_PARTITIONS: "
+            "Input should be greater than or equal to 1",
         ),
         (
             "STREAM_APP_PARTITIONS",
             "many",
-            "error: invalid setting partitions: "
+            "error: invalid setting STREAM_APP_PARTITIONS: "
             "Input should be a valid integer, unable to parse string as an integer",
         ),
         (
             "STREAM_APP_SEGMENTATION__HIGH_LEAVE",
             "0.7",
-            "error: invalid setting segmentation: Value error, high_leave must be below high_enter",
+            "error: invalid setting STREAM_APP_SEGMENTATION: high_leave must be below high_enter",
+        ),
+        (
+            "STREAM_APP_SEGMENTATION__CLUSTER_COUNT",
+            "1",
+            "error: invalid setting STREAM_APP_SEGMENTATION__CLUSTER_COUNT: "
+            "Input should be greater than or equal to 2",
+        ),
+        (
+            "STREAM_APP_LOG_LEVEL",
+            "LOUD",
+            "error: invalid setting STREAM_APP_LOG_LEVEL: "
+            "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'LOUD'",
+        ),
+        (
+            "STREAM_APP_PARTITONS",
+            "4",
+            "error: unknown setting STREAM_APP_PARTITONS (did you mean STREAM_APP_PARTITIONS?)",
         ),
     ],
 )
@@ -257,7 +391,7 @@ def test_cli_malformed_json_env_setting_is_one_error_line(
     assert main(["config"]) == 2
     lines = stderr_lines(capsys)
     assert len(lines) == 1
-    assert lines[0].startswith("error:")
+    assert lines[0].startswith("error: invalid setting STREAM_APP_SEGMENTATION: ")
 
 
 def test_cli_schemas_check_passes_on_fresh_files(
