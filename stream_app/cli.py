@@ -1,6 +1,8 @@
 """The `stream-app` command line. Thin: parse, call into the package, print.
 
 Mistakes print one line on stderr and exit 2; nothing prints a traceback for a user error.
+They are found before long work starts: settings when they are loaded, output paths and the
+worker's port (`stream_app.preflight`) before a command reads, connects or replays.
 Heavy imports (Faust, River) happen inside the handlers so `stream-app --help` stays fast.
 """
 
@@ -15,8 +17,9 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from stream_app import preflight
 from stream_app.errors import UserError
-from stream_app.settings import Settings, load_settings
+from stream_app.settings import Settings, env_name, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -34,6 +37,8 @@ def _config(_: argparse.Namespace, settings: Settings) -> int:
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
     from stream_app.kafka_local import run_kafka_command
 
+    if args.action == "start":
+        preflight.require_writable_dir(settings.state_dir, env_name("state_dir"))
     return run_kafka_command(args.action, settings)
 
 
@@ -57,12 +62,14 @@ def _schemas(args: argparse.Namespace, _: Settings) -> int:
             )
         print(f"schemas in {directory} match the models")
         return 0
+    preflight.require_writable_dir(directory, "--dir")
     for path in write_schemas(directory):
         print(f"wrote {path}")
     return 0
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    preflight.require_worker_can_start(settings)
     from stream_app.app import run_worker
 
     return run_worker(settings)
@@ -85,6 +92,7 @@ def _shadow(args: argparse.Namespace, settings: Settings) -> int:
         deleted = delete_shadow(settings, args.name)
         print(orjson.dumps({"deleted_topics": deleted}, option=orjson.OPT_INDENT_2).decode())
         return 0
+    preflight.require_writable_dir(settings.state_dir, env_name("state_dir"))  # worker log, state
 
     if args.start and args.from_offsets:
         raise UserError("give --from or --from-offsets, not both")
@@ -112,6 +120,8 @@ def _shadow(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    if args.out is not None:
+        preflight.require_writable_file(args.out, "--out")
     from stream_app.compare import run_compare
 
     return run_compare(args.a, args.b, settings, args.sample, args.out)
@@ -134,6 +144,7 @@ def _rewind(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    preflight.require_worker_can_start(settings)  # before the broker starts
     from stream_app.demo import run_demo
 
     return run_demo(settings, dataset=args.dataset, limit=args.limit)
@@ -273,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValidationError as exc:
+    except ValidationError as exc:  # settings a handler derived (load_settings raises UserError)
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
         print(f"error: invalid setting {where}: {first['msg']}", file=sys.stderr)

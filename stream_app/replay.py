@@ -24,6 +24,7 @@ from stream_app.datasets import DatasetFormat, RowError, read_dataset
 from stream_app.errors import UserError
 from stream_app.events import Component, DeadLetterReason, Event, Origin, SegmentChange, encode
 from stream_app.models import SegmentModels
+from stream_app.preflight import require_distinct, require_writable_file
 from stream_app.processor import MemoryStore, Processor, Status
 from stream_app.progress import Progress
 from stream_app.settings import SegmentationSettings, Settings
@@ -183,6 +184,8 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     path: Path = args.file
     if not path.is_file():
         raise UserError(f"no such file: {path}")
+    if not args.to_kafka:
+        _require_outputs(path, args.out, args.report)
     window = Window(
         parse_instant(args.start, "--from") if args.start else None,
         parse_instant(args.until, "--until") if args.until else None,
@@ -209,6 +212,14 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     summary = {k: report[k] for k in ("events", "customers", "segment_changes", "invalid")}
     print(orjson.dumps(summary).decode())
     return 0
+
+
+def _require_outputs(source: Path, out: Path | None, report: Path | None) -> None:
+    """Before the replay: both outputs can be written, and neither overwrites the input."""
+    require_distinct({"the input": source, "--out": out, "--report": report})
+    for path, flag in ((out, "--out"), (report, "--report")):
+        if path is not None:
+            require_writable_file(path, flag)
 
 
 def parse_instant(text: str, flag: str) -> datetime:
