@@ -322,6 +322,11 @@ def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -
             await app.producer.flush()
         except Exception:
             log.exception("could not write the model snapshot at shutdown")
+        try:
+            sealed = await pipeline.seal(app.producer.flush)
+            log.info("delivery sealed on %d partition(s): a restart re-sends nothing", sealed)
+        except Exception:
+            log.exception("could not seal delivery at shutdown (a restart re-sends the last batch)")
 
 
 class Readiness:

@@ -57,6 +57,7 @@ from stream_app.processor import (
     Processor,
     StateStore,
     Status,
+    outbox_sequence,
 )
 from stream_app.settings import Settings
 
@@ -421,6 +422,7 @@ class LivePipeline:
         self._partitions = partitions or (lambda topic: settings.partitions)
         self._durable = durable or _nothing_to_wait_for
         self.delivery: dict[int, _PartitionDelivery] = {}
+        self._last_token: dict[int, Any] = {}  # per partition, for writes outside a batch
         self._kinds: dict[str, EventKind] = {
             settings.clickstream_topic: "click",
             settings.transactions_topic: "transaction",
@@ -473,15 +475,40 @@ class LivePipeline:
         def visit(state: CustomerState) -> None:
             nonlocal newest
             newest = max(newest, state.written_batch)
-            if state.outbox and state.written_batch > marker.delivered:
+            if not state.outbox:
+                return
+            if state.written_batch > marker.delivered:
                 outbox = list(state.outbox)
                 self._deliveries.append(_Delivery(state.customer_id, outbox, [], now, partition))
+            else:  # all delivered: never re-send these entries, and drop them at the next write
+                delivered = outbox_sequence(state.outbox[-1])
+                self.acks.sent[state.customer_id] = delivered
+                self.acks.on_ack(state.customer_id, delivered)
 
         proc.rebuild_due_index(visit)
         # Batches after the newest one seen, so a half-written batch's number is never reused.
         marker.written = newest
         store.batch = newest + 1
         self.delivery[partition] = _PartitionDelivery(marker)
+
+    async def seal(self, outputs_flushed: Callable[[], Awaitable[None]]) -> int:
+        """At a graceful stop: once every change sent is acknowledged (`outputs_flushed`), mark
+        each partition's batches delivered, so the next owner re-sends nothing. Returns how many
+        partitions were sealed."""
+        async with self._lock:
+            await outputs_flushed()
+            await asyncio.sleep(0)  # let the acknowledgement callbacks run
+            sealed = 0
+            for partition, tracker in self.delivery.items():
+                store, token = self._buffered.get(partition), self._last_token.get(partition)
+                if store is None or token is None or tracker.delivered() < tracker.marker.written:
+                    continue
+                tracker.marker.delivered = tracker.marker.written
+                with self._as_current(token):
+                    store.flush(tracker.marker)
+                sealed += 1
+            await self._durable()
+            return sealed
 
     async def revoke(self, partitions: set[int]) -> None:
         """On revocation, from the event loop: let a batch in progress finish (its states
@@ -499,6 +526,7 @@ class LivePipeline:
             self.merges.pop(partition, None)
             self._tokens.pop(partition, None)
             self.delivery.pop(partition, None)
+            self._last_token.pop(partition, None)
 
     async def handle(
         self, key: bytes | None, value: bytes | None, origin: MessageOrigin, token: Any = None
@@ -622,6 +650,7 @@ class LivePipeline:
         partition = origin.partition
         processor = self.processor(partition)
         self._tokens[partition] = pending.token  # any event of the partition will do
+        self._last_token[partition] = pending.token
         try:
             self._events_in[decoded.event_type.value].inc()
             self.counts.events[decoded.event_type.value] += 1

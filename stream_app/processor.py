@@ -169,7 +169,7 @@ class Outbox(Protocol):
         ...
 
 
-def _outbox_sequence(entry: str) -> int:
+def outbox_sequence(entry: str) -> int:
     sequence: int = orjson.loads(entry)["sequence"]
     return sequence
 
@@ -449,7 +449,7 @@ class Processor:
         if self.outbox is None:
             return
         acked = self.outbox.acknowledged(st.customer_id)
-        kept = [entry for entry in st.outbox if _outbox_sequence(entry) > acked]
+        kept = [entry for entry in st.outbox if outbox_sequence(entry) > acked]
         kept.extend(encode(change).decode() for change in changes)
         st.outbox = kept[-self.outbox.limit :]
 

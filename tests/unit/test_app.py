@@ -57,6 +57,8 @@ class Harness:
         self.offsets: dict[str, int] = {}
         self.messages: list[Message] = []
         self.app.producer.send = self._send  # not started in a test context
+        self.app.producer.send_soon = self._send_soon  # table changelog records
+        self.changelog: list[tuple[bytes | None, bytes | None]] = []
         self.app.consumer.highwater = lambda tp: self.offsets.get(tp.topic, 0)  # caught up
 
     @property
@@ -76,6 +78,11 @@ class Harness:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
+
+    def _send_soon(self, fut: Any) -> None:
+        """The broker acknowledges a changelog record at once (the worker waits for that)."""
+        self.changelog.append((fut.message.key, fut.message.value))
+        fut.set_result(None)
 
     @property
     def agent(self) -> Any:
@@ -200,3 +207,25 @@ async def test_events_of_both_topics_reach_the_table_in_event_time_order(tmp_pat
     state = h.state("c0")
     assert len(state.recent_ids) == 3  # one id per applied event
     assert state.offsets == {clicks: 1, txs: 0}
+
+
+async def test_a_change_leaves_only_after_the_broker_acknowledged_its_state(
+    tmp_path: Path,
+) -> None:
+    """Faust's producer buffer would send the changelog record some time later; the worker
+    keeps each record's future and sends the batch's changes only once all are resolved."""
+    h = Harness(tmp_path)
+    held: list[Any] = []
+    h.app.producer.send_soon = held.append  # the broker has not acknowledged them yet
+    clicks = h.settings.clickstream_topic
+    async with h.agent.test_context() as agent:
+        channel = agent.stream().channel
+        await h.put(channel, clicks, b"c0", click("c0", "e0", 0))
+        await until(lambda: len(held) >= 1)
+        await asyncio.sleep(0.2)
+        assert h.changes() == [] and h.acked == []
+        for fut in held:
+            fut.set_result(None)
+        await until(lambda: len(h.acked) == 1)
+    assert [c["customer_id"] for c in h.changes()] == ["c0"]
+    assert {fut.message.key for fut in held} == {b"c0", b"\x00delivery:0"}

@@ -245,3 +245,21 @@ async def test_lifecycle_trails_are_the_same_on_one_and_four_partitions() -> Non
     expected = trails(one_sinks.changes, horizon)
     assert sum(len(t) for t in expected.values()) > 30  # the history does move people around
     assert trails(four_sinks.changes, horizon) == expected
+
+
+async def no_outputs_pending() -> None:
+    """The test sinks acknowledge at once: nothing to flush."""
+
+
+async def test_after_a_graceful_stop_the_next_owner_resends_nothing() -> None:
+    values = history()
+    for seal in (False, True):
+        tables: dict[int, dict[bytes, bytes]] = {}
+        first = pipeline(tables, Sinks())
+        await first.handle_batch(raw(values[:30]))
+        if seal:
+            assert await first.seal(no_outputs_pending) == 1  # every change acknowledged
+        second = pipeline(tables, Sinks(), models=first.models)
+        await second.handle_batch(raw(values[30:40], start=30))
+        resent = second.metrics.resent_changes._value.get()
+        assert (resent == 0) is seal, (seal, resent)
