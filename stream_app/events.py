@@ -7,11 +7,13 @@ ISO 4217 currency code, so no cent is ever lost to a float.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import orjson
 from pydantic import (
@@ -22,27 +24,99 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION: Final = 1
 MAX_AMOUNT: Final = Decimal("10000000")  # an order above ten million is absurd, not a sale
 EARLIEST: Final = datetime(1990, 1, 1, tzinfo=UTC)
 LATEST: Final = datetime(2100, 1, 1, tzinfo=UTC)
-MONEY_PATTERN: Final = r"^-?[0-9]{1,12}(\.[0-9]{1,4})?$"
+MAX_JSON_NUMBER: Final = sys.float_info.max  # orjson refuses a JSON number beyond a double
+MAX_CARRIED_BYTES: Final = 65536  # of the original payload (and key) carried by a dead letter
+
+# Every pattern below means the same in ECMA-262 (what JSON Schema specifies), in Rust's `regex`
+# (what pydantic runs) and in Python's `re.fullmatch`: explicit code points, `[0-9]` rather than
+# `\d`, no `\s`, no look-around. (Python's `re.search`, which the jsonschema package uses, also
+# lets `$` match before a final newline.) Each is the decoder's own check, published as it is.
+
+# C0 controls (NUL, BEL, newline...), DEL, C1 controls, and the bidi overrides and isolates that
+# make text display in an order other than the stored one ("Trojan Source").
+CONTROL_CHARACTERS: Final = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+# Unicode White_Space that is not already a control character.
+_SPACES: Final = r"\x20\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+TEXT_PATTERN: Final = rf"^[^{CONTROL_CHARACTERS}]*$"
+IDENTIFIER_PATTERN: Final = rf"^[^{CONTROL_CHARACTERS}{_SPACES}]+$"
+
+# 0 to MAX_AMOUNT, at most 12 integer digits (leading zeros allowed) and 4 decimals, no sign:
+# up to 5 leading zeros and 7 digits is every value below ten million; then ten million itself.
+MONEY_PATTERN: Final = r"^(?:0{0,5}[0-9]{1,7}(?:\.[0-9]{1,4})?|0{0,4}10000000(?:\.0{1,4})?)$"
 _MONEY_RE: Final = re.compile(MONEY_PATTERN)
+_DECIMAL_RE: Final = re.compile(r"-?[0-9]+(?:\.[0-9]{1,4})?")  # well formed, maybe out of range
+
+
+def _event_time_pattern() -> str:
+    """RFC 3339 with a zone, within [EARLIEST, LATEST) whatever the zone.
+
+    Any zone is fine from 1990-01-02 to 2099-12-30. On 1990-01-01 only a zone at or west of UTC
+    is surely not before 1990, and on 2099-12-31 only one at or east of UTC is surely before 2100,
+    so the pattern refuses the other zones on those two days (the decoder compares exactly).
+    The calendar (no 30 February) is the job of ``format: date-time``.
+    """
+    day = r"(?:0[1-9]|[12][0-9]|3[01])"
+    month_day = rf"(?:0[1-9]|1[0-2])-{day}"
+    clock = r"[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?"
+    hours = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
+    inner_dates = (
+        rf"(?:(?:199[1-9]|20[0-8][0-9]|209[0-8])-{month_day}"
+        rf"|1990-(?:01-(?:0[2-9]|[12][0-9]|3[01])|(?:0[2-9]|1[0-2])-{day})"
+        rf"|2099-(?:(?:0[1-9]|1[01])-{day}|12-(?:0[1-9]|[12][0-9]|30)))"
+    )
+    return (
+        rf"^(?:{inner_dates}{clock}(?:[Zz]|[+-]{hours})"
+        rf"|1990-01-01{clock}(?:[Zz]|-{hours}|\+00:00)"
+        rf"|2099-12-31{clock}(?:[Zz]|\+{hours}|-00:00))$"
+    )
+
+
+EVENT_TIME_PATTERN: Final = _event_time_pattern()
+_EVENT_TIME_RULE: Final = (
+    "RFC 3339 with a zone, from 1990-01-01T00:00:00Z (inclusive) to 2100-01-01T00:00:00Z "
+    "(exclusive). The pattern refuses zones east of UTC on 1990-01-01 and west of UTC on "
+    "2099-12-31, where the zone decides."
+)
 
 
 def _money_from_json(value: object) -> Decimal:
-    """Exactly what the published schema allows: a decimal string, at most 12 integer digits and
-    4 decimals. No floats (they lose cents), no exponents (``0E-70000`` would re-encode as 70,000
-    zeros), no JSON numbers."""
-    if isinstance(value, Decimal):
-        return value
-    if not isinstance(value, str) or _MONEY_RE.fullmatch(value) is None:
-        raise ValueError('money must be a decimal string such as "12.50" (up to 4 decimals)')
-    return Decimal(value)
+    """Exactly what the published schema allows: a decimal string from 0 to MAX_AMOUNT, at most
+    12 integer digits and 4 decimals. No floats (they lose cents), no exponents (``0E-70000``
+    would re-encode as 70,000 zeros), no JSON numbers, no sign (``-0`` is not a price either).
+
+    A Decimal built in Python passes the same check on the text it will be encoded as, so every
+    event that can be built can also be decoded.
+    """
+    text = format(value, "f") if isinstance(value, Decimal) else value
+    if isinstance(text, str) and _MONEY_RE.fullmatch(text) is not None:
+        return Decimal(text)
+    raise _money_error(text)
+
+
+def _money_error(text: object) -> ValueError | PydanticCustomError:
+    """The most precise reason a money value is refused: its sign, its size, or its shape."""
+    if isinstance(text, str) and _DECIMAL_RE.fullmatch(text) is not None:
+        if text.startswith("-"):
+            return PydanticCustomError(
+                "greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": 0}
+            )
+        if Decimal(text) > MAX_AMOUNT:
+            return PydanticCustomError(
+                "less_than_equal",
+                "Input should be less than or equal to {le}",
+                {"le": str(MAX_AMOUNT)},
+            )
+    return ValueError('money must be a decimal string such as "12.50" (up to 4 decimals)')
 
 
 def _money_to_json(value: Decimal) -> str:
@@ -52,17 +126,61 @@ def _money_to_json(value: Decimal) -> str:
 Money = Annotated[
     Decimal,
     BeforeValidator(_money_from_json),
-    Field(max_digits=16, decimal_places=4),
     PlainSerializer(_money_to_json, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": MONEY_PATTERN}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": MONEY_PATTERN,
+            "description": f"A decimal string from 0 to {MAX_AMOUNT} with at most 4 decimals, "
+            'such as "12.50": no sign, no exponent, not a JSON number.',
+        }
+    ),
 ]
-Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f]+$")]
-ShortText = Annotated[str, Field(min_length=1, max_length=256)]
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
+ShortText = Annotated[str, Field(min_length=1, max_length=256)]  # output contracts: our own text
+FreeText = Annotated[str, Field(min_length=1, max_length=256, pattern=TEXT_PATTERN)]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
-PropertyValue = Annotated[str, Field(max_length=256)] | int | float | bool
-Properties = Annotated[
-    dict[Annotated[str, Field(max_length=64)], PropertyValue], Field(max_length=32)
+# orjson refuses a JSON number beyond a double. (No Field bounds here: they would rename the
+# union's members in every error, "properties.k.int" becoming "properties.k.constrained-int".)
+JsonInteger = Annotated[
+    int,
+    WithJsonSchema({"type": "integer", "minimum": -MAX_JSON_NUMBER, "maximum": MAX_JSON_NUMBER}),
 ]
+JsonNumber = Annotated[
+    float,
+    Field(allow_inf_nan=False),
+    WithJsonSchema({"type": "number", "minimum": -MAX_JSON_NUMBER, "maximum": MAX_JSON_NUMBER}),
+]
+PropertyValue = (
+    Annotated[str, Field(max_length=256, pattern=TEXT_PATTERN)] | JsonInteger | JsonNumber | bool
+)
+
+
+def _keys_as_property_names(schema: dict[str, Any]) -> None:
+    """Publish the key pattern as ``propertyNames``, as the decoder applies it.
+
+    pydantic renders a key pattern as ``patternProperties``, which leaves every key that does
+    not match it unconstrained, where the decoder refuses such a key.
+    """
+    ((pattern, values),) = schema.pop("patternProperties").items()
+    schema["additionalProperties"] = values
+    schema["propertyNames"]["pattern"] = pattern
+
+
+Properties = Annotated[
+    dict[Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)], PropertyValue],
+    Field(max_length=32, json_schema_extra=_keys_as_property_names),
+]
+# price and currency: both given or neither, as the ClickEvent validator checks.
+_PRICE_WITH_CURRENCY: Final[dict[str, Any]] = {
+    "anyOf": [
+        {
+            "required": ["price", "currency"],
+            "properties": {"price": {"type": "string"}, "currency": {"type": "string"}},
+        },
+        {"properties": {"price": {"type": "null"}, "currency": {"type": "null"}}},
+    ]
+}
 
 
 class ClickType(StrEnum):
@@ -96,7 +214,9 @@ class _Event(_Contract):
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: Identifier
     customer_id: Identifier
-    event_time: AwareDatetime
+    event_time: AwareDatetime = Field(
+        description=_EVENT_TIME_RULE, json_schema_extra={"pattern": EVENT_TIME_PATTERN}
+    )
     origin: Origin = Origin.LIVE
     properties: Properties = Field(default_factory=dict)
 
@@ -109,27 +229,52 @@ class _Event(_Contract):
 
 
 class ClickEvent(_Event):
-    """A behavioural event from the `clickstream` topic, keyed by customer (or anonymous) id."""
+    """A behavioural event from the `clickstream` topic, keyed by customer (or anonymous) id.
+
+    A price comes with its currency and a currency only with a price. The decoder refuses a
+    message over its max_bytes (65536 by default) before parsing it.
+    """
+
+    model_config = ConfigDict(json_schema_extra=_PRICE_WITH_CURRENCY)
 
     event_type: ClickType
     session_id: Identifier | None = None
     anonymous_id: Identifier | None = None
     product_id: Identifier | None = None
-    category: ShortText | None = None
-    price: Money | None = Field(default=None, ge=0, le=MAX_AMOUNT)
-    currency: Currency | None = None
-    search_query: ShortText | None = None
+    category: FreeText | None = None
+    price: Money | None = Field(None, description="Required with currency, refused without it.")
+    currency: Currency | None = Field(
+        None,
+        validate_default=True,
+        description="ISO 4217 code of price: required with price, refused without it.",
+    )
+    search_query: FreeText | None = None
+
+    @field_validator("currency")
+    @classmethod
+    def _currency_goes_with_price(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """An amount is meaningless without its currency, and a currency without an amount."""
+        if "price" not in info.data:  # the price itself was refused: that error says it
+            return value
+        if info.data["price"] is not None and value is None:
+            raise ValueError("a price needs its currency")
+        if info.data["price"] is None and value is not None:
+            raise ValueError("a currency needs a price")
+        return value
 
 
 class TransactionEvent(_Event):
-    """A purchase or refund from the `transactions` topic, keyed by customer id."""
+    """A purchase or refund from the `transactions` topic, keyed by customer id.
+
+    The decoder refuses a message over its max_bytes (65536 by default) before parsing it.
+    """
 
     event_type: TransactionType
     order_id: Identifier
-    amount: Money = Field(ge=0, le=MAX_AMOUNT)
+    amount: Money
     currency: Currency
     item_count: int = Field(1, ge=0, le=100_000)
-    categories: Annotated[list[ShortText], Field(max_length=32)] = Field(default_factory=list)
+    categories: Annotated[list[FreeText], Field(max_length=32)] = Field(default_factory=list)
 
 
 Event = ClickEvent | TransactionEvent
@@ -224,8 +369,23 @@ class DeadLetterReason(StrEnum):
     PROCESSING_ERROR = "processing_error"
 
 
+Base64 = Annotated[
+    str,
+    Field(
+        max_length=4 * -(-MAX_CARRIED_BYTES // 3), json_schema_extra={"contentEncoding": "base64"}
+    ),
+]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class DeadLetter(_Contract):
-    """An input that could not be processed, with the original bytes and where it came from."""
+    """An input that could not be processed, with the original bytes and where it came from.
+
+    The original payload and key are carried whole up to 65,536 bytes each (MAX_CARRIED_BYTES);
+    past that only their first 65,536 bytes, with `*_truncated` true. Their size and sha256
+    always describe the whole original, so a dead letter stays far below Kafka's 1 MiB limit
+    and still identifies what was refused.
+    """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     reason: DeadLetterReason
@@ -233,8 +393,14 @@ class DeadLetter(_Contract):
     source_topic: Annotated[str, Field(min_length=1, max_length=249)]
     source_partition: int = Field(ge=-1)
     source_offset: int = Field(ge=-1)
-    key_b64: str | None = None
-    payload_b64: str
+    key_b64: Base64 | None = None
+    key_size_bytes: int | None = Field(None, ge=0, description="Of the whole original key.")
+    key_sha256: Sha256 | None = Field(None, description="Of the whole original key.")
+    key_truncated: bool = Field(False, description="key_b64 holds only the key's start.")
+    payload_b64: Base64
+    payload_size_bytes: int = Field(ge=0, description="Of the whole original payload.")
+    payload_sha256: Sha256 = Field(description="Of the whole original payload.")
+    payload_truncated: bool = Field(description="payload_b64 holds only the payload's start.")
     failed_at: AwareDatetime
 
 
@@ -269,12 +435,35 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+_CONTROL_RE: Final = re.compile(f"[{CONTROL_CHARACTERS}]")
+
+
+def _escape_controls(text: str) -> str:
+    """A refused dict key shows in the detail as ``\\u202e``, never as the character itself: a
+    bidi override or a newline in a dead letter would garble whatever log line shows it."""
+    return _CONTROL_RE.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
+
+
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False)[:5]:
-        loc = ".".join(str(p) for p in item["loc"]) or "(root)"
+        loc = ".".join(_escape_controls(str(p)) for p in item["loc"]) or "(root)"
         parts.append(f"{loc}: {item['msg']}")
     return "; ".join(parts)
+
+
+class _Carried(NamedTuple):
+    b64: str
+    size_bytes: int
+    sha256: str
+    truncated: bool
+
+
+def _carry(data: bytes, limit: int) -> _Carried:
+    """At most `limit` bytes of `data`, with the size and hash that identify all of it."""
+    return _Carried(
+        _b64(data[:limit]), len(data), hashlib.sha256(data).hexdigest(), len(data) > limit
+    )
 
 
 def dead_letter(
@@ -284,15 +473,33 @@ def dead_letter(
     source: MessageOrigin,
     key: bytes | None = None,
     failed_at: datetime | None = None,
+    *,
+    max_carried_bytes: int = MAX_CARRIED_BYTES,
 ) -> DeadLetter:
+    """The dead letter of one message, always small enough to publish.
+
+    A message can be refused precisely because it is huge (up to the broker's own limit), so
+    payload and key are each carried up to `max_carried_bytes` (at most MAX_CARRIED_BYTES, the
+    published bound), with the whole original's size and sha256.
+    """
+    if not 0 <= max_carried_bytes <= MAX_CARRIED_BYTES:
+        raise ValueError(f"max_carried_bytes must be within 0..{MAX_CARRIED_BYTES}")
+    body = _carry(payload, max_carried_bytes)
+    head = None if key is None else _carry(key, max_carried_bytes)
     return DeadLetter(
         reason=reason,
         detail=detail[:2048],
         source_topic=source.topic,
         source_partition=source.partition,
         source_offset=source.offset,
-        key_b64=None if key is None else _b64(key),
-        payload_b64=_b64(payload),
+        key_b64=None if head is None else head.b64,
+        key_size_bytes=None if head is None else head.size_bytes,
+        key_sha256=None if head is None else head.sha256,
+        key_truncated=head is not None and head.truncated,
+        payload_b64=body.b64,
+        payload_size_bytes=body.size_bytes,
+        payload_sha256=body.sha256,
+        payload_truncated=body.truncated,
         failed_at=failed_at or datetime.now(UTC),
     )
 
