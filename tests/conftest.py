@@ -5,6 +5,17 @@ with its state in a temporary folder; the jar cache is the user's own (shared ac
 ``STREAM_APP_TEST_BOOTSTRAP=host:port`` to run the integration tests against an existing broker
 instead. Each test gets its own topic names, app id, state folder and web port, so tests never
 see each other's messages or consumer groups.
+
+Hermetic: every test runs without the developer's ``STREAM_APP_*`` settings (only the test
+command's own variables, ``NOT_SETTINGS``, are kept), and a worker subprocess gets exactly the
+variables of its Settings.
+
+Processes this session starts are recorded in ``$STREAM_APP_TEST_RUN_DIR`` when it is set
+(`scripts/test.sh` sets it), so the test command can stop exactly those if the session is killed,
+and never a user's worker or another session's broker. A record is removed once the session has
+stopped its process itself. ``NAME.pid`` holds ``PID START MODE`` (START: the process's start time
+from /proc, ``-`` without procfs; MODE: ``group`` when it leads its own process group, else
+``single``); ``NAME.kafka`` is a symlink to a local broker's own pid file.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +39,7 @@ import orjson
 import pytest
 
 from stream_app.kafka_local import LocalKafka, free_ports
-from stream_app.settings import ENV_PREFIX, Settings
+from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
 from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
 
 log = logging.getLogger(__name__)
@@ -41,10 +52,36 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile("stream_app")
 
 TEST_BOOTSTRAP_ENV = "STREAM_APP_TEST_BOOTSTRAP"
+RUN_DIR_ENV = "STREAM_APP_TEST_RUN_DIR"
+assert {TEST_BOOTSTRAP_ENV, RUN_DIR_ENV} <= NOT_SETTINGS
 WORKER_READY_TIMEOUT_S = 60.0
 
 SettingsFactory = Callable[..., Settings]
 TopicsFactory = Callable[[Settings], dict[str, str]]
+
+
+def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without any ``STREAM_APP_*`` settings (the test command's variables stay)."""
+    return {k: v for k, v in environ.items() if not is_prefixed(k) or k in NOT_SETTINGS}
+
+
+def _drop_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in set(os.environ) - set(without_settings(os.environ)):
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_session() -> Iterator[None]:
+    """Session fixtures (the broker's Settings) run before any test's: clean for them too."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _drop_settings(monkeypatch)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's ``STREAM_APP_*`` settings; a test sets the ones it needs."""
+    _drop_settings(monkeypatch)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -52,8 +89,72 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return settings.to_env()
 
 
+def child_env(settings: Settings) -> dict[str, str]:
+    """A child's whole environment: ours without any ``STREAM_APP_*`` variable (not even the test
+    command's), plus exactly those of ``settings``."""
+    inherited = {k: v for k, v in os.environ.items() if not is_prefixed(k)}
+    return {**inherited, **settings_env(settings)}
+
+
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (field 22 of /proc/PID/stat), ``-`` without procfs, None if gone."""
+    if not Path("/proc/self").exists():
+        return "-"
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # after "(comm)", which may hold spaces
+
+
+class RunRecords:
+    """The records of the processes this session started (see the module docstring)."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+
+    @classmethod
+    def from_environment(cls) -> RunRecords:
+        value = os.environ.get(RUN_DIR_ENV)
+        return cls(Path(value) if value and Path(value).is_dir() else None)
+
+    def process(self, pid: int, *, group: bool) -> Path | None:
+        """Record a child; ``group`` when it was started with ``start_new_session``."""
+        start = _start_time(pid)
+        if self.folder is None or start is None:
+            return None
+        record = self.folder / f"process-{pid}.pid"
+        temporary = record.with_suffix(".tmp")
+        temporary.write_text(f"{pid} {start} {'group' if group else 'single'}\n")
+        temporary.replace(record)
+        return record
+
+    def broker(self, kafka: LocalKafka) -> Path | None:
+        """Record a local broker before it starts: a link to the pid file it writes itself."""
+        if self.folder is None:
+            return None
+        record = self.folder / f"broker-{kafka.settings.kafka_port}.kafka"
+        record.unlink(missing_ok=True)
+        record.symlink_to(kafka.paths.pid_file)
+        return record
+
+    @staticmethod
+    def forget(record: Path | None) -> None:
+        """The session stopped that process itself."""
+        if record is not None:
+            record.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def run_records() -> RunRecords:
+    """Record here any process a test starts that could outlive a killed session."""
+    return RunRecords.from_environment()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(
+    tmp_path_factory: pytest.TempPathFactory, run_records: RunRecords
+) -> Iterator[Settings]:
     """Settings pointing at a running broker: ours (started here), or $STREAM_APP_TEST_BOOTSTRAP."""
     external = os.environ.get(TEST_BOOTSTRAP_ENV)
     if external:
@@ -68,6 +169,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
         state_dir=tmp_path_factory.mktemp("kafka-state"),
     )
     kafka = LocalKafka(settings, echo=log.info)
+    record = run_records.broker(kafka)
     try:
         started = time.monotonic()
         kafka.start()
@@ -77,6 +179,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
         yield settings
     finally:
         kafka.stop()
+        run_records.forget(record)
 
 
 @pytest.fixture
@@ -134,11 +237,13 @@ class WorkerProcess:
     handling and its shutdown, not an in-process imitation.
     """
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, records: RunRecords | None = None
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update(settings_env(settings))
+        self.records = records or RunRecords(None)
+        env = child_env(settings)
         env["PYTHONUNBUFFERED"] = "1"
         with log_path.open("ab") as output:
             self.process = subprocess.Popen(
@@ -149,6 +254,7 @@ class WorkerProcess:
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
+        self.record = self.records.process(self.process.pid, group=False)
 
     @property
     def counts_url(self) -> str:
@@ -193,29 +299,31 @@ class WorkerProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+            self.kill()
             pytest.fail(f"worker ignored SIGTERM for {timeout}s:\n{self.log_tail()}")
+        self.records.forget(self.record)
+        return code
 
     def kill(self) -> None:
         """SIGKILL: the crash path."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(10)
+        self.records.forget(self.record)
 
 
 WorkerFactory = Callable[[Settings], WorkerProcess]
 
 
 @pytest.fixture
-def worker_factory(tmp_path: Path) -> Iterator[WorkerFactory]:
+def worker_factory(tmp_path: Path, run_records: RunRecords) -> Iterator[WorkerFactory]:
     """Start worker subprocesses; any still running when the test ends is killed."""
     workers: list[WorkerProcess] = []
 
     def start(settings: Settings) -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log")
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log", run_records)
         workers.append(worker)
         return worker
 

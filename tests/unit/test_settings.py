@@ -1,12 +1,11 @@
 """Tests for stream_app.settings and the CLI's handling of settings and user mistakes.
 
-Every test starts from an environment without any ``STREAM_APP_*`` variable, so the developer's
-shell cannot change the outcome.
+Every test starts from an environment without any ``STREAM_APP_*`` setting (the autouse fixture
+in tests/conftest.py), so the developer's shell cannot change the outcome.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import orjson
@@ -17,7 +16,6 @@ from stream_app.cli import main
 from stream_app.errors import UserError
 from stream_app.schemas import schema_path, write_schemas
 from stream_app.settings import (
-    ENV_PREFIX,
     LOG_LEVELS,
     NOT_SETTINGS,
     SegmentationSettings,
@@ -28,13 +26,6 @@ from stream_app.settings import (
     load_settings,
     unknown_variables,
 )
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
 
 
 def stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
