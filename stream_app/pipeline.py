@@ -22,6 +22,7 @@ with one table write and changelog record per customer per batch instead of one 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter, deque
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 OUTBOX_LIMIT: Final = 256
 DELIVERY_KEY_PREFIX: Final = b"\x00delivery:"  # not a customer id: ids are validated text
 DEAD_LETTER_RETRY_MAX_S: Final = 5.0
+# A dead letter's Kafka key is the original's, unless that is too big to publish (the letter
+# itself then carries the key's start, size and sha256); then it is the key's sha256.
+MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
 STATE_CACHE_SIZE: Final = 20_000
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 # One raw input message: key, value, where it was read, and the token the caller acks.
@@ -795,6 +799,8 @@ class LivePipeline:
         )
         self.counts.dead_letters[letter.reason.value] += 1
         value = encode(letter)
+        if key is not None and len(key) > MAX_DEAD_LETTER_KEY_BYTES:
+            key = hashlib.sha256(key).hexdigest().encode()  # the letter carries its start
         wait = 0.1
         while True:
             # Nothing is acked that was neither applied nor dead-lettered: keep trying (the

@@ -11,6 +11,8 @@ compares them with the offline replay of the same input:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -300,8 +302,10 @@ def test_a_one_megabyte_payload_gives_a_published_truncated_dead_letter(
         letters.close()
         changes.close()
     (letter,) = letters.received
-    assert letter["reason"] == "oversized" and letter["truncated"] is True
-    assert letter["original_size"] == len(huge)
+    assert letter["reason"] == "oversized" and letter["payload_truncated"] is True
+    assert letter["payload_size_bytes"] == len(huge)
+    assert letter["payload_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert base64.b64decode(letter["payload_b64"]) == huge[: 64 * 1024]
     assert letters.sizes[0] < 1024 * 1024
     assert [c["customer_id"] for c in changes.received] == ["after"]
     assert worker.stop() == 0, worker.log_tail()

@@ -6,6 +6,7 @@ the far future cannot poison a partition; lifecycle trails do not depend on the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from random import Random
@@ -263,3 +264,18 @@ async def test_after_a_graceful_stop_the_next_owner_resends_nothing() -> None:
         await second.handle_batch(raw(values[30:40], start=30))
         resent = second.metrics.resent_changes._value.get()
         assert (resent == 0) is seal, (seal, resent)
+
+
+async def test_a_huge_key_does_not_make_its_dead_letter_unpublishable() -> None:
+    sinks = Sinks()
+    keys: list[bytes | None] = []
+
+    async def dead_letter(key: bytes | None, value: bytes) -> None:
+        keys.append(key)
+
+    sinks.dead_letter = dead_letter  # type: ignore[method-assign]
+    p = pipeline({}, sinks)
+    huge = b"k" * 900_000
+    await p.handle(huge, b"{not json", MessageOrigin(topic=CLICKS, partition=0, offset=0))
+    await p.handle(b"small", b"{not json", MessageOrigin(topic=CLICKS, partition=0, offset=1))
+    assert keys == [hashlib.sha256(huge).hexdigest().encode(), b"small"]
