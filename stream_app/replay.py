@@ -108,6 +108,8 @@ def replay_offline(
         result.data.statuses[outcome.status.value] += 1
         if outcome.status is Status.LATE:
             result.data.invalid[DeadLetterReason.LATE_EVENT.value] += 1
+        elif outcome.status is Status.FUTURE:
+            result.data.invalid[DeadLetterReason.FUTURE_EVENT.value] += 1
         result.emit(outcome.changes)
         if progress is not None and result.data.events % 1024 == 0:
             progress.update(result.data.events)

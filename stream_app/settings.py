@@ -72,7 +72,7 @@ class SegmentationSettings(BaseModel):
     max_future_skew_seconds: float = Field(300.0, ge=0)
     # Offline there is no wall clock: the stream's progress (newest accepted event time) is the
     # clock, and quiet periods in real data are long (Online Retail: 12 days at Christmas).
-    offline_max_gap_days: float = Field(60.0, gt=0)
+    offline_max_gap_days: float = Field(365.0, gt=0)
     recent_event_ids: int = Field(32, ge=1, le=1024)
     top_categories: int = Field(5, ge=1, le=20)
 
