@@ -39,11 +39,11 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer
 
-from stream_app.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
-from stream_app.kafka_local import LocalKafka, free_ports
-from stream_app.publish import make_producer, publish
+from stream_app.contracts.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import create_topics
 from stream_app.settings import ENV_PREFIX, Settings
-from stream_app.topics import create_topics
+from stream_app.tools.publish import make_producer, publish
 
 CLICK_MIX = [ClickType.PRODUCT_VIEW] * 6 + [
     ClickType.PAGE_VIEW,

@@ -61,14 +61,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stream_app import datasets, replay
-from stream_app.datasets import DatasetFormat, RowError, read_dataset
-from stream_app.events import Event
-from stream_app.features import FEATURES
-from stream_app.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans, SegmentModels
-from stream_app.processor import MemoryStore, Outcome, Position, Processor, Snapshot
-from stream_app.replay import build_report, replay_offline
+from stream_app.contracts.events import Event
+from stream_app.core.features import FEATURES
+from stream_app.core.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans, SegmentModels
+from stream_app.core.processor import MemoryStore, Outcome, Position, Processor, Snapshot
 from stream_app.settings import SegmentationSettings
+from stream_app.tools import datasets, replay
+from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
+from stream_app.tools.replay import build_report, replay_offline
 
 DATASETS: Final = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 RETAIL: Final = DATASETS / "online_retail" / "online_retail.csv.gz"

@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from load_tests.bench_live import generate
-from stream_app.events import ClickEvent, MessageOrigin, encode
-from stream_app.pipeline import LivePipeline, RawMessage, TableStore
-from stream_app.processor import SerializedStore
+from stream_app.contracts.events import ClickEvent, MessageOrigin, encode
+from stream_app.core.processor import SerializedStore
+from stream_app.live.pipeline import LivePipeline, RawMessage, TableStore
 from stream_app.settings import Settings
 
 

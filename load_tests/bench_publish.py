@@ -29,13 +29,13 @@ from typing import Any
 
 import orjson
 
-from stream_app.datasets import RowError, read_dataset
-from stream_app.events import Event, encode
-from stream_app.kafka_local import LocalKafka, free_ports
-from stream_app.publish import make_producer, topic_for
-from stream_app.replay import as_replay
+from stream_app.contracts.events import Event, encode
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import create_topics
 from stream_app.settings import ENV_PREFIX, Settings
-from stream_app.topics import create_topics
+from stream_app.tools.datasets import RowError, read_dataset
+from stream_app.tools.publish import make_producer, topic_for
+from stream_app.tools.replay import as_replay
 
 ROOT = Path(__file__).resolve().parents[1]
 ONLINE_RETAIL = ROOT.parent / "shared" / "datasets" / "online_retail" / "online_retail.csv.gz"

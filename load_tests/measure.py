@@ -27,7 +27,7 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, TopicPartition
 
-from stream_app.topics import admin_client
+from stream_app.kafka.topics import admin_client
 
 SUBSCRIBER_BATCH: Final = 2000
 

@@ -46,7 +46,7 @@ from load_tests.measure import (
 )
 from load_tests.objectives import Objectives
 from load_tests.systems import Broker, SystemKind, SystemProcess, delete_topics, run_settings
-from stream_app.topics import create_topics
+from stream_app.kafka.topics import create_topics
 
 SPIKE_FACTOR: Final = 10.0
 WARMUP_PHASE: Final = "warm-up"

@@ -26,9 +26,9 @@ from typing import Any, Final
 import orjson
 
 from stream_app.errors import UserError
-from stream_app.kafka_local import LocalKafka, free_ports
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import admin_client, create_topics, topic_specs, wait_for_broker
 from stream_app.settings import ENV_PREFIX, Settings
-from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
 
 READY_TIMEOUT_S: Final = 120.0
 STOP_TIMEOUT_S: Final = 30.0

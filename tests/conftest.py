@@ -38,9 +38,9 @@ import hypothesis
 import orjson
 import pytest
 
-from stream_app.kafka_local import LocalKafka, free_ports
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import admin_client, create_topics, topic_specs, wait_for_broker
 from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
-from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
 
 log = logging.getLogger(__name__)
 

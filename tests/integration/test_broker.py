@@ -13,9 +13,9 @@ import pytest
 from confluent_kafka.admin import ConfigResource, NewTopic, ResourceType
 
 from stream_app.errors import UserError
-from stream_app.kafka_local import LocalKafka, run_kafka_command
+from stream_app.kafka.local import LocalKafka, run_kafka_command
+from stream_app.kafka.topics import CREATED, EXISTS, admin_client, broker_answers
 from stream_app.settings import Settings
-from stream_app.topics import CREATED, EXISTS, admin_client, broker_answers
 
 pytestmark = pytest.mark.integration
 

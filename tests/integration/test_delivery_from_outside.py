@@ -24,11 +24,11 @@ import orjson
 import pytest
 from confluent_kafka import Consumer
 
-from stream_app.datasets import RowError, read_dataset
-from stream_app.events import Event
-from stream_app.publish import make_producer, publish
-from stream_app.replay import replay_offline
+from stream_app.contracts.events import Event
 from stream_app.settings import Settings
+from stream_app.tools.datasets import RowError, read_dataset
+from stream_app.tools.publish import make_producer, publish
+from stream_app.tools.replay import replay_offline
 
 if TYPE_CHECKING:
     from conftest import WorkerProcess

@@ -11,11 +11,11 @@ import orjson
 import pytest
 from confluent_kafka import Consumer
 
-from stream_app.datasets import read_dataset
-from stream_app.events import SegmentChange
-from stream_app.publish import make_producer, publish
-from stream_app.replay import replay_offline
+from stream_app.contracts.events import SegmentChange
 from stream_app.settings import Settings
+from stream_app.tools.datasets import read_dataset
+from stream_app.tools.publish import make_producer, publish
+from stream_app.tools.replay import replay_offline
 
 if TYPE_CHECKING:
     from conftest import WorkerProcess

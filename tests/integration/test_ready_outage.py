@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from stream_app.kafka_local import LocalKafka, free_ports
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import create_topics
 from stream_app.settings import Settings
-from stream_app.topics import create_topics
 
 if TYPE_CHECKING:
     from conftest import WorkerProcess

@@ -15,11 +15,11 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_app.cli import main
-from stream_app.compare import compare, read_side
-from stream_app.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
+from stream_app.kafka.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
+from stream_app.kafka.topics import admin_client
 from stream_app.settings import Settings
-from stream_app.shadow import ShadowRequest, run_shadow, shadow_settings
-from stream_app.topics import admin_client
+from stream_app.tools.compare import compare, read_side
+from stream_app.tools.shadow import ShadowRequest, run_shadow, shadow_settings
 
 if TYPE_CHECKING:
     from conftest import SettingsFactory, TopicsFactory, WorkerFactory, WorkerProcess
@@ -239,7 +239,7 @@ def test_rewind_refuses_while_workers_run(
 
 
 def _has_members(settings: Settings) -> bool:
-    from stream_app.rewind import _members
+    from stream_app.tools.rewind import _members
 
     return _members(settings, settings.app_id) > 0
 

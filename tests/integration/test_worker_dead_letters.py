@@ -19,11 +19,11 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from stream_app import pipeline as pipeline_module
-from stream_app.app import COUNTS_PATH, create_app
-from stream_app.events import DeadLetter, DeadLetterReason, MessageOrigin
-from stream_app.pipeline import LivePipeline, WorkerCounts, partition_of
-from stream_app.processor import MemoryStore
+from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOrigin
+from stream_app.core.processor import MemoryStore
+from stream_app.live import pipeline as pipeline_module
+from stream_app.live.app import COUNTS_PATH, create_app
+from stream_app.live.pipeline import LivePipeline, WorkerCounts, partition_of
 from stream_app.settings import Settings
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ import pytest
 from faust.events import Event
 from faust.types import Message
 
-from stream_app.app import CUSTOMERS_TABLE, create_app
-from stream_app.processor import CustomerState
+from stream_app.core.processor import CustomerState
+from stream_app.live.app import CUSTOMERS_TABLE, create_app
 from stream_app.settings import Settings
 
 T0 = "2024-03-01T12:00:00+00:00"

@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, ValidationError, validators  # type: ignore[import-untyped]
 
-from stream_app import events
-from stream_app.events import DeadLetter, DeadLetterReason, MessageOrigin, decode_event
-from stream_app.schemas import schema_path
+from stream_app.contracts import events
+from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOrigin, decode_event
+from stream_app.contracts.schemas import schema_path
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import orjson
 
-from stream_app.events import ClickEvent, ClickType, Component, MessageOrigin
-from stream_app.models import SegmentModels
-from stream_app.pipeline import LivePipeline, RawMessage, TableStore, partition_of
-from stream_app.processor import MemoryStore, Processor
-from stream_app.replay import replay_offline
+from stream_app.contracts.events import ClickEvent, ClickType, Component, MessageOrigin
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import MemoryStore, Processor
+from stream_app.live.pipeline import LivePipeline, RawMessage, TableStore, partition_of
 from stream_app.settings import SegmentationSettings, Settings
+from stream_app.tools.replay import replay_offline
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 NOW = T0 + timedelta(days=800)  # the worker's wall clock: after every test event

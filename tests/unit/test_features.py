@@ -1,4 +1,4 @@
-"""Tests for stream_app.features: the per-customer state and its pure update, in event time.
+"""Tests for stream_app.core.features: the per-customer state and its pure update, in event time.
 
 Expected values are computed by hand from the documented definitions (half-lives, log1p of counts,
 money and days, running session means). Properties cover bounds, serialisation, independence
@@ -19,8 +19,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_app.events import MAX_AMOUNT, ClickEvent, ClickType, TransactionEvent, TransactionType
-from stream_app.features import (
+from stream_app.contracts.events import (
+    MAX_AMOUNT,
+    ClickEvent,
+    ClickType,
+    TransactionEvent,
+    TransactionType,
+)
+from stream_app.core.features import (
     DAY,
     DAYS_CAP,
     FEATURES,

@@ -39,7 +39,13 @@ from load_tests.scenarios import (
     spike_figures,
 )
 from load_tests.systems import processed_count
-from stream_app.events import ClickEvent, DeadLetter, MessageOrigin, TransactionEvent, decode_event
+from stream_app.contracts.events import (
+    ClickEvent,
+    DeadLetter,
+    MessageOrigin,
+    TransactionEvent,
+    decode_event,
+)
 
 NOW = 1_700_000_000.0
 FUNNEL_ORDER = {

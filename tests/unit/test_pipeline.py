@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_app.events import DeadLetterReason, MessageOrigin
-from stream_app.pipeline import (
+from stream_app.contracts.events import DeadLetterReason, MessageOrigin
+from stream_app.core.processor import CustomerState, SerializedStore
+from stream_app.live.pipeline import (
     DELIVERY_KEY_PREFIX,
     LivePipeline,
     OrderedMerge,
@@ -23,7 +24,6 @@ from stream_app.pipeline import (
     TableStore,
     partition_of,
 )
-from stream_app.processor import CustomerState, SerializedStore
 from stream_app.settings import SegmentationSettings, Settings
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from stream_app.events import (
+from stream_app.contracts.events import (
     ClickEvent,
     ClickType,
     Component,
@@ -18,8 +18,8 @@ from stream_app.events import (
     TransactionEvent,
     TransactionType,
 )
-from stream_app.models import SegmentModels
-from stream_app.processor import MemoryStore, Processor, SerializedStore, Status
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import MemoryStore, Processor, SerializedStore, Status
 from stream_app.settings import SegmentationSettings
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

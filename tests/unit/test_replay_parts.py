@@ -13,16 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_app.cli import main
-from stream_app.compare import compare, read_side
-from stream_app.datasets import RowError
+from stream_app.contracts.events import ClickEvent, ClickType, Origin
 from stream_app.errors import UserError
-from stream_app.events import ClickEvent, ClickType, Origin
+from stream_app.kafka.ranges import parse_offsets
 from stream_app.progress import format_duration, render
-from stream_app.ranges import parse_offsets
-from stream_app.replay import Window, as_replay, parse_instant
-from stream_app.rewind import Move
 from stream_app.settings import Settings
-from stream_app.shadow import mark_replay, shadow_settings
+from stream_app.tools.compare import compare, read_side
+from stream_app.tools.datasets import RowError
+from stream_app.tools.replay import Window, as_replay, parse_instant
+from stream_app.tools.rewind import Move
+from stream_app.tools.shadow import mark_replay, shadow_settings
 
 
 def click(event_id: str, at: datetime, origin: Origin = Origin.LIVE) -> ClickEvent:

@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from stream_app.cli import main
+from stream_app.contracts.schemas import schema_path, write_schemas
 from stream_app.errors import UserError
-from stream_app.schemas import schema_path, write_schemas
 from stream_app.settings import (
     LOG_LEVELS,
     NOT_SETTINGS,

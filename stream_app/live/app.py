@@ -1,4 +1,4 @@
-"""The Faust application: thin wiring around :class:`stream_app.pipeline.LivePipeline`.
+"""The Faust application: thin wiring around :class:`stream_app.live.pipeline.LivePipeline`.
 
 One agent reads both input topics as raw bytes (so decoding and its errors stay ours) and hands
 every message to the pipeline. Customer state lives in the ``customers`` table on RocksDB with a
@@ -25,14 +25,14 @@ import faust.streams as faust_streams
 from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP
 
+from stream_app.contracts.events import MessageOrigin
+from stream_app.core.models import SegmentModels, SnapshotError
 from stream_app.errors import UserError
-from stream_app.events import MessageOrigin
+from stream_app.kafka.topics import admin_client, wait_for_broker
+from stream_app.live.metrics import Metrics
+from stream_app.live.pipeline import LivePipeline, RawMessage, TableStore
 from stream_app.logs import logging_config
-from stream_app.metrics import Metrics
-from stream_app.models import SegmentModels, SnapshotError
-from stream_app.pipeline import LivePipeline, RawMessage, TableStore
 from stream_app.settings import Settings
-from stream_app.topics import admin_client, wait_for_broker
 
 log = logging.getLogger(__name__)
 

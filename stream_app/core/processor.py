@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from stream_app.events import (
+from stream_app.contracts.events import (
     ClickEvent,
     Component,
     Event,
@@ -43,7 +43,7 @@ from stream_app.events import (
     TransactionType,
     encode,
 )
-from stream_app.features import (
+from stream_app.core.features import (
     DAY,
     FEATURES,
     Behaviour,
@@ -51,8 +51,8 @@ from stream_app.features import (
     apply_transaction,
     feature_vector,
 )
-from stream_app.models import Assessment, SegmentModels
-from stream_app.segmentation import (
+from stream_app.core.models import Assessment, SegmentModels
+from stream_app.core.segmentation import (
     Membership,
     cluster_move,
     earliest_after,

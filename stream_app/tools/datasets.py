@@ -41,8 +41,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 import orjson
 from pydantic import ValidationError
 
-from stream_app.errors import UserError
-from stream_app.events import (
+from stream_app.contracts.events import (
     EARLIEST,
     LATEST,
     ClickEvent,
@@ -51,6 +50,7 @@ from stream_app.events import (
     TransactionEvent,
     TransactionType,
 )
+from stream_app.errors import UserError
 
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stream_app.events import Lifecycle, PropensityTier
-from stream_app.features import DAY, HOUR, Behaviour
+from stream_app.contracts.events import Lifecycle, PropensityTier
+from stream_app.core.features import DAY, HOUR, Behaviour
 from stream_app.settings import SegmentationSettings
 
 

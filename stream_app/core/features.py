@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from stream_app.events import ClickEvent, ClickType, TransactionEvent, TransactionType
+from stream_app.contracts.events import ClickEvent, ClickType, TransactionEvent, TransactionType
 
 HOUR: Final = 3600.0
 DAY: Final = 86400.0

@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol, cast
 import orjson
 from aiokafka.partitioner import murmur2
 
-from stream_app.events import (
+from stream_app.contracts.events import (
     ClickType,
     Component,
     DeadLetter,
@@ -50,9 +50,8 @@ from stream_app.events import (
     decode_event,
     encode,
 )
-from stream_app.metrics import Metrics
-from stream_app.models import SegmentModels
-from stream_app.processor import (
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import (
     CustomerState,
     Position,
     Processor,
@@ -60,6 +59,7 @@ from stream_app.processor import (
     Status,
     outbox_sequence,
 )
+from stream_app.live.metrics import Metrics
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
