@@ -96,7 +96,7 @@ def get_json(settings: Settings, path: str) -> Any:
 
 
 NAIVE_MODULE = "load_tests.baselines.naive_faust"
-PER_EVENT = {  # the worker before issue #4: per-event path, Faust's default buffers
+PER_EVENT: dict[str, Any] = {  # the worker before issue #4: per-event path, Faust's default buffers
     "batch_max_events": 1,
     "state_cache_size": 0,
     "producer_buffer_max_messages": 100,

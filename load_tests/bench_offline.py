@@ -55,11 +55,11 @@ from typing import Any, Final
 from unittest import mock
 
 from river import linear_model, preprocessing
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.ensemble import HistGradientBoostingClassifier  # type: ignore[import-untyped]
+from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
+from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
+from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
 
 from stream_app.contracts.events import Event
 from stream_app.core.features import FEATURES
@@ -560,7 +560,9 @@ def _probes_per_cluster(clusters: BehaviourClusters, probes: list[dict[str, floa
     return [counts.get(c, 0) for c in range(len(clusters.sizes))]
 
 
-def cluster_stability(checkpoints: list[Checkpoint], probes: list[dict[str, float]]) -> dict:
+def cluster_stability(
+    checkpoints: list[Checkpoint], probes: list[dict[str, float]]
+) -> dict[str, Any]:
     pairs = [_pair(a, b, probes) for a, b in itertools.pairwise(checkpoints)]
     judged = [p["changed_share"] for p in pairs if p["after_warm_up"]]
     first, last = checkpoints[0], checkpoints[-1]

@@ -56,10 +56,10 @@ async def run(events: int, batch: int = 0) -> float:
     )
     offsets = {"clickstream": 0, "transactions": 0}
     raw: list[RawMessage] = []
-    for topic, value, customer in messages:
+    for topic, encoded, customer in messages:
         offsets[topic] += 1
         origin = MessageOrigin(topic=topic, partition=0, offset=offsets[topic])
-        raw.append((customer.encode(), value, origin, None))
+        raw.append((customer.encode(), encoded, origin, None))
     started = time.perf_counter()
     if batch:
         for start in range(0, len(raw), batch):

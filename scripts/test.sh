@@ -71,6 +71,6 @@ without_settings() { # run a command without the developer's STREAM_APP_* settin
 }
 
 echo "== ruff";   ruff check stream_app tests load_tests && ruff format --check stream_app tests load_tests
-echo "== mypy";   mypy stream_app
+echo "== mypy";   mypy stream_app tests load_tests
 echo "== schemas"; without_settings stream-app schemas --check
 echo "== pytest"; pytest -q -p no:cacheprovider "$@"

@@ -7,6 +7,7 @@ no broker: they cover the exception path, which valid or invalid *input* cannot 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import Callable
@@ -198,8 +199,10 @@ class Sinks:
         self.dead: list[tuple[bytes | None, bytes]] = []
         self.fail = fail
 
-    async def change(self, customer_id: str, value: bytes) -> None:
-        return None
+    async def change(self, customer_id: str, value: bytes) -> asyncio.Future[None]:
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)  # the broker acknowledged it at once
+        return acked
 
     async def membership(self, customer_id: str, value: bytes) -> None:
         return None

@@ -69,7 +69,7 @@ def pipeline(
     tables: dict[int, dict[bytes, bytes]], sinks: Sinks, partitions: int = 1, **kw: Any
 ) -> LivePipeline:
     return LivePipeline(
-        Settings(state_dir="/nonexistent", partitions=partitions),  # type: ignore[arg-type]
+        Settings(state_dir="/nonexistent", partitions=partitions),
         lambda p: TableStore(tables.setdefault(p, {}), p, partitions),
         sinks,
         clock=lambda: NOW,

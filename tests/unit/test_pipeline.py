@@ -71,7 +71,7 @@ def message(customer: str, minute: int, event_type: str = "product_view") -> byt
 
 def pipeline_factory(data: dict[str, bytes], sinks: ListSinks) -> LivePipeline:
     return LivePipeline(
-        Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
+        Settings(state_dir="/nonexistent", partitions=1),
         lambda partition: SerializedStore(data),
         sinks,
         clock=lambda: T0 + timedelta(days=365),
@@ -317,7 +317,7 @@ def customers(table: dict[bytes, bytes]) -> dict[bytes, bytes]:
 
 def batched_pipeline(table: CountingTable, sinks: ListSinks, cache_size: int = 100) -> LivePipeline:
     return LivePipeline(
-        Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
+        Settings(state_dir="/nonexistent", partitions=1),
         lambda partition: TableStore(table, partition, 1, cache_size),
         sinks,
         clock=lambda: T0 + timedelta(days=365),

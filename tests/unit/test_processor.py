@@ -33,8 +33,8 @@ def click(customer: str, day: float, n: int = 0, **extra: object) -> ClickEvent:
         event_id=f"{customer}-c-{day}-{n}",
         customer_id=customer,
         event_time=T0 + timedelta(days=day),
-        event_type=extra.pop("event_type", ClickType.PRODUCT_VIEW),  # type: ignore[arg-type]
-        **extra,  # type: ignore[arg-type]
+        event_type=extra.pop("event_type", ClickType.PRODUCT_VIEW),
+        **extra,
     )
 
 
