@@ -30,8 +30,10 @@ from stream_app.contracts.events import (
 )
 from stream_app.contracts.events import decode_event as decode
 from stream_app.core.models import SegmentModels
-from stream_app.core.processor import CustomerState, Position, Processor, Status
-from stream_app.live.pipeline import membership_record, partition_of
+from stream_app.core.processor import Position, Processor, Status
+from stream_app.core.state import CustomerState
+from stream_app.live.pipeline import membership_record
+from stream_app.live.store import partition_of
 from stream_app.settings import Settings
 
 

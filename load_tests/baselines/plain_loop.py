@@ -32,7 +32,8 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict
 
 from stream_app.contracts.events import MessageOrigin
 from stream_app.core.models import SegmentModels
-from stream_app.live.pipeline import LivePipeline, RawMessage, TableStore
+from stream_app.live.pipeline import LivePipeline, RawMessage
+from stream_app.live.store import TableStore
 from stream_app.settings import Settings
 
 COMMIT_INTERVAL_S: Final = 1.0

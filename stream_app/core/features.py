@@ -91,11 +91,19 @@ class Behaviour:
     def first(cls, at: float) -> Behaviour:
         return cls(first_seen=at, last_event_at=at, decay_ref=at)
 
-    def to_list(self) -> list[object]:
-        return [getattr(self, name) for name in self.__slots__]
+    def to_record(self) -> dict[str, Any]:
+        """Named fields, for the stored customer record (readable by name)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Behaviour:
+        """Tolerant of added fields: names this version does not know are ignored, and names a
+        record lacks take their defaults (a missing first_seen/last_event_at is refused)."""
+        return cls(**{name: record[name] for name in cls.__slots__ if name in record})
 
     @classmethod
     def from_list(cls, values: list[Any]) -> Behaviour:
+        """The positional layout of state version 1 (only to migrate stored records)."""
         return cls(*values)
 
 

@@ -24,7 +24,8 @@ from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOri
 from stream_app.core.processor import MemoryStore
 from stream_app.live import pipeline as pipeline_module
 from stream_app.live.app import COUNTS_PATH, create_app
-from stream_app.live.pipeline import LivePipeline, WorkerCounts, partition_of
+from stream_app.live.pipeline import LivePipeline, WorkerCounts
+from stream_app.live.store import partition_of
 from stream_app.settings import Settings
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ import orjson
 from stream_app.contracts.events import ClickEvent, ClickType, Component, MessageOrigin
 from stream_app.core.models import SegmentModels
 from stream_app.core.processor import MemoryStore, Processor
-from stream_app.live.pipeline import LivePipeline, RawMessage, TableStore, partition_of
+from stream_app.live.pipeline import LivePipeline, RawMessage
+from stream_app.live.store import TableStore, partition_of
 from stream_app.settings import SegmentationSettings, Settings
 from stream_app.tools.replay import replay_offline
 

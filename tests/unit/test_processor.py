@@ -237,7 +237,9 @@ def test_pending_snapshots_per_customer_are_bounded() -> None:
     assert len(state.purchase_pending) == 3
 
 
-STATE_BUDGET_BYTES = 2048
+# Named fields (state version 2) cost bytes: this worst case is 2,390 bytes, 1,693 as the
+# positional version 1 list (measured 2026-12-01). Bounding memory is issue 16's.
+STATE_BUDGET_BYTES = 2560
 
 
 def test_heavy_customer_state_stays_under_budget() -> None:
