@@ -358,6 +358,23 @@ class SegmentChange(_Contract):
     origin: Origin
 
 
+class SegmentMembership(_Contract):
+    """The compacted `segment-membership` value (keyed by customer id): the customer's current
+    segment as of their newest change. A new subscriber reads the topic from the beginning to
+    know everyone's segment, then follows `segment-changes`; ``sequence`` and ``change_id`` say
+    which change it reflects (a change with a higher sequence supersedes it)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    customer_id: Identifier
+    segment: Segment
+    segment_name: ShortText
+    sequence: int = Field(ge=1)
+    change_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    event_time: AwareDatetime
+    origin: Origin
+    model_version: ShortText
+
+
 class DeadLetterReason(StrEnum):
     INVALID_JSON = "invalid_json"
     NOT_AN_OBJECT = "not_an_object"
@@ -408,6 +425,7 @@ CONTRACTS: Final[dict[str, type[BaseModel]]] = {
     "click_event": ClickEvent,
     "transaction_event": TransactionEvent,
     "segment_change": SegmentChange,
+    "segment_membership": SegmentMembership,
     "dead_letter": DeadLetter,
 }
 

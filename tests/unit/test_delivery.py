@@ -280,3 +280,29 @@ async def test_a_huge_key_does_not_make_its_dead_letter_unpublishable() -> None:
     await p.handle(huge, b"{not json", MessageOrigin(topic=CLICKS, partition=0, offset=0))
     await p.handle(b"small", b"{not json", MessageOrigin(topic=CLICKS, partition=0, offset=1))
     assert keys == [hashlib.sha256(huge).hexdigest().encode(), b"small"]
+
+
+async def test_every_membership_record_is_a_valid_segment_membership() -> None:
+    """The compacted topic's value is built without re-validation: it must still be exactly the
+    published contract (pydantic model and schemas/segment_membership.v1.json)."""
+    import json
+    from pathlib import Path
+
+    from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+
+    from stream_app.contracts.events import SegmentChange, SegmentMembership
+    from stream_app.live.pipeline import membership_record
+
+    schema = json.loads(
+        (Path(__file__).parents[2] / "schemas" / "segment_membership.v1.json").read_text()
+    )
+    check = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    sinks = Sinks()
+    await pipeline({}, sinks).handle_batch(raw(history()))
+    assert len(sinks.changes) > 50
+    for change in sinks.changes:
+        record = orjson.loads(membership_record(SegmentChange.model_validate(change)))
+        check.validate(record)
+        member = SegmentMembership.model_validate(record)
+        assert member.segment.model_dump(mode="json") == change["current"]
+        assert (member.sequence, member.change_id) == (change["sequence"], change["change_id"])
