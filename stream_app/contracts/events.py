@@ -462,7 +462,9 @@ def _escape_controls(text: str) -> str:
     return _CONTROL_RE.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_errors(error: ValidationError) -> str:
+    """pydantic's failures as 'field: message' pairs, short enough for a log line or a dead
+    letter (control characters in field names escaped)."""
     parts = []
     for item in error.errors(include_url=False)[:5]:
         loc = ".".join(_escape_controls(str(p)) for p in item["loc"]) or "(root)"
@@ -559,7 +561,7 @@ def decode_event(
     try:
         return _MODELS[kind].model_validate(raw)
     except ValidationError as exc:
-        return reject(DeadLetterReason.INVALID_FIELD, _describe(exc))
+        return reject(DeadLetterReason.INVALID_FIELD, describe_errors(exc))
 
 
 def encode(model: BaseModel) -> bytes:
