@@ -64,7 +64,8 @@ from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
 from stream_app.contracts.events import Event
 from stream_app.core.features import FEATURES
 from stream_app.core.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans, SegmentModels
-from stream_app.core.processor import MemoryStore, Outcome, Position, Processor, Snapshot
+from stream_app.core.processor import MemoryStore, Outcome, Position, Processor
+from stream_app.core.state import Snapshot
 from stream_app.settings import SegmentationSettings
 from stream_app.tools import datasets, replay
 from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset

@@ -21,11 +21,10 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOrigin
-from stream_app.core.processor import MemoryStore
 from stream_app.live import pipeline as pipeline_module
 from stream_app.live.app import COUNTS_PATH, create_app
 from stream_app.live.pipeline import LivePipeline, WorkerCounts
-from stream_app.live.store import partition_of
+from stream_app.live.store import TableStore, partition_of
 from stream_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -224,7 +223,9 @@ ORIGIN = MessageOrigin(topic="clickstream", partition=OWN, offset=41)
 
 def pipeline_factory(sinks: Sinks) -> LivePipeline:
     return LivePipeline(
-        Settings(max_event_bytes=1024, partitions=PARTITIONS), lambda p: MemoryStore(), sinks
+        Settings(max_event_bytes=1024, partitions=PARTITIONS),
+        lambda p: TableStore({}, p, PARTITIONS),
+        sinks,
     )
 
 

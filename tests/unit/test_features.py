@@ -453,9 +453,7 @@ def test_every_feature_is_finite_and_bounded(events: list[Event], later: float) 
 
 @settings(max_examples=80)
 @given(event_lists(), event_lists())
-def test_state_round_trips_through_its_named_record(
-    events: list[Event], more: list[Event]
-) -> None:
+def test_state_round_trips_through_its_named_record(events: list[Event], more: list[Event]) -> None:
     b = Behaviour.first(events[0].event_time.timestamp())
     for event in events:
         apply(b, event)

@@ -415,7 +415,8 @@ def test_cli_schemas_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixt
         "click_event.v1.json",
         "dead_letter.v1.json",
         "segment_change.v1.json",
+        "segment_membership.v1.json",
         "transaction_event.v1.json",
     ]
-    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert len(capsys.readouterr().out.splitlines()) == 5
     assert main(["schemas", "--check", "--dir", str(target)]) == 0
