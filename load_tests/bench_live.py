@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer
 
+from load_tests.measure import percentile
 from stream_app.contracts.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
@@ -236,28 +237,24 @@ def latency(base: Settings, port: int, rate: float, duration: float) -> dict[str
     finally:
         consumer.close()
         worker.stop()
-    ordered = sorted(latencies)
-    second_half = sorted(latencies[len(latencies) // 2 :])
+    second_half = latencies[len(latencies) // 2 :]
 
-    def pct(p: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
+    def ms(values: list[float], q: float) -> float | None:
+        found = percentile(values, q)
+        return None if found is None else round(found * 1000, 1)
 
     return {
         "target_rate": rate,
         "achieved_rate": round(achieved, 1),
         "changes_received": len(latencies),
         "expected": total,
-        "p50_ms": pct(0.50),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
-        "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
-        "mean_ms": round(statistics.fmean(ordered) * 1000, 1) if ordered else None,
-        "second_half_p50_ms": round(second_half[len(second_half) // 2] * 1000, 1)
-        if second_half
-        else None,
-        "second_half_p99_ms": round(second_half[int(0.99 * (len(second_half) - 1))] * 1000, 1)
-        if second_half
-        else None,
+        "p50_ms": ms(latencies, 50),
+        "p95_ms": ms(latencies, 95),
+        "p99_ms": ms(latencies, 99),
+        "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
+        "second_half_p50_ms": ms(second_half, 50),
+        "second_half_p99_ms": ms(second_half, 99),
     }
 
 

@@ -61,6 +61,7 @@ from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
 from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
 from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
 
+from load_tests.measure import percentile
 from stream_app.contracts.events import Event
 from stream_app.core.features import FEATURES
 from stream_app.core.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans, SegmentModels
@@ -397,19 +398,15 @@ def _class_counts(labels: Sequence[Label]) -> dict[str, int]:
     return {"labels": len(labels), "positives": positives, "negatives": len(labels) - positives}
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
 def label_delay(labels: Sequence[Label], horizon_days: float) -> dict[str, Any]:
     """How long after its horizon each label was learned (the processor learns a matured label
     at the customer's next timer or event, not at the horizon itself)."""
     late = sorted((la.learned_at - la.snapshot_time) / 86400 - horizon_days for la in labels)
     return {
         "horizon_days": horizon_days,
-        "p50": _r(_quantile(late, 0.5), 2),
-        "p90": _r(_quantile(late, 0.9), 2),
-        "p99": _r(_quantile(late, 0.99), 2),
+        "p50": _r(percentile(late, 50), 2),
+        "p90": _r(percentile(late, 90), 2),
+        "p99": _r(percentile(late, 99), 2),
         "max": _r(late[-1], 2),
         "share_more_than_1_day_late": _r(sum(d > 1 for d in late) / len(late)),
     }
