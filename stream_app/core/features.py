@@ -199,22 +199,24 @@ def _advance_last_event(b: Behaviour, at: float) -> None:
 def apply_transaction(
     b: Behaviour, event: TransactionEvent, at: float, *, session_gap: float, category_limit: int
 ) -> None:
-    """Fold one purchase or refund into the behaviour (in place)."""
+    """Fold one purchase or refund into the behaviour (in place). A refund is counted, but it is
+    not activity: it moves neither recency nor the decayed activity (a cancellation after 259
+    idle days used to make a lapsed customer "reactivated")."""
     age = _add_decayed(b, at)
-    _bump(b, age)
     amount = float(event.amount)
-    if event.event_type is TransactionType.PURCHASE:
-        b.order_count += 1
-        b.total_spend += amount
-        b.spend_recent += amount * _decay(age, SPEND_HALF_LIFE)
-        b.last_order_at = at if b.last_order_at is None else max(b.last_order_at, at)
-        if b.last_click_at is not None and at - b.last_click_at <= session_gap:
-            b.session_purchased = True
-        for category in event.categories:
-            _touch_category(b, category, _decay(age, CATEGORY_HALF_LIFE), category_limit)
-    else:
+    if event.event_type is not TransactionType.PURCHASE:
         b.refund_count += 1
         b.refund_amount += amount
+        return
+    _bump(b, age)
+    b.order_count += 1
+    b.total_spend += amount
+    b.spend_recent += amount * _decay(age, SPEND_HALF_LIFE)
+    b.last_order_at = at if b.last_order_at is None else max(b.last_order_at, at)
+    if b.last_click_at is not None and at - b.last_click_at <= session_gap:
+        b.session_purchased = True
+    for category in event.categories:
+        _touch_category(b, category, _decay(age, CATEGORY_HALF_LIFE), category_limit)
     _advance_last_event(b, at)
 
 

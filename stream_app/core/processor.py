@@ -382,9 +382,15 @@ class Processor:
         return outcome
 
     def _on_event(self, st: CustomerState, event: Event, trig: _Trigger) -> list[SegmentChange]:
+        """Fold the event in, score and decide. A refund (or cancellation) is not engagement:
+        it leaves recency, the lifecycle stage and the churn checkpoints alone, never
+        reactivates anyone, and can only lower the purchase propensity."""
         s, b, at = self.s, st.behaviour, trig.at
-        lapsed_before = st.membership is not None and (
-            at - b.last_event_at >= s.lapsed_after_days * DAY
+        refund = _is_refund(event)
+        lapsed_before = (
+            not refund
+            and st.membership is not None
+            and at - b.last_event_at >= s.lapsed_after_days * DAY
         )
         self._mark_outcomes(st, event, at)  # an outcome exactly at the horizon still counts
         self._mature_labels(st, at)
@@ -405,11 +411,15 @@ class Processor:
                 category_limit=s.top_categories,
             )
         st.origin = event.origin
-        st.churn_checkpoint = 0
+        if not refund:
+            st.churn_checkpoint = 0
         x = feature_vector(b, at)
         cluster = self.models.clusters.learn_assign(x)
         moment = _Moment(trig, x, self.models)
-        st.purchase_propensity = moment.purchase.probability
+        scored = moment.purchase.probability
+        if refund and st.membership is not None:
+            scored = min(scored, st.purchase_propensity)
+        st.purchase_propensity = scored
         self._snapshot_purchase(st, x, at)
         if st.membership is None:
             return [self._enter(st, cluster, moment)]
@@ -420,7 +430,7 @@ class Processor:
     def _mark_outcomes(self, st: CustomerState, event: Event, at: float) -> None:
         """Record what happened after each pending snapshot; the label is revealed only when the
         horizon has passed (revealing positives early biases the model, NOTES-river section 2)."""
-        for snap in st.churn_pending:
+        for snap in [] if _is_refund(event) else st.churn_pending:
             if snap[0] < at <= snap[0] + self.s.churn_horizon_days * DAY:
                 snap[3] = True  # active again inside the horizon: not churned
         if isinstance(event, TransactionEvent) and event.event_type is TransactionType.PURCHASE:
@@ -498,6 +508,9 @@ class Processor:
             m.stage = stage
             changes.append(self._change(st, Component.LIFECYCLE, before, moment))
         tier = next_tier(m.tier, st.purchase_propensity, self.models.purchase.warmed_up, s)
+        refund = moment.trigger.event_type == TransactionType.REFUND.value
+        if refund and _TIER_RANK[tier] > _TIER_RANK[m.tier]:
+            tier = m.tier  # a refund never raises a tier (not even out of `unscored`)
         if tier is not m.tier:
             before = self._segment(m)
             m.tier = tier
@@ -590,6 +603,18 @@ class Processor:
         existed = self.store.get(customer_id) is not None
         self.store.delete(customer_id)
         return existed
+
+
+_TIER_RANK: Final = {
+    PropensityTier.UNSCORED: 0,
+    PropensityTier.LOW: 1,
+    PropensityTier.MEDIUM: 2,
+    PropensityTier.HIGH: 3,
+}
+
+
+def _is_refund(event: Event) -> bool:
+    return isinstance(event, TransactionEvent) and event.event_type is TransactionType.REFUND
 
 
 def _first_time(pending: list[Snapshot], horizon: float) -> float | None:
