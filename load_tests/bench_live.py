@@ -15,7 +15,7 @@ Everything runs on this machine: the broker, the generator and the worker share 
 Superseded by the load harness, ``python -m load_tests run --scenario steady --rate 5000
 --duration 60 --baseline --report DIR`` (realistic traffic, latency percentiles over time, lag,
 CPU per process, baselines side by side, a report with pass/fail per objective). Kept while other
-scripts still import ``generate``, ``Worker`` and ``settings_for`` from here.
+scripts still import ``generate`` and ``Worker`` from here.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import orjson
 from confluent_kafka import Consumer
 
 from load_tests.measure import percentile
+from load_tests.systems import renamed
 from stream_app.contracts.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
@@ -144,21 +145,6 @@ class Worker:
         self.proc.wait(30)
 
 
-def settings_for(base: Settings, name: str, port: int, **overrides: Any) -> Settings:
-    values = base.model_dump()
-    values.update(
-        app_id=f"bench-{name}",
-        clickstream_topic=f"{name}-clickstream",
-        transactions_topic=f"{name}-transactions",
-        segment_changes_topic=f"{name}-changes",
-        segment_membership_topic=f"{name}-membership",
-        dead_letters_topic=f"{name}-dead",
-        web_port=port,
-        **overrides,
-    )
-    return Settings(**values)
-
-
 def throughput(
     base: Settings,
     name: str,
@@ -168,7 +154,7 @@ def throughput(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Publish a backlog first, then time the worker from ready to the last event processed."""
-    settings = settings_for(base, name, port, **overrides)
+    settings = renamed(base, f"bench-{name}", web_port=port, **overrides)
     create_topics(settings)
     start = datetime(2024, 1, 1, tzinfo=UTC)
     publish(generate(events, events // 10, seed=7, start=start, step_s=0.05), settings)
@@ -194,7 +180,7 @@ def throughput(
 def latency(base: Settings, port: int, rate: float, duration: float) -> dict[str, Any]:
     """Produce live events at `rate`/s with event time = now; every event of a new customer
     yields an `entry` change, whose arrival a subscriber timestamps."""
-    settings = settings_for(base, "latency", port)
+    settings = renamed(base, "bench-latency", web_port=port)
     create_topics(settings)
     worker = Worker(settings, base.state_dir / "latency.log")
     consumer = Consumer(

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from load_tests.systems import renamed
 from stream_app.contracts.events import Event, encode
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
@@ -42,17 +43,7 @@ ONLINE_RETAIL = ROOT.parent / "shared" / "datasets" / "online_retail" / "online_
 
 
 def fresh_topics(base: Settings) -> Settings:
-    run = uuid.uuid4().hex[:8]
-    settings = base.model_copy(
-        update={
-            "app_id": f"bench-{run}",
-            "clickstream_topic": f"bench-{run}-clickstream",
-            "transactions_topic": f"bench-{run}-transactions",
-            "segment_changes_topic": f"bench-{run}-changes",
-            "segment_membership_topic": f"bench-{run}-membership",
-            "dead_letters_topic": f"bench-{run}-dead-letters",
-        }
-    )
+    settings = renamed(base, f"bench-{uuid.uuid4().hex[:8]}")
     create_topics(settings)
     return settings
 

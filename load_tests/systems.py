@@ -121,29 +121,33 @@ def find_listener_pid(bootstrap: str) -> int | None:
     return None
 
 
+def renamed(base: Settings, name: str, **overrides: Any) -> Settings:
+    """``base`` with an app id (so a consumer group and internal topics) and input and output
+    topics of its own, all named after ``name``: a run on a shared broker sees no other run's
+    messages or offsets."""
+    names = {
+        "app_id": name,
+        "clickstream_topic": f"{name}-clickstream",
+        "transactions_topic": f"{name}-transactions",
+        "segment_changes_topic": f"{name}-segment-changes",
+        "segment_membership_topic": f"{name}-segment-membership",
+        "dead_letters_topic": f"{name}-dead-letters",
+    }
+    return Settings(**{**base.model_dump(), **names, **overrides})
+
+
 def run_settings(
     base: Settings, name: str, partitions: int, state_dir: Path, **overrides: Any
 ) -> Settings:
     """Settings for one system of one run: its own topics, app id (consumer group) and port."""
     suffix = f"{name}-{uuid.uuid4().hex[:8]}"
     values: dict[str, Any] = {
-        "kafka_port": base.kafka_port,
-        "kafka_controller_port": base.kafka_controller_port,
-        "bootstrap_servers": base.bootstrap_servers,
-        "cache_dir": base.cache_dir,
         "state_dir": state_dir / suffix,
-        "app_id": f"lt-{suffix}",
-        "clickstream_topic": f"lt-clickstream-{suffix}",
-        "transactions_topic": f"lt-transactions-{suffix}",
-        "segment_changes_topic": f"lt-segment-changes-{suffix}",
-        "segment_membership_topic": f"lt-segment-membership-{suffix}",
-        "dead_letters_topic": f"lt-dead-letters-{suffix}",
         "partitions": partitions,
         "web_port": free_ports(1)[0],
         "log_level": "WARNING",
     }
-    values.update(overrides)
-    return Settings(**values)
+    return renamed(base, f"lt-{suffix}", **{**values, **overrides})
 
 
 def delete_topics(settings: Settings) -> None:

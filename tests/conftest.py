@@ -38,6 +38,7 @@ import hypothesis
 import orjson
 import pytest
 
+from load_tests.systems import renamed
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import admin_client, create_topics, topic_specs, wait_for_broker
 from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
@@ -189,23 +190,12 @@ def settings_factory(kafka_broker: Settings, tmp_path: Path) -> SettingsFactory:
     def make(**overrides: Any) -> Settings:
         suffix = uuid.uuid4().hex[:10]
         values: dict[str, Any] = {
-            "kafka_port": kafka_broker.kafka_port,
-            "kafka_controller_port": kafka_broker.kafka_controller_port,
-            "bootstrap_servers": kafka_broker.bootstrap_servers,
-            "cache_dir": kafka_broker.cache_dir,
             "state_dir": tmp_path / f"state-{suffix}",
-            "app_id": f"test-{suffix}",
-            "clickstream_topic": f"clickstream-{suffix}",
-            "transactions_topic": f"transactions-{suffix}",
-            "segment_changes_topic": f"segment-changes-{suffix}",
-            "segment_membership_topic": f"segment-membership-{suffix}",
-            "dead_letters_topic": f"dead-letters-{suffix}",
             "partitions": 2,
             "web_port": free_ports(1)[0],
             "log_level": "INFO",
         }
-        values.update(overrides)
-        return Settings(**values)
+        return renamed(kafka_broker, f"test-{suffix}", **{**values, **overrides})
 
     return make
 

@@ -21,6 +21,7 @@ import pytest
 from faust.events import Event
 from faust.types import Message
 
+from load_tests.systems import renamed
 from stream_app.core.state import CustomerState
 from stream_app.live.app import CUSTOMERS_TABLE, create_app
 from stream_app.live.store import decode_record
@@ -44,15 +45,8 @@ class Harness:
     """Puts raw messages into the agent's test channel as the fetcher would hand them over."""
 
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
-        suffix = uuid.uuid4().hex[:8]
-        self.settings = Settings(
-            state_dir=tmp_path,
-            app_id=f"unit-{suffix}",
-            clickstream_topic=f"clicks-{suffix}",
-            transactions_topic=f"tx-{suffix}",
-            partitions=1,
-            **overrides,
-        )
+        name = f"unit-{uuid.uuid4().hex[:8]}"
+        self.settings = renamed(Settings(state_dir=tmp_path, partitions=1), name, **overrides)
         self.app = create_app(self.settings, store="memory://")
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.offsets: dict[str, int] = {}
