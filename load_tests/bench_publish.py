@@ -29,11 +29,11 @@ from typing import Any
 
 import orjson
 
-from load_tests.systems import renamed
+from load_tests.systems import child_env, renamed
 from stream_app.contracts.events import Event, encode
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
-from stream_app.settings import ENV_PREFIX, Settings
+from stream_app.settings import Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.publish import make_producer, topic_for
 from stream_app.tools.replay import as_replay
@@ -51,11 +51,10 @@ def fresh_topics(base: Settings) -> Settings:
 def run_ours(base: Settings) -> dict[str, Any]:
     """The real command in a subprocess; its summary line has read_s and publish_s."""
     settings = fresh_topics(base)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     command = [sys.executable, "-m", "stream_app.cli", "replay", str(ONLINE_RETAIL)]
     done = subprocess.run(
         [*command, "--format", "online-retail", "--to-kafka", "--no-progress"],
-        env={**env, **settings.to_env()},
+        env=child_env(settings),
         capture_output=True,
         check=True,
     )

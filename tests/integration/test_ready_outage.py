@@ -4,14 +4,13 @@ and the outage does not flood the log. The test runs its own broker, so it can s
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from load_tests.systems import http_get, wait_until
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
 from stream_app.settings import Settings
@@ -23,23 +22,15 @@ pytestmark = pytest.mark.integration
 
 
 def ready_status(settings: Settings) -> int:
-    url = f"http://{settings.web_host}:{settings.web_port}/ready"
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return 0  # not serving yet
+    answer = http_get(f"http://{settings.web_host}:{settings.web_port}/ready", timeout=3)
+    return 0 if answer is None else answer[0]  # 0: not serving yet
 
 
 def wait_for_status(settings: Settings, status: int, timeout: float) -> float:
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if ready_status(settings) == status:
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"/ready never answered {status} within {timeout}s")
+    if not wait_until(lambda: ready_status(settings) == status, timeout, every=0.5):
+        raise AssertionError(f"/ready never answered {status} within {timeout}s")
+    return time.monotonic() - started
 
 
 def test_ready_is_503_during_a_broker_outage_and_200_after_it(

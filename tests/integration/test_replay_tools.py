@@ -5,7 +5,6 @@ idempotent, and ``--speed 60`` plays back at the promised pace."""
 from __future__ import annotations
 
 import re
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from load_tests.systems import http_get
 from stream_app.cli import main
 from stream_app.kafka.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
 from stream_app.kafka.topics import admin_client
@@ -109,9 +109,9 @@ def committed(settings: Settings, group: str) -> list[int]:
 
 
 def duplicates_seen(worker: WorkerProcess) -> float:
-    url = f"http://{worker.settings.web_host}:{worker.settings.web_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
+    answer = http_get(f"{worker.url}/metrics", timeout=5)
+    assert answer is not None and answer[0] == 200, f"/metrics answered {answer}"
+    text = answer[1].decode()
     match = re.search(r"^stream_app_duplicate_events_total (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
+from conftest import TopicReader
 
 from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOrigin
 from stream_app.live import pipeline as pipeline_module
@@ -85,32 +85,14 @@ def produce(bootstrap: str, messages: list[tuple[str, bytes, bytes]]) -> list[Se
     return sent
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[Any]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{topic}-{time.monotonic_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    messages: list[Any] = []
-    deadline = time.monotonic() + timeout
+def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[Any]:
+    reader = TopicReader(settings, topic)
     try:
-        while len(messages) < expected and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                messages.append(message)
-        # A short grace period proves there is nothing beyond what we expected.
-        extra_deadline = time.monotonic() + 1.0
-        while time.monotonic() < extra_deadline:
-            message = consumer.poll(0.2)
-            if message is not None and message.error() is None:
-                messages.append(message)
+        reader.until(lambda got: len(got) >= expected, timeout)
+        reader.poll(1.0)  # a short grace period proves there is nothing beyond what we expected
     finally:
-        consumer.close()
-    return messages
+        reader.close()
+    return reader.messages
 
 
 def total(counts: dict[str, Any], section: str) -> int:
@@ -172,7 +154,7 @@ def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
         expected["rerouted"] = rerouted
     assert counts == expected
 
-    letters = read_topic(settings.bootstrap_servers, settings.dead_letters_topic, len(bad))
+    letters = read_topic(settings, settings.dead_letters_topic, len(bad))
     assert sorted(m.key() for m in letters) == sorted(bad)
     origins = {sent.key: sent for sent in first}
     for message in letters:
