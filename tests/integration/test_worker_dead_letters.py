@@ -177,9 +177,9 @@ def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
 
 
 class Sinks:
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool | int = False) -> None:
         self.dead: list[tuple[bytes | None, bytes]] = []
-        self.fail = fail
+        self.fail = fail  # True: every send fails; a number: that many sends fail first
 
     async def change(self, customer_id: str, value: bytes) -> asyncio.Future[None]:
         acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -190,8 +190,11 @@ class Sinks:
         return None
 
     async def dead_letter(self, key: bytes | None, value: bytes) -> None:
-        if self.fail:
+        if self.fail is True:
             raise ConnectionError("broker went away")
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("broker went away for a moment")
         self.dead.append((key, value))
 
     async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
@@ -235,13 +238,23 @@ async def test_an_exception_while_handling_becomes_a_processing_error_dead_lette
     assert pipeline.counts.dead_letters == {"processing_error": 1}
 
 
-async def test_a_dead_letter_that_cannot_be_sent_is_counted_not_raised() -> None:
-    pipeline = pipeline_factory(Sinks(fail=True))
+async def test_a_dead_letter_that_cannot_be_sent_is_retried_and_never_acked_unsent() -> None:
+    """Nothing is acked that was neither applied nor dead-lettered: while the dead letter cannot
+    be sent, the message is not done (it used to be acked with the letter lost)."""
+    stuck = pipeline_factory(Sinks(fail=True))
+    handling = asyncio.create_task(stuck.handle(b"k", b"not json", ORIGIN))
+    await asyncio.sleep(0.5)
+    assert not handling.done()  # not acked: still retrying
+    assert stuck.counts.unsent_dead_letters >= 2
+    handling.cancel()
 
-    await pipeline.handle(b"k", b"not json", ORIGIN)
-
+    sinks = Sinks(fail=2)  # the broker comes back
+    pipeline = pipeline_factory(sinks)
+    done = await asyncio.wait_for(pipeline.handle(b"k", b"not json", ORIGIN), timeout=5)
+    assert done == [None]  # acked once the letter is out
     assert pipeline.counts.dead_letters == {"invalid_json": 1}
-    assert pipeline.counts.unsent_dead_letters == 1
+    assert pipeline.counts.unsent_dead_letters == 2
+    assert len(sinks.dead) == 1
 
 
 async def test_valid_events_are_counted_by_type_and_a_tombstone_is_dead_lettered() -> None:
