@@ -16,7 +16,7 @@ from stream_app.kafka.topics import create_topics
 from stream_app.settings import Settings
 
 if TYPE_CHECKING:
-    from conftest import WorkerProcess
+    from conftest import RunRecords, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +37,7 @@ def test_ready_is_503_during_a_broker_outage_and_200_after_it(
     settings_factory: Callable[..., Settings],
     worker_factory: Callable[[Settings], WorkerProcess],
     tmp_path: Path,
+    run_records: RunRecords,
 ) -> None:
     port, controller = free_ports(2)
     settings = settings_factory(
@@ -48,6 +49,7 @@ def test_ready_is_503_during_a_broker_outage_and_200_after_it(
         log_repeat_interval_s=30.0,
     )
     kafka = LocalKafka(settings.model_copy(update={"state_dir": tmp_path / "own-broker"}))
+    record = run_records.broker(kafka)  # stopped by the test command if this session dies
     try:
         assert kafka.start() is True
         create_topics(settings)
@@ -65,3 +67,4 @@ def test_ready_is_503_during_a_broker_outage_and_200_after_it(
         assert worker.stop() == 0, worker.log_tail()
     finally:
         kafka.stop()
+        run_records.forget(record)
