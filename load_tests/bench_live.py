@@ -15,21 +15,19 @@ Everything runs on this machine: the broker, the generator and the worker share 
 Superseded by the load harness, ``python -m load_tests run --scenario steady --rate 5000
 --duration 60 --baseline --report DIR`` (realistic traffic, latency percentiles over time, lag,
 CPU per process, baselines side by side, a report with pass/fail per objective). Kept while other
-scripts still import ``generate``, ``Worker`` and ``settings_for`` from here.
+scripts still import ``generate`` from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -39,11 +37,14 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer
 
-from stream_app.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
-from stream_app.kafka_local import LocalKafka, free_ports
-from stream_app.publish import make_producer, publish
-from stream_app.settings import ENV_PREFIX, Settings
-from stream_app.topics import create_topics
+from load_tests.measure import percentile
+from load_tests.systems import SystemKind, SystemProcess, renamed, wait_until
+from stream_app.contracts.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
+from stream_app.errors import UserError
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import create_topics
+from stream_app.settings import Settings
+from stream_app.tools.publish import make_producer, publish
 
 CLICK_MIX = [ClickType.PRODUCT_VIEW] * 6 + [
     ClickType.PAGE_VIEW,
@@ -81,22 +82,8 @@ def generate(n: int, customers: int, seed: int, start: datetime, step_s: float) 
             )
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    return {**env, **settings.to_env()}
-
-
-def get_json(settings: Settings, path: str) -> Any:
-    try:
-        url = f"http://127.0.0.1:{settings.web_port}{path}"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return orjson.loads(response.read())
-    except OSError:
-        return None
-
-
 NAIVE_MODULE = "load_tests.baselines.naive_faust"
-PER_EVENT = {  # the worker before issue #4: per-event path, Faust's default buffers
+PER_EVENT: dict[str, Any] = {  # the worker before issue #4: per-event path, Faust's default buffers
     "batch_max_events": 1,
     "state_cache_size": 0,
     "producer_buffer_max_messages": 100,
@@ -106,56 +93,20 @@ PER_EVENT = {  # the worker before issue #4: per-event path, Faust's default buf
 }
 
 
-class Worker:
-    def __init__(
-        self, settings: Settings, log: Path, command: tuple[str, ...] = ("stream_app.cli", "worker")
-    ) -> None:
-        self.settings = settings
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", *command],
-                env=child_env(settings),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def processed(self) -> int:
-        counts = get_json(self.settings, "/counts")
-        return 0 if counts is None else sum(counts["events"].values())
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready = get_json(self.settings, "/ready")
-            if ready and ready.get("recovered"):
-                return
-            if self.proc.poll() is not None:
-                raise SystemExit(f"worker exited {self.proc.returncode}")
-            time.sleep(0.2)
-        raise SystemExit(f"worker not ready after {timeout}s")
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def events_processed(counts: dict[str, Any]) -> int:
+    """Valid events processed (the benchmark's traffic has no malformed ones)."""
+    return sum(counts["events"].values())
 
 
-def settings_for(base: Settings, name: str, port: int, **overrides: Any) -> Settings:
-    values = base.model_dump()
-    values.update(
-        app_id=f"bench-{name}",
-        clickstream_topic=f"{name}-clickstream",
-        transactions_topic=f"{name}-transactions",
-        segment_changes_topic=f"{name}-changes",
-        segment_membership_topic=f"{name}-membership",
-        dead_letters_topic=f"{name}-dead",
-        web_port=port,
-        **overrides,
-    )
-    return Settings(**values)
+def start_worker(settings: Settings, log: Path, kind: SystemKind) -> SystemProcess:
+    worker = SystemProcess(kind, settings, log)
+    worker.start(create=False)
+    return worker
+
+
+def cpu_seconds(worker: SystemProcess) -> float:
+    fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def throughput(
@@ -163,22 +114,21 @@ def throughput(
     name: str,
     port: int,
     events: int,
-    command: tuple[str, ...] = ("stream_app.cli", "worker"),
+    kind: SystemKind = SystemKind.WORKER,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Publish a backlog first, then time the worker from ready to the last event processed."""
-    settings = settings_for(base, name, port, **overrides)
+    settings = renamed(base, f"bench-{name}", web_port=port, **overrides)
     create_topics(settings)
     start = datetime(2024, 1, 1, tzinfo=UTC)
     publish(generate(events, events // 10, seed=7, start=start, step_s=0.05), settings)
-    worker = Worker(settings, base.state_dir / f"{name}.log", command)
+    worker = start_worker(settings, base.state_dir / f"{name}.log", kind)
     try:
         worker.wait_ready()
-        began, cpu0 = time.monotonic(), worker.cpu_seconds()
-        while worker.processed() < events:
-            time.sleep(0.1)
+        began, cpu0 = time.monotonic(), cpu_seconds(worker)
+        worker.wait_for(lambda counts: events_processed(counts) >= events, math.inf, every=0.1)
         elapsed = time.monotonic() - began
-        cpu = worker.cpu_seconds() - cpu0
+        cpu = cpu_seconds(worker) - cpu0
     finally:
         worker.stop()
     return {
@@ -193,9 +143,9 @@ def throughput(
 def latency(base: Settings, port: int, rate: float, duration: float) -> dict[str, Any]:
     """Produce live events at `rate`/s with event time = now; every event of a new customer
     yields an `entry` change, whose arrival a subscriber timestamps."""
-    settings = settings_for(base, "latency", port)
+    settings = renamed(base, "bench-latency", web_port=port)
     create_topics(settings)
-    worker = Worker(settings, base.state_dir / "latency.log")
+    worker = start_worker(settings, base.state_dir / "latency.log", SystemKind.WORKER)
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
@@ -213,8 +163,7 @@ def latency(base: Settings, port: int, rate: float, duration: float) -> dict[str
         warm = settings.segmentation.cluster_warmup + 1000
         start = datetime.now(UTC) - timedelta(hours=2)
         publish(generate(warm, warm // 5, seed=11, start=start, step_s=0.5), settings)
-        while worker.processed() < warm:
-            time.sleep(0.2)
+        worker.wait_for(lambda counts: events_processed(counts) >= warm, math.inf)
         total = int(rate * duration)
         began = time.monotonic()
         for i in range(total):
@@ -229,35 +178,31 @@ def latency(base: Settings, port: int, rate: float, duration: float) -> dict[str
             )
             publish([event], settings, producer=producer)
         producer.flush(10)
-        deadline = time.monotonic() + 15
-        while len(latencies) < total and time.monotonic() < deadline:
-            _drain(consumer, latencies, 0.2)
+        wait_until(
+            lambda: len(latencies) >= total, 15, 0.2, lambda t: _drain(consumer, latencies, t)
+        )
         achieved = total / (time.monotonic() - began)
     finally:
         consumer.close()
         worker.stop()
-    ordered = sorted(latencies)
-    second_half = sorted(latencies[len(latencies) // 2 :])
+    second_half = latencies[len(latencies) // 2 :]
 
-    def pct(p: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
+    def ms(values: list[float], q: float) -> float | None:
+        found = percentile(values, q)
+        return None if found is None else round(found * 1000, 1)
 
     return {
         "target_rate": rate,
         "achieved_rate": round(achieved, 1),
         "changes_received": len(latencies),
         "expected": total,
-        "p50_ms": pct(0.50),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
-        "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
-        "mean_ms": round(statistics.fmean(ordered) * 1000, 1) if ordered else None,
-        "second_half_p50_ms": round(second_half[len(second_half) // 2] * 1000, 1)
-        if second_half
-        else None,
-        "second_half_p99_ms": round(second_half[int(0.99 * (len(second_half) - 1))] * 1000, 1)
-        if second_half
-        else None,
+        "p50_ms": ms(latencies, 50),
+        "p95_ms": ms(latencies, 95),
+        "p99_ms": ms(latencies, 99),
+        "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
+        "second_half_p50_ms": ms(second_half, 50),
+        "second_half_p99_ms": ms(second_half, 99),
     }
 
 
@@ -277,6 +222,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20)
     parser.add_argument("--out", type=Path, default=Path("load_tests/results/live.json"))
     args = parser.parse_args()
+    try:
+        result = run(args.events, args.rate, args.duration)
+    except UserError as exc:  # a worker that exited or never became ready: one line
+        raise SystemExit(f"bench_live: {exc}") from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+def run(events: int, rate: float, duration: float) -> dict[str, Any]:
     kafka_port, controller_port, *web = free_ports(6)
     naive_available = importlib.util.find_spec(NAIVE_MODULE) is not None
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
@@ -289,18 +244,18 @@ def main() -> None:
         kafka = LocalKafka(base)
         kafka.start()
         try:
-            ours = throughput(base, "tuned", web[0], args.events)
-            per_event = throughput(base, "perevent", web[1], args.events, **PER_EVENT)
+            ours = throughput(base, "tuned", web[0], events)
+            per_event = throughput(base, "perevent", web[1], events, **PER_EVENT)
             naive = (
-                throughput(base, "naive", web[3], args.events, (NAIVE_MODULE,))
+                throughput(base, "naive", web[3], events, SystemKind.NAIVE)
                 if naive_available
                 else None
             )
-            lat = latency(base, web[2], args.rate, args.duration)
+            lat = latency(base, web[2], rate, duration)
         finally:
             kafka.stop()
     reference = naive or per_event
-    result = {
+    return {
         "machine": f"{os.cpu_count()} vCPU, broker + generator + worker on the same machine",
         "throughput": ours,
         "per_event": per_event,
@@ -311,9 +266,6 @@ def main() -> None:
         ),
         "latency": lat,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
 if __name__ == "__main__":

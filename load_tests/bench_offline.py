@@ -55,20 +55,22 @@ from typing import Any, Final
 from unittest import mock
 
 from river import linear_model, preprocessing
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.ensemble import HistGradientBoostingClassifier  # type: ignore[import-untyped]
+from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
+from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
+from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
 
-from stream_app import datasets, replay
-from stream_app.datasets import DatasetFormat, RowError, read_dataset
-from stream_app.events import Event
-from stream_app.features import FEATURES
-from stream_app.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans, SegmentModels
-from stream_app.processor import MemoryStore, Outcome, Position, Processor, Snapshot
-from stream_app.replay import build_report, replay_offline
+from load_tests.measure import percentile
+from stream_app.contracts.events import Event
+from stream_app.core.features import FEATURES
+from stream_app.core.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans, SegmentModels
+from stream_app.core.processor import MemoryStore, Outcome, Position, Processor
+from stream_app.core.state import Snapshot
 from stream_app.settings import SegmentationSettings
+from stream_app.tools import datasets, replay
+from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
+from stream_app.tools.replay import build_report, replay_offline
 
 DATASETS: Final = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 RETAIL: Final = DATASETS / "online_retail" / "online_retail.csv.gz"
@@ -396,19 +398,15 @@ def _class_counts(labels: Sequence[Label]) -> dict[str, int]:
     return {"labels": len(labels), "positives": positives, "negatives": len(labels) - positives}
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
 def label_delay(labels: Sequence[Label], horizon_days: float) -> dict[str, Any]:
     """How long after its horizon each label was learned (the processor learns a matured label
     at the customer's next timer or event, not at the horizon itself)."""
     late = sorted((la.learned_at - la.snapshot_time) / 86400 - horizon_days for la in labels)
     return {
         "horizon_days": horizon_days,
-        "p50": _r(_quantile(late, 0.5), 2),
-        "p90": _r(_quantile(late, 0.9), 2),
-        "p99": _r(_quantile(late, 0.99), 2),
+        "p50": _r(percentile(late, 50), 2),
+        "p90": _r(percentile(late, 90), 2),
+        "p99": _r(percentile(late, 99), 2),
         "max": _r(late[-1], 2),
         "share_more_than_1_day_late": _r(sum(d > 1 for d in late) / len(late)),
     }
@@ -560,7 +558,9 @@ def _probes_per_cluster(clusters: BehaviourClusters, probes: list[dict[str, floa
     return [counts.get(c, 0) for c in range(len(clusters.sizes))]
 
 
-def cluster_stability(checkpoints: list[Checkpoint], probes: list[dict[str, float]]) -> dict:
+def cluster_stability(
+    checkpoints: list[Checkpoint], probes: list[dict[str, float]]
+) -> dict[str, Any]:
     pairs = [_pair(a, b, probes) for a, b in itertools.pairwise(checkpoints)]
     judged = [p["changed_share"] for p in pairs if p["after_warm_up"]]
     first, last = checkpoints[0], checkpoints[-1]

@@ -29,30 +29,21 @@ from typing import Any
 
 import orjson
 
-from stream_app.datasets import RowError, read_dataset
-from stream_app.events import Event, encode
-from stream_app.kafka_local import LocalKafka, free_ports
-from stream_app.publish import make_producer, topic_for
-from stream_app.replay import as_replay
-from stream_app.settings import ENV_PREFIX, Settings
-from stream_app.topics import create_topics
+from load_tests.systems import child_env, renamed
+from stream_app.contracts.events import Event, encode
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import create_topics
+from stream_app.settings import Settings
+from stream_app.tools.datasets import RowError, read_dataset
+from stream_app.tools.publish import make_producer, topic_for
+from stream_app.tools.replay import as_replay
 
 ROOT = Path(__file__).resolve().parents[1]
 ONLINE_RETAIL = ROOT.parent / "shared" / "datasets" / "online_retail" / "online_retail.csv.gz"
 
 
 def fresh_topics(base: Settings) -> Settings:
-    run = uuid.uuid4().hex[:8]
-    settings = base.model_copy(
-        update={
-            "app_id": f"bench-{run}",
-            "clickstream_topic": f"bench-{run}-clickstream",
-            "transactions_topic": f"bench-{run}-transactions",
-            "segment_changes_topic": f"bench-{run}-changes",
-            "segment_membership_topic": f"bench-{run}-membership",
-            "dead_letters_topic": f"bench-{run}-dead-letters",
-        }
-    )
+    settings = renamed(base, f"bench-{uuid.uuid4().hex[:8]}")
     create_topics(settings)
     return settings
 
@@ -60,11 +51,10 @@ def fresh_topics(base: Settings) -> Settings:
 def run_ours(base: Settings) -> dict[str, Any]:
     """The real command in a subprocess; its summary line has read_s and publish_s."""
     settings = fresh_topics(base)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     command = [sys.executable, "-m", "stream_app.cli", "replay", str(ONLINE_RETAIL)]
     done = subprocess.run(
         [*command, "--format", "online-retail", "--to-kafka", "--no-progress"],
-        env={**env, **settings.to_env()},
+        env=child_env(settings),
         capture_output=True,
         check=True,
     )

@@ -11,7 +11,7 @@ float amount) so the dead-letter path is loaded too.
 
 Values are built as plain dicts and serialised with orjson (no pydantic per event: the generator
 shares the machine with the broker and the worker); a unit test checks that every valid record
-decodes with :func:`stream_app.events.decode_event`.
+decodes with :func:`stream_app.contracts.events.decode_event`.
 
 The event time of a record is the wall-clock time at which it is handed to the producer, so a
 segment change's ``event_time`` (the trigger's event time) gives the end-to-end latency a
@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Kind = Literal["click", "transaction"]
 MALFORMED_KINDS: Final = ("invalid_json", "not_an_object", "unknown_type", "invalid_field")
-# How each malformed kind is reported by the worker (stream_app.events.DeadLetterReason).
+# How each malformed kind is reported by the worker (stream_app.contracts.events.DeadLetterReason).
 MALFORMED_REASON: Final[dict[str, str]] = {
     "invalid_json": "invalid_json",
     "not_an_object": "not_an_object",

@@ -27,13 +27,15 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, TopicPartition
 
-from stream_app.topics import admin_client
+from stream_app.kafka.topics import admin_client
 
 SUBSCRIBER_BATCH: Final = 2000
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in [0, 100]) of unsorted values; None when empty."""
+    """The nearest-rank percentile (q in [0, 100]) of unsorted values: the smallest value with at
+    least q% of the values at or below it, always one of the values (never interpolated); None
+    when empty. Every percentile the load tests and benchmarks report is this one."""
     if not values:
         return None
     ordered = sorted(values)
@@ -42,20 +44,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def latency_summary(values_ms: Sequence[float]) -> dict[str, float | int | None]:
-    ordered = sorted(values_ms)
+    ordered = sorted(values_ms)  # once: sorting it again for each percentile is linear
 
     def pick(q: float) -> float | None:
-        if not ordered:
-            return None
-        rank = max(1, math.ceil(q / 100 * len(ordered)))
-        return round(ordered[min(rank, len(ordered)) - 1], 2)
+        found = percentile(ordered, q)
+        return None if found is None else round(found, 2)
 
     return {
         "count": len(ordered),
         "p50_ms": pick(50),
         "p95_ms": pick(95),
         "p99_ms": pick(99),
-        "max_ms": round(ordered[-1], 2) if ordered else None,
+        "max_ms": pick(100),
         "mean_ms": round(sum(ordered) / len(ordered), 2) if ordered else None,
     }
 
@@ -356,19 +356,5 @@ def _bucket_quantile(
                 else 1
             )
             return round((previous_bound + (bound - previous_bound) * share) * scale, 3)
-        previous_bound, previous_count = bound, count
-    return None
-    target = q * buckets[-1][1]
-    previous_bound, previous_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= target:
-            if math.isinf(bound):
-                return round(previous_bound * 1000, 3)
-            share = (
-                (target - previous_count) / (count - previous_count)
-                if count > previous_count
-                else 1
-            )
-            return round((previous_bound + (bound - previous_bound) * share) * 1000, 3)
         previous_bound, previous_count = bound, count
     return None

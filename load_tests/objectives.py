@@ -3,7 +3,10 @@ variables), and the pure pass/fail evaluation of a run's findings against them."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,145 +69,128 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 or value == int(value) else f"{value:,.2f}"
 
 
-def evaluate(objectives: Objectives, findings: Findings) -> list[Verdict]:
-    o, f = objectives, findings
-    verdicts: list[Verdict] = []
+@dataclass(frozen=True)
+class Measured:
+    """What a run measured of an objective, against which target, and whether that passes."""
 
-    # 1. Max sustainable rate: only a ramp finds it.
+    target: str
+    measured: str
+    passed: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class NotMeasured:
+    """An objective this run cannot judge; ``note`` says which run would."""
+
+    target: str
+    note: str
+    measured: str = "-"
+
+
+Judge = Callable[[Objectives, Findings], Measured | NotMeasured]
+
+
+def _max_rate(o: Objectives, f: Findings) -> Measured | NotMeasured:
+    """Max sustainable rate: only a ramp finds it."""
     target = f">= {_num(o.max_rate_min)} events/s"
     if f.max_sustainable_rate is None:
-        verdicts.append(
-            Verdict(
-                objective="max sustainable rate, one worker",
-                target=target,
-                measured="-",
-                status=Status.NOT_MEASURED,
-                note="run --scenario ramp",
-            )
-        )
-    else:
-        verdicts.append(
-            Verdict(
-                objective="max sustainable rate, one worker",
-                target=target,
-                measured=f"{_num(f.max_sustainable_rate)} events/s",
-                status=Status.PASS if f.max_sustainable_rate >= o.max_rate_min else Status.FAIL,
-                note=f"limit: {f.ramp_limit}" if f.ramp_limit else "",
-            )
-        )
+        return NotMeasured(target, "run --scenario ramp")
+    return Measured(
+        target,
+        f"{_num(f.max_sustainable_rate)} events/s",
+        f.max_sustainable_rate >= o.max_rate_min,
+        f"limit: {f.ramp_limit}" if f.ramp_limit else "",
+    )
 
-    # 2. p99 at the objective's rate (the input must really have arrived at that rate).
+
+def _p99(o: Objectives, f: Findings) -> Measured | NotMeasured:
+    """p99 at the objective's rate (the input must really have arrived at that rate)."""
     target = f"<= {_num(o.p99_ms_max)} ms at {_num(o.p99_at_rate)} events/s"
     at = f.p99_at_input_rate
-    if f.p99_ms is None or at is None or at < o.p99_at_rate * (1 - o.generator_tolerance):
-        if f.p99_ms is None:
-            measured, why = "-", "no latency sample at that rate"
-        elif at is None:
-            measured = f"{_num(f.p99_ms)} ms (not at a steady rate)"
-            why = f"run --scenario steady --rate {o.p99_at_rate:g}"
-        else:
-            measured = f"{_num(f.p99_ms)} ms at {_num(at)}/s"
-            why = f"input rate {_num(at)}/s is below {_num(o.p99_at_rate)}/s"
-        verdicts.append(
-            Verdict(
-                objective="end-to-end p99 latency",
-                target=target,
-                measured=measured,
-                status=Status.NOT_MEASURED,
-                note=why,
-            )
+    if f.p99_ms is None:
+        return NotMeasured(target, "no latency sample at that rate")
+    if at is None:
+        return NotMeasured(
+            target,
+            f"run --scenario steady --rate {o.p99_at_rate:g}",
+            f"{_num(f.p99_ms)} ms (not at a steady rate)",
         )
-    else:
-        verdicts.append(
-            Verdict(
-                objective="end-to-end p99 latency",
-                target=target,
-                measured=f"{_num(f.p99_ms)} ms at {_num(at)}/s",
-                status=Status.PASS if f.p99_ms <= o.p99_ms_max else Status.FAIL,
-            )
-        )
+    measured = f"{_num(f.p99_ms)} ms at {_num(at)}/s"
+    if at < o.p99_at_rate * (1 - o.generator_tolerance):
+        why = f"input rate {_num(at)}/s is below {_num(o.p99_at_rate)}/s"
+        return NotMeasured(target, why, measured)
+    return Measured(target, measured, f.p99_ms <= o.p99_ms_max)
 
-    # 3./4. Ratios, measured side by side in the same run (backlog capacity).
-    worker = f.capacity.get("worker")
-    for name, minimum, label in (
-        ("naive-faust", o.naive_ratio_min, "vs the naive Faust agent"),
-        ("plain-loop", o.plain_ratio_min, "vs the plain confluent-kafka loop"),
-    ):
-        other = f.capacity.get(name)
-        target = f">= {minimum:g}x"
+
+def _ratio(system: str, minimum: Callable[[Objectives], float]) -> Judge:
+    """Throughput against a baseline, measured side by side in the same run (backlog capacity)."""
+
+    def judge(o: Objectives, f: Findings) -> Measured | NotMeasured:
+        worker, other = f.capacity.get("worker"), f.capacity.get(system)
+        target = f">= {minimum(o):g}x"
         if worker is None or not other:
-            verdicts.append(
-                Verdict(
-                    objective=f"throughput {label}",
-                    target=target,
-                    measured="-",
-                    status=Status.NOT_MEASURED,
-                    note="run with --baseline",
-                )
-            )
-            continue
+            return NotMeasured(target, "run with --baseline")
         ratio = worker / other
-        verdicts.append(
-            Verdict(
-                objective=f"throughput {label}",
-                target=target,
-                measured=f"{ratio:.2f}x ({_num(worker)} vs {_num(other)} events/s)",
-                status=Status.PASS if ratio >= minimum else Status.FAIL,
-            )
-        )
+        measured = f"{ratio:.2f}x ({_num(worker)} vs {_num(other)} events/s)"
+        return Measured(target, measured, ratio >= minimum(o))
 
-    # 5. Spike drain.
+    return judge
+
+
+def _spike(o: Objectives, f: Findings) -> Measured | NotMeasured:
     target = f"<= {_num(o.spike_drain_s_max)} s"
     if f.spike_drained is None:
-        verdicts.append(
-            Verdict(
-                objective="10x spike drains",
-                target=target,
-                measured="-",
-                status=Status.NOT_MEASURED,
-                note="run --scenario spike",
-            )
-        )
-    elif not f.spike_drained or f.spike_drain_s is None:
-        verdicts.append(
-            Verdict(
-                objective="10x spike drains",
-                target=target,
-                measured="did not drain",
-                status=Status.FAIL,
-            )
-        )
-    else:
-        verdicts.append(
-            Verdict(
-                objective="10x spike drains",
-                target=target,
-                measured=f"{f.spike_drain_s:.1f} s",
-                status=Status.PASS if f.spike_drain_s <= o.spike_drain_s_max else Status.FAIL,
-            )
-        )
+        return NotMeasured(target, "run --scenario spike")
+    if not f.spike_drained or f.spike_drain_s is None:
+        return Measured(target, "did not drain", passed=False)
+    return Measured(target, f"{f.spike_drain_s:.1f} s", f.spike_drain_s <= o.spike_drain_s_max)
 
-    # 6. Soak: RSS growth explained by the customers added.
+
+def _soak(o: Objectives, f: Findings) -> Measured | NotMeasured:
+    """RSS growth explained by the customers added."""
+    fixed, per_customer = _num(o.soak_rss_fixed_mb), _num(o.soak_rss_per_customer_bytes)
     if f.soak_rss_growth_mb is None or f.soak_new_customers is None:
+        target = f"<= {fixed} MB + {per_customer} B per new customer"
+        return NotMeasured(target, "run --scenario soak")
+    allowed = o.soak_rss_fixed_mb + f.soak_new_customers * o.soak_rss_per_customer_bytes / 2**20
+    customers = f"{f.soak_new_customers:,} customers x {per_customer} B"
+    return Measured(
+        f"<= {allowed:,.1f} MB ({fixed} MB + {customers})",
+        f"{f.soak_rss_growth_mb:+,.1f} MB",
+        f.soak_rss_growth_mb <= allowed,
+    )
+
+
+# The objectives of issue #6, in the order the report lists them.
+OBJECTIVES: Final[tuple[tuple[str, Judge], ...]] = (
+    ("max sustainable rate, one worker", _max_rate),
+    ("end-to-end p99 latency", _p99),
+    ("throughput vs the naive Faust agent", _ratio("naive-faust", lambda o: o.naive_ratio_min)),
+    (
+        "throughput vs the plain confluent-kafka loop",
+        _ratio("plain-loop", lambda o: o.plain_ratio_min),
+    ),
+    ("10x spike drains", _spike),
+    ("soak: no unexplained RSS growth", _soak),
+)
+
+
+def evaluate(objectives: Objectives, findings: Findings) -> list[Verdict]:
+    verdicts: list[Verdict] = []
+    for name, judge in OBJECTIVES:
+        found = judge(objectives, findings)
+        if isinstance(found, NotMeasured):
+            status = Status.NOT_MEASURED
+        else:
+            status = Status.PASS if found.passed else Status.FAIL
         verdicts.append(
             Verdict(
-                objective="soak: no unexplained RSS growth",
-                target=f"<= {_num(o.soak_rss_fixed_mb)} MB + "
-                f"{_num(o.soak_rss_per_customer_bytes)} B per new customer",
-                measured="-",
-                status=Status.NOT_MEASURED,
-                note="run --scenario soak",
-            )
-        )
-    else:
-        allowed = o.soak_rss_fixed_mb + f.soak_new_customers * o.soak_rss_per_customer_bytes / 2**20
-        verdicts.append(
-            Verdict(
-                objective="soak: no unexplained RSS growth",
-                target=f"<= {allowed:,.1f} MB ({_num(o.soak_rss_fixed_mb)} MB + "
-                f"{f.soak_new_customers:,} customers x {_num(o.soak_rss_per_customer_bytes)} B)",
-                measured=f"{f.soak_rss_growth_mb:+,.1f} MB",
-                status=Status.PASS if f.soak_rss_growth_mb <= allowed else Status.FAIL,
+                objective=name,
+                target=found.target,
+                measured=found.measured,
+                status=status,
+                note=found.note,
             )
         )
     return verdicts

@@ -45,8 +45,15 @@ from load_tests.measure import (
     percentile,
 )
 from load_tests.objectives import Objectives
-from load_tests.systems import Broker, SystemKind, SystemProcess, delete_topics, run_settings
-from stream_app.topics import create_topics
+from load_tests.systems import (
+    Broker,
+    SystemKind,
+    SystemProcess,
+    delete_topics,
+    run_settings,
+    wait_until,
+)
+from stream_app.kafka.topics import create_topics
 
 SPIKE_FACTOR: Final = 10.0
 WARMUP_PHASE: Final = "warm-up"
@@ -737,17 +744,16 @@ def measure_capacity(
         system.start(create=False)
         watch.watch("system", system.pid)
         marks: list[tuple[float, int, float]] = []  # (time, processed, CPU seconds used)
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            done = system.processed()
-            cpu = watch.cpu_seconds("system")
-            now = time.monotonic()
-            if done is not None and cpu is not None:
-                marks.append((now, done, cpu))
-                progress.show(f"[capacity {kind}] {done:,}/{published:,} processed")
-                if done >= published:
-                    break
-            time.sleep(0.25)
+
+        def all_processed() -> bool:
+            done, cpu, now = system.processed(), watch.cpu_seconds("system"), time.monotonic()
+            if done is None or cpu is None:
+                return False
+            marks.append((now, done, cpu))
+            progress.show(f"[capacity {kind}] {done:,}/{published:,} processed")
+            return done >= published
+
+        wait_until(all_processed, timeout_s, every=0.25)
         return capacity_from_marks(kind, marks, published)
     finally:
         system.stop()

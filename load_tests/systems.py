@@ -4,6 +4,9 @@ test (the stream_app worker, or a baseline), each a subprocess configured by STR
 Every system serves the same small HTTP interface on its web port: ``/ready`` (200 once it owns
 its partitions), ``/counts`` (events and dead letters it has processed, the worker's format) and,
 where it has one, ``/metrics`` (Prometheus text).
+
+The integration tests (tests/conftest.py) and the benchmarks start their workers with the same
+pieces: :func:`renamed` settings, :class:`SystemProcess`, :func:`http_get` and :func:`wait_until`.
 """
 
 from __future__ import annotations
@@ -17,21 +20,22 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import orjson
 
 from stream_app.errors import UserError
-from stream_app.kafka_local import LocalKafka, free_ports
-from stream_app.settings import ENV_PREFIX, Settings
-from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import admin_client, create_topics, topic_specs, wait_for_broker
+from stream_app.settings import Settings, is_prefixed
 
 READY_TIMEOUT_S: Final = 120.0
 STOP_TIMEOUT_S: Final = 30.0
+ROOT: Final = Path(__file__).resolve().parent.parent  # `load_tests` is importable from here
 
 
 class SystemKind(StrEnum):
@@ -121,32 +125,37 @@ def find_listener_pid(bootstrap: str) -> int | None:
     return None
 
 
+def renamed(base: Settings, name: str, **overrides: Any) -> Settings:
+    """``base`` with an app id (so a consumer group and internal topics) and input and output
+    topics of its own, all named after ``name``: a run on a shared broker sees no other run's
+    messages or offsets."""
+    names = {
+        "app_id": name,
+        "clickstream_topic": f"{name}-clickstream",
+        "transactions_topic": f"{name}-transactions",
+        "segment_changes_topic": f"{name}-segment-changes",
+        "segment_membership_topic": f"{name}-segment-membership",
+        "dead_letters_topic": f"{name}-dead-letters",
+    }
+    return Settings(**{**base.model_dump(), **names, **overrides})
+
+
 def run_settings(
     base: Settings, name: str, partitions: int, state_dir: Path, **overrides: Any
 ) -> Settings:
     """Settings for one system of one run: its own topics, app id (consumer group) and port."""
     suffix = f"{name}-{uuid.uuid4().hex[:8]}"
     values: dict[str, Any] = {
-        "kafka_port": base.kafka_port,
-        "kafka_controller_port": base.kafka_controller_port,
-        "bootstrap_servers": base.bootstrap_servers,
-        "cache_dir": base.cache_dir,
         "state_dir": state_dir / suffix,
-        "app_id": f"lt-{suffix}",
-        "clickstream_topic": f"lt-clickstream-{suffix}",
-        "transactions_topic": f"lt-transactions-{suffix}",
-        "segment_changes_topic": f"lt-segment-changes-{suffix}",
-        "segment_membership_topic": f"lt-segment-membership-{suffix}",
-        "dead_letters_topic": f"lt-dead-letters-{suffix}",
         "partitions": partitions,
         "web_port": free_ports(1)[0],
         "log_level": "WARNING",
     }
-    values.update(overrides)
-    return Settings(**values)
+    return renamed(base, f"lt-{suffix}", **{**values, **overrides})
 
 
 def delete_topics(settings: Settings) -> None:
+    """Delete the application's topics (as `create_topics` made them), whatever is left of them."""
     names = [spec.topic for spec in topic_specs(settings)]
     futures = admin_client(settings.bootstrap_servers).delete_topics(names, operation_timeout=10)
     for future in futures.values():
@@ -154,22 +163,42 @@ def delete_topics(settings: Settings) -> None:
             future.result()
 
 
-def get_json(url: str, timeout: float = 2.0) -> Any:
-    """The decoded JSON body, or None if the server is not up or says it is not ready."""
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
+    """GET ``url``: the status and body of the answer (an error status too), or None while
+    nothing answers there."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return orjson.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        body = b""
+        with contextlib.suppress(OSError):
+            body = exc.read()
+        return int(exc.code), body
+    except OSError:  # refused, reset, timed out (URLError is one)
         return None
 
 
-def get_text(url: str, timeout: float = 2.0) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            text: str = response.read().decode()
-            return text
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+def wait_until(
+    done: Callable[[], bool],
+    timeout: float,
+    every: float = 0.2,
+    pause: Callable[[float], object] = time.sleep,
+) -> bool:
+    """Ask ``done`` every ``every`` seconds (``pause`` waits, or does the work between two asks,
+    e.g. consumes a topic) until it says yes; False if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        pause(every)
+    return False
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """A child's whole environment: ours without any ``STREAM_APP_*`` variable, plus exactly
+    those of ``settings``."""
+    inherited = {k: v for k, v in os.environ.items() if not is_prefixed(k)}
+    return {**inherited, **settings.to_env()}
 
 
 def processed_count(counts: dict[str, Any]) -> int:
@@ -181,7 +210,9 @@ def processed_count(counts: dict[str, Any]) -> int:
 
 
 class SystemProcess:
-    """A system under test in a subprocess; stopped with SIGTERM (then SIGKILL) by :meth:`stop`."""
+    """A system under test in a subprocess (`start` it), configured only by its Settings' variables;
+    stopped with SIGTERM (then SIGKILL) by :meth:`stop`. A mistake it reports (exited, never
+    ready) goes through :meth:`fail`, a UserError here (a test's pytest.fail in conftest)."""
 
     def __init__(self, kind: SystemKind, settings: Settings, log_path: Path) -> None:
         self.kind = kind
@@ -189,6 +220,7 @@ class SystemProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
+        self.ignored_sigterm = False  # the last stop() had to SIGKILL it
 
     @property
     def group_id(self) -> str:
@@ -203,19 +235,19 @@ class SystemProcess:
         return None if self.process is None else self.process.pid
 
     def start(self, create: bool = True) -> None:
+        """Create its topics (unless ``create`` is False) and start it, its output appended to
+        ``log_path``, in the log's folder (what it writes there stays with the run)."""
         if create:
             create_topics(self.settings)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update(self.settings.to_env())
+        env = child_env(self.settings)
         env["PYTHONUNBUFFERED"] = "1"
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, *COMMANDS[self.kind]],
                 env=env,
-                cwd=root,
+                cwd=self.log_path.parent,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -224,22 +256,60 @@ class SystemProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def fail(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (log {self.log_path})")
+
+    def _exited(self) -> str:
+        code = self.exit_code if self.process is None else self.process.returncode
+        return f"{self.kind} exited with {code}"
+
+    def get_json(self, path: str) -> Any:
+        """The decoded JSON of a 2xx answer to ``path``; None if it is not up, not ready (an
+        error status) or not JSON."""
+        answer = http_get(self.url + path)
+        if answer is None or not 200 <= answer[0] < 300:
+            return None
+        try:
+            return orjson.loads(answer[1])
+        except orjson.JSONDecodeError:
+            return None
+
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
         """Block until ``/ready`` answers 200; returns the seconds it took."""
         started = time.monotonic()
-        while time.monotonic() - started < timeout:
+
+        def ready() -> bool:
             if not self.alive():
-                raise UserError(
-                    f"{self.kind} exited with {self.process and self.process.returncode} "
-                    f"before it was ready: {self.log_tail(3)} (log {self.log_path})"
-                )
-            if get_json(self.url + "/ready") is not None:
-                return time.monotonic() - started
-            time.sleep(0.2)
-        raise UserError(f"{self.kind} was not ready after {timeout:g}s (log {self.log_path})")
+                self.fail(f"{self._exited()} before it was ready: {self.log_tail(3, ' | ')}")
+            return self.get_json("/ready") is not None
+
+        if not wait_until(ready, timeout):
+            self.fail(f"{self.kind} was not ready after {timeout:g}s")
+        return time.monotonic() - started
+
+    def wait_for(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 60.0,
+        every: float = 0.2,
+    ) -> dict[str, Any]:
+        """Poll ``/counts`` until ``predicate`` holds; fail if it exits or never does."""
+        last: dict[str, Any] | None = None
+
+        def matched() -> bool:
+            nonlocal last
+            if not self.alive():
+                self.fail(self._exited())
+            last = self.counts()
+            return last is not None and predicate(last)
+
+        if not wait_until(matched, timeout, every) or last is None:
+            self.fail(f"{self.kind} counts never matched (last {last}) in {timeout}s")
+        return last
 
     def counts(self) -> dict[str, Any] | None:
-        found = get_json(self.url + "/counts")
+        """``/counts`` (events and dead letters processed), or None while it is not serving."""
+        found = self.get_json("/counts")
         return found if isinstance(found, dict) else None
 
     def processed(self) -> int | None:
@@ -247,26 +317,36 @@ class SystemProcess:
         return None if counts is None else processed_count(counts)
 
     def metrics_text(self) -> str | None:
-        return get_text(self.url + "/metrics")
+        answer = http_get(self.url + "/metrics")
+        if answer is None or not 200 <= answer[0] < 300:
+            return None
+        return answer[1].decode(errors="replace")
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 20, separator: str = "\n") -> str:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return separator.join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, wait, SIGKILL if it ignores it. Idempotent."""
-        if self.process is None:
-            return self.exit_code
-        if self.process.poll() is None:
+        """SIGTERM, wait, SIGKILL if it ignores it. Idempotent. Returns the exit code."""
+        self.ignored_sigterm = False
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+                self.ignored_sigterm = True
+        self.kill()
+        return self.exit_code
+
+    def kill(self) -> None:
+        """SIGKILL (the crash path) unless it has exited; then it is reaped. Idempotent."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
         self.exit_code = self.process.returncode
         self.process = None
-        return self.exit_code

@@ -20,7 +20,7 @@ start_time() { # field 22 of /proc/PID/stat, after "(comm)", which may hold spac
   echo "${fields[19]}"
 }
 
-runs_kafka() { # PID SERVER_PROPERTIES: the launcher's own check (kafka_local._pid_runs_kafka)
+runs_kafka() { # PID SERVER_PROPERTIES: the launcher's own check (kafka.local._pid_runs_kafka)
   [[ -d /proc/self ]] || return 0
   local argv
   argv="$(tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null)" || return 1
@@ -71,6 +71,6 @@ without_settings() { # run a command without the developer's STREAM_APP_* settin
 }
 
 echo "== ruff";   ruff check stream_app tests load_tests && ruff format --check stream_app tests load_tests
-echo "== mypy";   mypy stream_app
+echo "== mypy";   mypy stream_app tests load_tests
 echo "== schemas"; without_settings stream-app schemas --check
 echo "== pytest"; pytest -q -p no:cacheprovider "$@"

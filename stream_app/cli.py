@@ -2,7 +2,7 @@
 
 Mistakes print one line on stderr and exit 2; nothing prints a traceback for a user error.
 They are found before long work starts: settings when they are loaded, output paths and the
-worker's port (`stream_app.preflight`) before a command reads, connects or replays.
+worker's port (`stream_app.tools.preflight`) before a command reads, connects or replays.
 Heavy imports (Faust, River) happen inside the handlers so `stream-app --help` stays fast.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from stream_app import preflight
 from stream_app.errors import UserError
 from stream_app.settings import Settings, env_name, load_settings
+from stream_app.tools import preflight
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -35,7 +35,7 @@ def _config(_: argparse.Namespace, settings: Settings) -> int:
 
 
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
-    from stream_app.kafka_local import run_kafka_command
+    from stream_app.kafka.local import run_kafka_command
 
     if args.action == "start":
         preflight.require_writable_dir(settings.state_dir, env_name("state_dir"))
@@ -43,7 +43,7 @@ def _kafka(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
-    from stream_app.topics import create_topics
+    from stream_app.kafka.topics import create_topics
 
     for topic, outcome in create_topics(settings).items():
         print(f"{topic}: {outcome}")
@@ -51,7 +51,7 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _schemas(args: argparse.Namespace, _: Settings) -> int:
-    from stream_app.schemas import stale_schemas, write_schemas
+    from stream_app.contracts.schemas import stale_schemas, write_schemas
 
     directory = Path(args.dir)
     if args.check:
@@ -70,13 +70,13 @@ def _schemas(args: argparse.Namespace, _: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     preflight.require_worker_can_start(settings)
-    from stream_app.app import run_worker
+    from stream_app.live.app import run_worker
 
     return run_worker(settings)
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from stream_app.replay import run_replay_command
+    from stream_app.tools.replay import run_replay_command
 
     return run_replay_command(args, settings)
 
@@ -84,9 +84,9 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 def _shadow(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
 
-    from stream_app.ranges import Bounds, parse_offsets
-    from stream_app.replay import parse_instant
-    from stream_app.shadow import ShadowRequest, delete_shadow, run_shadow
+    from stream_app.kafka.ranges import Bounds, parse_offsets
+    from stream_app.tools.replay import parse_instant
+    from stream_app.tools.shadow import ShadowRequest, delete_shadow, run_shadow
 
     if args.delete:
         deleted = delete_shadow(settings, args.name)
@@ -122,7 +122,7 @@ def _shadow(args: argparse.Namespace, settings: Settings) -> int:
 def _compare(args: argparse.Namespace, settings: Settings) -> int:
     if args.out is not None:
         preflight.require_writable_file(args.out, "--out")
-    from stream_app.compare import run_compare
+    from stream_app.tools.compare import run_compare
 
     return run_compare(args.a, args.b, settings, args.sample, args.out)
 
@@ -130,8 +130,8 @@ def _compare(args: argparse.Namespace, settings: Settings) -> int:
 def _rewind(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
 
-    from stream_app.replay import parse_instant
-    from stream_app.rewind import run_rewind
+    from stream_app.tools.replay import parse_instant
+    from stream_app.tools.rewind import run_rewind
 
     if bool(args.to) == bool(args.to_earliest):
         raise UserError("give exactly one of --to TIME or --to-earliest")
@@ -145,13 +145,13 @@ def _rewind(args: argparse.Namespace, settings: Settings) -> int:
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     preflight.require_worker_can_start(settings)  # before the broker starts
-    from stream_app.demo import run_demo
+    from stream_app.tools.demo import run_demo
 
     return run_demo(settings, dataset=args.dataset, limit=args.limit)
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
-    from stream_app.subscriber import Interest, describe, run_subscriber
+    from stream_app.tools.subscriber import Interest, describe, run_subscriber
 
     interest = Interest(
         lifecycle=frozenset(args.lifecycle or ()),

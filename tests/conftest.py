@@ -8,7 +8,8 @@ see each other's messages or consumer groups.
 
 Hermetic: every test runs without the developer's ``STREAM_APP_*`` settings (only the test
 command's own variables, ``NOT_SETTINGS``, are kept), and a worker subprocess gets exactly the
-variables of its Settings.
+variables of its Settings (``load_tests.systems.child_env``: the load harness starts its workers
+the same way).
 
 Processes this session starts are recorded in ``$STREAM_APP_TEST_RUN_DIR`` when it is set
 (`scripts/test.sh` sets it), so the test command can stop exactly those if the session is killed,
@@ -20,27 +21,23 @@ from /proc, ``-`` without procfs; MODE: ``group`` when it leads its own process 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hypothesis
 import orjson
 import pytest
+from confluent_kafka import Consumer
 
-from stream_app.kafka_local import LocalKafka, free_ports
+from load_tests.systems import SystemKind, SystemProcess, delete_topics, renamed, wait_until
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import create_topics, wait_for_broker
 from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
-from stream_app.topics import admin_client, create_topics, topic_specs, wait_for_broker
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +79,6 @@ def _hermetic_session() -> Iterator[None]:
 def _hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's ``STREAM_APP_*`` settings; a test sets the ones it needs."""
     _drop_settings(monkeypatch)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The ``STREAM_APP_*`` variables that make a child process load exactly ``settings``."""
-    return settings.to_env()
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """A child's whole environment: ours without any ``STREAM_APP_*`` variable (not even the test
-    command's), plus exactly those of ``settings``."""
-    inherited = {k: v for k, v in os.environ.items() if not is_prefixed(k)}
-    return {**inherited, **settings_env(settings)}
 
 
 def _start_time(pid: int) -> str | None:
@@ -189,23 +174,12 @@ def settings_factory(kafka_broker: Settings, tmp_path: Path) -> SettingsFactory:
     def make(**overrides: Any) -> Settings:
         suffix = uuid.uuid4().hex[:10]
         values: dict[str, Any] = {
-            "kafka_port": kafka_broker.kafka_port,
-            "kafka_controller_port": kafka_broker.kafka_controller_port,
-            "bootstrap_servers": kafka_broker.bootstrap_servers,
-            "cache_dir": kafka_broker.cache_dir,
             "state_dir": tmp_path / f"state-{suffix}",
-            "app_id": f"test-{suffix}",
-            "clickstream_topic": f"clickstream-{suffix}",
-            "transactions_topic": f"transactions-{suffix}",
-            "segment_changes_topic": f"segment-changes-{suffix}",
-            "segment_membership_topic": f"segment-membership-{suffix}",
-            "dead_letters_topic": f"dead-letters-{suffix}",
             "partitions": 2,
             "web_port": free_ports(1)[0],
             "log_level": "INFO",
         }
-        values.update(overrides)
-        return Settings(**values)
+        return renamed(kafka_broker, f"test-{suffix}", **{**values, **overrides})
 
     return make
 
@@ -221,100 +195,96 @@ def topics_factory() -> Iterator[TopicsFactory]:
 
     yield create
     for settings in created:
-        names = [spec.topic for spec in topic_specs(settings)]
-        futures = admin_client(settings.bootstrap_servers).delete_topics(
-            names, operation_timeout=10
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):
-                future.result()
+        delete_topics(settings)
 
 
-class WorkerProcess:
+class WorkerProcess(SystemProcess):
     """`python -m stream_app.cli worker` in a subprocess, configured only through the environment.
 
     That is how it runs in production, so the tests exercise the real entry point, its signal
-    handling and its shutdown, not an in-process imitation.
+    handling and its shutdown, not an in-process imitation. Whatever goes wrong fails the test
+    with the tail of the worker's log.
     """
 
     def __init__(
         self, settings: Settings, log_path: Path, records: RunRecords | None = None
     ) -> None:
-        self.settings = settings
-        self.log_path = log_path
+        super().__init__(SystemKind.WORKER, settings, log_path)
         self.records = records or RunRecords(None)
-        env = child_env(settings)
-        env["PYTHONUNBUFFERED"] = "1"
-        with log_path.open("ab") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream_app.cli", "worker"],
-                cwd=log_path.parent,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        self.record = self.records.process(self.process.pid, group=False)
+        self.start(create=False)  # the test creates the topics it wants
+        assert self.pid is not None
+        self.record = self.records.process(self.pid, group=False)
 
-    @property
-    def counts_url(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}/counts"
+    def fail(self, message: str) -> NoReturn:
+        pytest.fail(f"{message}:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no worker log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def log_tail(self, lines: int = 40, separator: str = "\n") -> str:
+        return super().log_tail(lines, separator)
 
-    def counts(self) -> dict[str, Any] | None:
-        """The worker's `/counts` JSON, or None while its web server is not up."""
-        try:
-            with urllib.request.urlopen(self.counts_url, timeout=2) as response:
-                data: dict[str, Any] = orjson.loads(response.read())
-                return data
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return None
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0
-    ) -> dict[str, Any]:
-        """Poll `/counts` until ``predicate`` holds; fail with the worker's log if it never does."""
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] | None = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
-            last = self.counts()
-            if last is not None and predicate(last):
-                return last
-            time.sleep(0.2)
-        pytest.fail(f"worker counts never matched (last {last}) in {timeout}s:\n{self.log_tail()}")
-
-    def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> float:
+        """Until the worker serves `/counts` (not `/ready`: a test waits for what it needs)."""
+        started = time.monotonic()
         self.wait_for(lambda _: True, timeout)
+        return time.monotonic() - started
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the graceful path. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"worker ignored SIGTERM for {timeout}s:\n{self.log_tail()}")
+        code = super().stop(timeout)
         self.records.forget(self.record)
+        if self.ignored_sigterm:
+            pytest.fail(f"worker ignored SIGTERM for {timeout}s:\n{self.log_tail()}")
+        assert code is not None
         return code
 
     def kill(self) -> None:
         """SIGKILL: the crash path."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
+        super().kill()
         self.records.forget(self.record)
 
 
 WorkerFactory = Callable[[Settings], WorkerProcess]
+
+
+class TopicReader:
+    """An independent consumer of one topic (plain confluent-kafka, not our subscriber), from the
+    beginning, in its own group: every message as it came (``messages``), decoded from JSON
+    (``received``) and its size."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": f"{settings.app_id}-outside-{topic}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.subscribe([topic])
+        self.messages: list[Any] = []
+        self.received: list[dict[str, Any]] = []
+        self.sizes: list[int] = []
+
+    def _consume(self, timeout: float) -> None:
+        for msg in self.consumer.consume(1000, timeout=timeout):
+            if msg.error() is None:
+                self.messages.append(msg)
+                self.received.append(orjson.loads(msg.value()))
+                self.sizes.append(len(msg.value()))
+
+    def poll(self, seconds: float) -> None:
+        """Read whatever arrives for ``seconds``."""
+        wait_until(lambda: False, seconds, 0.2, self._consume)
+
+    def until(self, done: Callable[[list[dict[str, Any]]], bool], timeout: float) -> bool:
+        """Read until ``done(received)`` or ``timeout``; the test asserts on what it got."""
+        return wait_until(lambda: done(self.received), timeout, 0.5, self.poll)
+
+    def unique(self) -> dict[str, dict[str, Any]]:
+        """The changes received, by change id (a re-sent change is the same change)."""
+        return {change["change_id"]: change for change in self.received}
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 @pytest.fixture

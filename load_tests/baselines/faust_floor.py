@@ -1,6 +1,6 @@
 """Baseline: the Faust floor, the worker's Kafka and table I/O with none of its work.
 
-The worker's Faust app (``stream_app.app.faust_app``: the same buffers, producer and RocksDB
+The worker's Faust app (``stream_app.live.app.faust_app``: the same buffers, producer and RocksDB
 settings), the same agent shape (one agent over both inputs, no auto-ack, batches of what the
 fetcher has already delivered, up to ``batch_max_events``), and per batch the I/O a worker does:
 one RocksDB table write (with its changelog record) per customer, then a segment change (1,000
@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any, Final
 
 from load_tests.baselines.faust_common import add_harness_pages, run
-from stream_app.app import _as_current, _more_coming, _raw_topic, faust_app
+from stream_app.live.app import _as_current, _more_coming, _raw_topic, faust_app
 from stream_app.settings import Settings
 
 CHANGE: Final = b"c" * 1000  # about the size of a SegmentChange as JSON

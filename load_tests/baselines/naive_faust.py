@@ -21,11 +21,19 @@ from typing import Any
 import faust
 
 from load_tests.baselines.faust_common import add_harness_pages, run
-from stream_app.events import DeadLetter, DeadLetterReason, MessageOrigin, dead_letter, encode
-from stream_app.events import decode_event as decode
-from stream_app.models import SegmentModels
-from stream_app.pipeline import membership_record, partition_of
-from stream_app.processor import CustomerState, Position, Processor, Status
+from stream_app.contracts.events import (
+    DeadLetter,
+    DeadLetterReason,
+    MessageOrigin,
+    dead_letter,
+    encode,
+)
+from stream_app.contracts.events import decode_event as decode
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import Position, Processor, Status
+from stream_app.core.state import CustomerState
+from stream_app.live.pipeline import membership_record
+from stream_app.live.store import partition_of
 from stream_app.settings import Settings
 
 

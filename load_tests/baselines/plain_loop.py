@@ -30,9 +30,10 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict
 
-from stream_app.events import MessageOrigin
-from stream_app.models import SegmentModels
-from stream_app.pipeline import LivePipeline, RawMessage, TableStore
+from stream_app.contracts.events import MessageOrigin
+from stream_app.core.models import SegmentModels
+from stream_app.live.pipeline import LivePipeline, RawMessage
+from stream_app.live.store import TableStore
 from stream_app.settings import Settings
 
 COMMIT_INTERVAL_S: Final = 1.0

@@ -7,15 +7,18 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from confluent_kafka.admin import ConfigResource, NewTopic, ResourceType
 
 from stream_app.errors import UserError
-from stream_app.kafka_local import LocalKafka, run_kafka_command
+from stream_app.kafka.local import LocalKafka, run_kafka_command
+from stream_app.kafka.topics import CREATED, EXISTS, admin_client, broker_answers
 from stream_app.settings import Settings
-from stream_app.topics import CREATED, EXISTS, admin_client, broker_answers
+
+if TYPE_CHECKING:
+    from conftest import RunRecords
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +103,9 @@ def _cleanup_policy(admin: Any, topic: str) -> str:
     return str(configs["cleanup.policy"].value)
 
 
-def test_stop_then_restart_reuses_storage_and_cluster_id(tmp_path: Path) -> None:
+def test_stop_then_restart_reuses_storage_and_cluster_id(
+    tmp_path: Path, run_records: RunRecords
+) -> None:
     port, controller = _ports()
     settings = Settings(
         kafka_port=port,
@@ -109,6 +114,7 @@ def test_stop_then_restart_reuses_storage_and_cluster_id(tmp_path: Path) -> None
         state_dir=tmp_path,
     )
     kafka = LocalKafka(settings)
+    record = run_records.broker(kafka)  # stopped by the test command if this session dies
     try:
         assert kafka.start() is True
         cluster_id = kafka.paths.cluster_id_file.read_text()
@@ -127,6 +133,7 @@ def test_stop_then_restart_reuses_storage_and_cluster_id(tmp_path: Path) -> None
         assert "survives-restart" in topics
     finally:
         kafka.stop()
+    run_records.forget(record)
     assert not kafka.is_running()
 
 

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer
+from conftest import TopicReader
 
-from stream_app.datasets import RowError, read_dataset
-from stream_app.events import Event
-from stream_app.publish import make_producer, publish
-from stream_app.replay import replay_offline
+from stream_app.contracts.events import Event
 from stream_app.settings import Settings
+from stream_app.tools.datasets import RowError, read_dataset
+from stream_app.tools.publish import make_producer, publish
+from stream_app.tools.replay import replay_offline
 
 if TYPE_CHECKING:
     from conftest import WorkerProcess
@@ -74,39 +74,6 @@ def offline(events: Iterable[Event], settings: Settings) -> list[Change]:
         if c["reason"]["trigger_event_type"] != "time_passed"
         or datetime.fromisoformat(c["event_time"]).timestamp() <= watermark
     ]
-
-
-class TopicReader:
-    """An independent consumer of one output topic, from the beginning, in its own group."""
-
-    def __init__(self, settings: Settings, topic: str) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": f"{settings.app_id}-outside-{topic}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
-        self.consumer.subscribe([topic])
-        self.received: list[Change] = []
-        self.sizes: list[int] = []
-
-    def poll(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for msg in self.consumer.consume(1000, timeout=0.2):
-                if msg.error() is None:
-                    self.received.append(orjson.loads(msg.value()))
-                    self.sizes.append(len(msg.value()))
-
-    def until(self, done: Callable[[list[Change]], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not done(self.received):
-            self.poll(0.5)
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 def unique_ids(changes: list[Change]) -> set[str]:

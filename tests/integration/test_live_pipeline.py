@@ -7,15 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import pytest
-from confluent_kafka import Consumer
+from conftest import TopicReader
 
-from stream_app.datasets import read_dataset
-from stream_app.events import SegmentChange
-from stream_app.publish import make_producer, publish
-from stream_app.replay import replay_offline
+from stream_app.contracts.events import SegmentChange
 from stream_app.settings import Settings
+from stream_app.tools.datasets import read_dataset
+from stream_app.tools.publish import make_producer, publish
+from stream_app.tools.replay import replay_offline
 
 if TYPE_CHECKING:
     from conftest import WorkerProcess
@@ -39,34 +38,6 @@ def offline_changes(settings: Settings) -> list[SegmentChange]:
 
     replay_offline(read_dataset(REES46, "rees46"), settings.segmentation, Collect())  # type: ignore[arg-type]
     return collected
-
-
-class ChangeReader:
-    """Reads `segment-changes` as a subscriber would (its own group, from the beginning)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": f"{settings.app_id}-reader",
-                "auto.offset.reset": "earliest",
-            }
-        )
-        self.consumer.subscribe([settings.segment_changes_topic])
-        self.received: list[dict[str, Any]] = []
-
-    def until(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not predicate(self.received):
-            for msg in self.consumer.consume(1000, timeout=0.5):
-                if msg.error() is None:
-                    self.received.append(orjson.loads(msg.value()))
-
-    def unique(self) -> dict[str, dict[str, Any]]:
-        return {change["change_id"]: change for change in self.received}
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 def final_segments(changes: list[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -112,7 +83,7 @@ def test_live_worker_gives_the_offline_segments_and_dead_letters_garbage(
     assert publish_with_garbage(settings) == 17434
 
     worker = worker_factory(settings)
-    reader = ChangeReader(settings)
+    reader = TopicReader(settings, settings.segment_changes_topic)
     try:
         reader.until(lambda got: len(got) >= len(expected), timeout=240)
         counts = worker.wait_for(lambda c: sum(c["events"].values()) >= 17434, timeout=30)
@@ -140,7 +111,7 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_are_detectable(
     expected = offline_changes(settings)
     publish(read_dataset(REES46, "rees46"), settings)
 
-    reader = ChangeReader(settings)
+    reader = TopicReader(settings, settings.segment_changes_topic)
     first = worker_factory(settings)
     try:
         reader.until(lambda got: len(got) >= len(expected) // 3, timeout=120)
@@ -194,7 +165,7 @@ def test_sigterm_mid_backlog_stops_promptly_and_the_restart_completes_the_job(
     expected = offline_changes(settings)
     publish(read_dataset(REES46, "rees46"), settings)
 
-    reader = ChangeReader(settings)
+    reader = TopicReader(settings, settings.segment_changes_topic)
     first = worker_factory(settings)
     try:
         reader.until(lambda got: len(got) >= len(expected) // 3, timeout=120)

@@ -4,48 +4,40 @@ and the outage does not flood the log. The test runs its own broker, so it can s
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from stream_app.kafka_local import LocalKafka, free_ports
+from load_tests.systems import http_get, wait_until
+from stream_app.kafka.local import LocalKafka, free_ports
+from stream_app.kafka.topics import create_topics
 from stream_app.settings import Settings
-from stream_app.topics import create_topics
 
 if TYPE_CHECKING:
-    from conftest import WorkerProcess
+    from conftest import RunRecords, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 
 def ready_status(settings: Settings) -> int:
-    url = f"http://{settings.web_host}:{settings.web_port}/ready"
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return 0  # not serving yet
+    answer = http_get(f"http://{settings.web_host}:{settings.web_port}/ready", timeout=3)
+    return 0 if answer is None else answer[0]  # 0: not serving yet
 
 
 def wait_for_status(settings: Settings, status: int, timeout: float) -> float:
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if ready_status(settings) == status:
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"/ready never answered {status} within {timeout}s")
+    if not wait_until(lambda: ready_status(settings) == status, timeout, every=0.5):
+        raise AssertionError(f"/ready never answered {status} within {timeout}s")
+    return time.monotonic() - started
 
 
 def test_ready_is_503_during_a_broker_outage_and_200_after_it(
     settings_factory: Callable[..., Settings],
     worker_factory: Callable[[Settings], WorkerProcess],
     tmp_path: Path,
+    run_records: RunRecords,
 ) -> None:
     port, controller = free_ports(2)
     settings = settings_factory(
@@ -57,6 +49,7 @@ def test_ready_is_503_during_a_broker_outage_and_200_after_it(
         log_repeat_interval_s=30.0,
     )
     kafka = LocalKafka(settings.model_copy(update={"state_dir": tmp_path / "own-broker"}))
+    record = run_records.broker(kafka)  # stopped by the test command if this session dies
     try:
         assert kafka.start() is True
         create_topics(settings)
@@ -74,3 +67,4 @@ def test_ready_is_503_during_a_broker_outage_and_200_after_it(
         assert worker.stop() == 0, worker.log_tail()
     finally:
         kafka.stop()
+        run_records.forget(record)

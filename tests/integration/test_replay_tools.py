@@ -5,7 +5,6 @@ idempotent, and ``--speed 60`` plays back at the promised pace."""
 from __future__ import annotations
 
 import re
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,12 +13,13 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from load_tests.systems import http_get
 from stream_app.cli import main
-from stream_app.compare import compare, read_side
-from stream_app.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
+from stream_app.kafka.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
+from stream_app.kafka.topics import admin_client
 from stream_app.settings import Settings
-from stream_app.shadow import ShadowRequest, run_shadow, shadow_settings
-from stream_app.topics import admin_client
+from stream_app.tools.compare import compare, read_side
+from stream_app.tools.shadow import ShadowRequest, run_shadow, shadow_settings
 
 if TYPE_CHECKING:
     from conftest import SettingsFactory, TopicsFactory, WorkerFactory, WorkerProcess
@@ -109,9 +109,9 @@ def committed(settings: Settings, group: str) -> list[int]:
 
 
 def duplicates_seen(worker: WorkerProcess) -> float:
-    url = f"http://{worker.settings.web_host}:{worker.settings.web_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
+    answer = http_get(f"{worker.url}/metrics", timeout=5)
+    assert answer is not None and answer[0] == 200, f"/metrics answered {answer}"
+    text = answer[1].decode()
     match = re.search(r"^stream_app_duplicate_events_total (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
@@ -239,7 +239,7 @@ def test_rewind_refuses_while_workers_run(
 
 
 def _has_members(settings: Settings) -> bool:
-    from stream_app.rewind import _members
+    from stream_app.tools.rewind import _members
 
     return _members(settings, settings.app_id) > 0
 

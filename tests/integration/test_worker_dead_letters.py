@@ -7,8 +7,8 @@ no broker: they cover the exception path, which valid or invalid *input* cannot 
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
+from conftest import TopicReader
 
-from stream_app import pipeline as pipeline_module
-from stream_app.app import COUNTS_PATH, create_app
-from stream_app.events import DeadLetter, DeadLetterReason, MessageOrigin
-from stream_app.pipeline import LivePipeline, WorkerCounts, partition_of
-from stream_app.processor import MemoryStore
+from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOrigin
+from stream_app.live import pipeline as pipeline_module
+from stream_app.live.app import COUNTS_PATH, create_app
+from stream_app.live.pipeline import LivePipeline, WorkerCounts
+from stream_app.live.store import TableStore, partition_of
 from stream_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -84,32 +85,14 @@ def produce(bootstrap: str, messages: list[tuple[str, bytes, bytes]]) -> list[Se
     return sent
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[Any]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{topic}-{time.monotonic_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    messages: list[Any] = []
-    deadline = time.monotonic() + timeout
+def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list[Any]:
+    reader = TopicReader(settings, topic)
     try:
-        while len(messages) < expected and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                messages.append(message)
-        # A short grace period proves there is nothing beyond what we expected.
-        extra_deadline = time.monotonic() + 1.0
-        while time.monotonic() < extra_deadline:
-            message = consumer.poll(0.2)
-            if message is not None and message.error() is None:
-                messages.append(message)
+        reader.until(lambda got: len(got) >= expected, timeout)
+        reader.poll(1.0)  # a short grace period proves there is nothing beyond what we expected
     finally:
-        consumer.close()
-    return messages
+        reader.close()
+    return reader.messages
 
 
 def total(counts: dict[str, Any], section: str) -> int:
@@ -171,7 +154,7 @@ def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
         expected["rerouted"] = rerouted
     assert counts == expected
 
-    letters = read_topic(settings.bootstrap_servers, settings.dead_letters_topic, len(bad))
+    letters = read_topic(settings, settings.dead_letters_topic, len(bad))
     assert sorted(m.key() for m in letters) == sorted(bad)
     origins = {sent.key: sent for sent in first}
     for message in letters:
@@ -194,19 +177,24 @@ def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
 
 
 class Sinks:
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool | int = False) -> None:
         self.dead: list[tuple[bytes | None, bytes]] = []
-        self.fail = fail
+        self.fail = fail  # True: every send fails; a number: that many sends fail first
 
-    async def change(self, customer_id: str, value: bytes) -> None:
-        return None
+    async def change(self, customer_id: str, value: bytes) -> asyncio.Future[None]:
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)  # the broker acknowledged it at once
+        return acked
 
     async def membership(self, customer_id: str, value: bytes) -> None:
         return None
 
     async def dead_letter(self, key: bytes | None, value: bytes) -> None:
-        if self.fail:
+        if self.fail is True:
             raise ConnectionError("broker went away")
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("broker went away for a moment")
         self.dead.append((key, value))
 
     async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
@@ -220,7 +208,9 @@ ORIGIN = MessageOrigin(topic="clickstream", partition=OWN, offset=41)
 
 def pipeline_factory(sinks: Sinks) -> LivePipeline:
     return LivePipeline(
-        Settings(max_event_bytes=1024, partitions=PARTITIONS), lambda p: MemoryStore(), sinks
+        Settings(max_event_bytes=1024, partitions=PARTITIONS),
+        lambda p: TableStore({}, p, PARTITIONS),
+        sinks,
     )
 
 
@@ -248,13 +238,23 @@ async def test_an_exception_while_handling_becomes_a_processing_error_dead_lette
     assert pipeline.counts.dead_letters == {"processing_error": 1}
 
 
-async def test_a_dead_letter_that_cannot_be_sent_is_counted_not_raised() -> None:
-    pipeline = pipeline_factory(Sinks(fail=True))
+async def test_a_dead_letter_that_cannot_be_sent_is_retried_and_never_acked_unsent() -> None:
+    """Nothing is acked that was neither applied nor dead-lettered: while the dead letter cannot
+    be sent, the message is not done (it used to be acked with the letter lost)."""
+    stuck = pipeline_factory(Sinks(fail=True))
+    handling = asyncio.create_task(stuck.handle(b"k", b"not json", ORIGIN))
+    await asyncio.sleep(0.5)
+    assert not handling.done()  # not acked: still retrying
+    assert stuck.counts.unsent_dead_letters >= 2
+    handling.cancel()
 
-    await pipeline.handle(b"k", b"not json", ORIGIN)
-
+    sinks = Sinks(fail=2)  # the broker comes back
+    pipeline = pipeline_factory(sinks)
+    done = await asyncio.wait_for(pipeline.handle(b"k", b"not json", ORIGIN), timeout=5)
+    assert done == [None]  # acked once the letter is out
     assert pipeline.counts.dead_letters == {"invalid_json": 1}
-    assert pipeline.counts.unsent_dead_letters == 1
+    assert pipeline.counts.unsent_dead_letters == 2
+    assert len(sinks.dead) == 1
 
 
 async def test_valid_events_are_counted_by_type_and_a_tombstone_is_dead_lettered() -> None:

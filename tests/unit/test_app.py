@@ -21,8 +21,10 @@ import pytest
 from faust.events import Event
 from faust.types import Message
 
-from stream_app.app import CUSTOMERS_TABLE, create_app
-from stream_app.processor import CustomerState
+from load_tests.systems import renamed
+from stream_app.core.state import CustomerState
+from stream_app.live.app import CUSTOMERS_TABLE, create_app
+from stream_app.live.store import decode_record
 from stream_app.settings import Settings
 
 T0 = "2024-03-01T12:00:00+00:00"
@@ -43,15 +45,8 @@ class Harness:
     """Puts raw messages into the agent's test channel as the fetcher would hand them over."""
 
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
-        suffix = uuid.uuid4().hex[:8]
-        self.settings = Settings(
-            state_dir=tmp_path,
-            app_id=f"unit-{suffix}",
-            clickstream_topic=f"clicks-{suffix}",
-            transactions_topic=f"tx-{suffix}",
-            partitions=1,
-            **overrides,
-        )
+        name = f"unit-{uuid.uuid4().hex[:8]}"
+        self.settings = renamed(Settings(state_dir=tmp_path, partitions=1), name, **overrides)
         self.app = create_app(self.settings, store="memory://")
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.offsets: dict[str, int] = {}
@@ -113,8 +108,10 @@ class Harness:
         return [orjson.loads(value) for t, _, value in self.sent if t == topic and value]
 
     def state(self, customer: str) -> CustomerState:
-        raw = self.app.tables[CUSTOMERS_TABLE][customer.encode()]
-        return CustomerState.from_bytes(raw)
+        return decode_record(self.app.tables[CUSTOMERS_TABLE][customer.encode()])[0]
+
+    def applied_offsets(self, customer: str) -> dict[str, int]:
+        return decode_record(self.app.tables[CUSTOMERS_TABLE][customer.encode()])[1].offsets
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -143,7 +140,7 @@ async def test_agent_applies_events_to_the_table_sends_changes_and_acks(tmp_path
     for customer, last in (("c0", 4), ("c1", 5)):
         state = h.state(customer)
         assert len(state.recent_ids) == 3  # one id per applied event
-        assert state.offsets == {clicks: last}
+        assert h.applied_offsets(customer) == {clicks: last}
         assert state.sequence == 1
     # Outputs: one entry change per customer (and its membership record), one dead letter.
     changes = h.changes()
@@ -206,7 +203,7 @@ async def test_events_of_both_topics_reach_the_table_in_event_time_order(tmp_pat
     assert h.app.pipeline.counts.snapshot()["dead_letters"] == {}
     state = h.state("c0")
     assert len(state.recent_ids) == 3  # one id per applied event
-    assert state.offsets == {clicks: 1, txs: 0}
+    assert h.applied_offsets("c0") == {clicks: 1, txs: 0}
 
 
 async def test_a_change_leaves_only_after_the_broker_acknowledged_its_state(

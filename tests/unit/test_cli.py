@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.kafka_local import free_ports
+from stream_app.kafka.local import free_ports
 
 needs_procfs = pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux procfs")
 

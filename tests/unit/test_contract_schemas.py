@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, ValidationError, validators  # type: ignore[import-untyped]
 
-from stream_app import events
-from stream_app.events import DeadLetter, DeadLetterReason, MessageOrigin, decode_event
-from stream_app.schemas import schema_path
+from stream_app.contracts import events
+from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOrigin, decode_event
+from stream_app.contracts.schemas import schema_path
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -62,8 +62,10 @@ VOCABULARIES_2020_12 = {
 STANDARD_KEYWORDS = frozenset(" ".join(VOCABULARIES_2020_12.values()).split(" "))
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "dependentSchemas")
 SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-SCHEMA_VALUES = ("not", "if", "then", "else", "items", "contains", "additionalProperties")
-SCHEMA_VALUES += ("propertyNames", "unevaluatedItems", "unevaluatedProperties", "contentSchema")
+SCHEMA_VALUES = (
+    *("not", "if", "then", "else", "items", "contains", "additionalProperties"),
+    *("propertyNames", "unevaluatedItems", "unevaluatedProperties", "contentSchema"),
+)
 
 
 # --- the validator --------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def ecma_regex(pattern: str) -> re.Pattern[str]:
 
 
 def ecma_pattern(
-    validator: Any, pattern: str, instance: object, schema: dict[str, Any]
+    validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
 ) -> Iterator[ValidationError]:
     if validator.is_type(instance, "string") and not ecma_regex(pattern).search(instance):
         yield ValidationError(f"{instance!r} does not match {pattern!r}")

@@ -1,4 +1,4 @@
-"""Tests for stream_app.datasets: every quirk on hand-written files, exact counts on the real
+"""Tests for stream_app.tools.datasets: every quirk on hand-written files, exact counts on the real
 files, determinism (same bytes on every read) and event-time order. No broker needed.
 """
 
@@ -20,7 +20,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from stream_app.datasets import (
+from stream_app.contracts.events import (
+    ClickEvent,
+    ClickType,
+    Origin,
+    TransactionEvent,
+    TransactionType,
+    encode,
+)
+from stream_app.errors import UserError
+from stream_app.tools.datasets import (
     GZIP_MAGIC,
     ROW_ERROR_REASONS,
     DatasetFormat,
@@ -30,15 +39,6 @@ from stream_app.datasets import (
     iter_online_retail,
     iter_rees46,
     read_dataset,
-)
-from stream_app.errors import UserError
-from stream_app.events import (
-    ClickEvent,
-    ClickType,
-    Origin,
-    TransactionEvent,
-    TransactionType,
-    encode,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -14,12 +14,13 @@ from typing import Any
 
 import orjson
 
-from stream_app.events import ClickEvent, ClickType, Component, MessageOrigin
-from stream_app.models import SegmentModels
-from stream_app.pipeline import LivePipeline, RawMessage, TableStore, partition_of
-from stream_app.processor import MemoryStore, Processor
-from stream_app.replay import replay_offline
+from stream_app.contracts.events import ClickEvent, ClickType, Component, MessageOrigin
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import MemoryStore, Processor
+from stream_app.live.pipeline import LivePipeline, RawMessage
+from stream_app.live.store import TableStore, partition_of
 from stream_app.settings import SegmentationSettings, Settings
+from stream_app.tools.replay import replay_offline
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 NOW = T0 + timedelta(days=800)  # the worker's wall clock: after every test event
@@ -69,7 +70,7 @@ def pipeline(
     tables: dict[int, dict[bytes, bytes]], sinks: Sinks, partitions: int = 1, **kw: Any
 ) -> LivePipeline:
     return LivePipeline(
-        Settings(state_dir="/nonexistent", partitions=partitions),  # type: ignore[arg-type]
+        Settings(state_dir="/nonexistent", partitions=partitions),
         lambda p: TableStore(tables.setdefault(p, {}), p, partitions),
         sinks,
         clock=lambda: NOW,
@@ -279,3 +280,29 @@ async def test_a_huge_key_does_not_make_its_dead_letter_unpublishable() -> None:
     await p.handle(huge, b"{not json", MessageOrigin(topic=CLICKS, partition=0, offset=0))
     await p.handle(b"small", b"{not json", MessageOrigin(topic=CLICKS, partition=0, offset=1))
     assert keys == [hashlib.sha256(huge).hexdigest().encode(), b"small"]
+
+
+async def test_every_membership_record_is_a_valid_segment_membership() -> None:
+    """The compacted topic's value is built without re-validation: it must still be exactly the
+    published contract (pydantic model and schemas/segment_membership.v1.json)."""
+    import json
+    from pathlib import Path
+
+    from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+
+    from stream_app.contracts.events import SegmentChange, SegmentMembership
+    from stream_app.live.pipeline import membership_record
+
+    schema = json.loads(
+        (Path(__file__).parents[2] / "schemas" / "segment_membership.v1.json").read_text()
+    )
+    check = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    sinks = Sinks()
+    await pipeline({}, sinks).handle_batch(raw(history()))
+    assert len(sinks.changes) > 50
+    for change in sinks.changes:
+        record = orjson.loads(membership_record(SegmentChange.model_validate(change)))
+        check.validate(record)
+        member = SegmentMembership.model_validate(record)
+        assert member.segment.model_dump(mode="json") == change["current"]
+        assert (member.sequence, member.change_id) == (change["sequence"], change["change_id"])

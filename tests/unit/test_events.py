@@ -1,4 +1,4 @@
-"""Tests for stream_app.events: the contracts and the one decoder, `decode_event`.
+"""Tests for stream_app.contracts.events: the contracts and the one decoder, `decode_event`.
 
 Every rejection is checked for its exact reason and detail, and the dead letter must carry the
 original bytes (their start, size and sha256 past 64 KiB, so it stays publishable) and where they
@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
-from stream_app import events
-from stream_app.events import (
+from stream_app.contracts import events
+from stream_app.contracts.events import (
     IDENTIFIER_PATTERN,
     MAX_AMOUNT,
     MAX_CARRIED_BYTES,
@@ -49,7 +49,7 @@ from stream_app.events import (
     decode_event,
     encode,
 )
-from stream_app.schemas import render, schema_path, stale_schemas, write_schemas
+from stream_app.contracts.schemas import render, schema_path, stale_schemas, write_schemas
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO_ROOT / "schemas"

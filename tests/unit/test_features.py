@@ -1,4 +1,4 @@
-"""Tests for stream_app.features: the per-customer state and its pure update, in event time.
+"""Tests for stream_app.core.features: the per-customer state and its pure update, in event time.
 
 Expected values are computed by hand from the documented definitions (half-lives, log1p of counts,
 money and days, running session means). Properties cover bounds, serialisation, independence
@@ -19,8 +19,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_app.events import MAX_AMOUNT, ClickEvent, ClickType, TransactionEvent, TransactionType
-from stream_app.features import (
+from stream_app.contracts.events import (
+    MAX_AMOUNT,
+    ClickEvent,
+    ClickType,
+    TransactionEvent,
+    TransactionType,
+)
+from stream_app.core.features import (
     DAY,
     DAYS_CAP,
     FEATURES,
@@ -447,15 +453,15 @@ def test_every_feature_is_finite_and_bounded(events: list[Event], later: float) 
 
 @settings(max_examples=80)
 @given(event_lists(), event_lists())
-def test_state_round_trips_through_to_list_and_from_list(
-    events: list[Event], more: list[Event]
-) -> None:
+def test_state_round_trips_through_its_named_record(events: list[Event], more: list[Event]) -> None:
     b = Behaviour.first(events[0].event_time.timestamp())
     for event in events:
         apply(b, event)
-    restored = Behaviour.from_list(orjson.loads(orjson.dumps(b.to_list())))
+    restored = Behaviour.from_record(orjson.loads(orjson.dumps(b.to_record())))
     assert restored == b
-    assert restored.to_list() == b.to_list()
+    assert restored.to_record() == b.to_record()
+    # Version 1 stored the same fields positionally, in slot order: still readable.
+    assert Behaviour.from_list(orjson.loads(orjson.dumps(list(b.to_record().values())))) == b
     for event in more:  # and both evolve identically afterwards
         apply(b, event)
         apply(restored, event)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import child_env
 
+from load_tests.systems import child_env
 from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
 
 ROOT = Path(__file__).resolve().parents[2]

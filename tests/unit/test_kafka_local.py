@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stream_app.errors import UserError
-from stream_app.kafka_local import (
+from stream_app.kafka.local import (
     NOT_RUNNING_EXIT,
     LocalKafka,
     jvm_command,
@@ -23,8 +23,8 @@ from stream_app.kafka_local import (
     require_tools,
     run_kafka_command,
 )
+from stream_app.kafka.topics import wait_for_broker
 from stream_app.settings import Settings
-from stream_app.topics import wait_for_broker
 
 
 def parse_properties(text: str) -> dict[str, str]:

@@ -39,7 +39,13 @@ from load_tests.scenarios import (
     spike_figures,
 )
 from load_tests.systems import processed_count
-from stream_app.events import ClickEvent, DeadLetter, MessageOrigin, TransactionEvent, decode_event
+from stream_app.contracts.events import (
+    ClickEvent,
+    DeadLetter,
+    MessageOrigin,
+    TransactionEvent,
+    decode_event,
+)
 
 NOW = 1_700_000_000.0
 FUNNEL_ORDER = {
@@ -373,6 +379,18 @@ def test_percentiles_are_nearest_rank() -> None:
         "max_ms": 5.0,
         "mean_ms": 3.0,
     }
+
+
+def test_the_one_percentile_is_nearest_rank_never_interpolated() -> None:
+    """Every percentile of the load tests and the benchmarks is `percentile`: the value at rank
+    ceil(q/100 * n) of the sorted values. Not numpy's default (linear: 2.5 for p50 of 1..4, 198.01
+    for p99 of 1..200) nor the index int(q/100 * n) shortcut the benchmarks used (3 and 199)."""
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 75) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 76) == 4.0
+    assert percentile([float(v) for v in range(1, 201)], 99) == 198.0
+    assert percentile([7.0], 99) == percentile([7.0], 0) == 7.0
+    assert percentile([2.0, 1.0], 0) == 1.0  # rank 1 at the least
 
 
 def test_processed_counts_late_events_once() -> None:

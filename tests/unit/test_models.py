@@ -1,7 +1,7 @@
-"""Contract checks on stream_app.models, in the spirit of river/checks: the same seed and data give
-the same model byte for byte, pickling and snapshots round-trip without changing what the model
-does next, corrupt snapshots are refused, and the quality and explanation numbers are what they
-claim to be.
+"""Contract checks on stream_app.core.models, in the spirit of river/checks: the same seed and
+data give the same model byte for byte, pickling and snapshots round-trip without changing what
+the model does next, corrupt snapshots are refused, and the quality and explanation numbers are
+what they claim to be.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_app.features import FEATURES
-from stream_app.models import (
+from stream_app.core.features import FEATURES
+from stream_app.core.models import (
     _TRAITS,
     CLUSTER_FEATURES,
     PROFILE_REFRESH,
@@ -192,8 +192,8 @@ def test_ordered_kmeans_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None
         textwrap.dedent(
             """
             import random
-            from stream_app.features import FEATURES
-            from stream_app.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans
+            from stream_app.core.features import FEATURES
+            from stream_app.core.models import CLUSTER_FEATURES, BehaviourClusters, OrderedKMeans
 
             rng = random.Random(1)
             rows = [{f: rng.gauss(0, 1) for f in CLUSTER_FEATURES} for _ in range(300)]

@@ -14,16 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_app.events import DeadLetterReason, MessageOrigin
-from stream_app.pipeline import (
-    DELIVERY_KEY_PREFIX,
-    LivePipeline,
-    OrderedMerge,
-    RawMessage,
-    TableStore,
-    partition_of,
-)
-from stream_app.processor import CustomerState, SerializedStore
+from stream_app.contracts.events import DeadLetterReason, MessageOrigin
+from stream_app.live.pipeline import LivePipeline, OrderedMerge, RawMessage
+from stream_app.live.store import DELIVERY_KEY_PREFIX, TableStore, decode_record, partition_of
 from stream_app.settings import SegmentationSettings, Settings
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -69,10 +62,10 @@ def message(customer: str, minute: int, event_type: str = "product_view") -> byt
     )
 
 
-def pipeline_factory(data: dict[str, bytes], sinks: ListSinks) -> LivePipeline:
+def pipeline_factory(data: dict[bytes, bytes], sinks: ListSinks) -> LivePipeline:
     return LivePipeline(
-        Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
-        lambda partition: SerializedStore(data),
+        Settings(state_dir="/nonexistent", partitions=1),
+        lambda partition: TableStore(data, partition, 1, cache_size=0),
         sinks,
         clock=lambda: T0 + timedelta(days=365),
     )
@@ -145,7 +138,7 @@ async def test_crash_before_delivery_resends_with_same_ids_and_no_gaps() -> None
     reference = ListSinks()
     await feed(pipeline_factory({}, reference), items)
 
-    data: dict[str, bytes] = {}
+    data: dict[bytes, bytes] = {}
     delivered = ListSinks()
     first = pipeline_factory(data, delivered)
     await feed(first, items[:25])
@@ -244,7 +237,7 @@ async def test_scrambled_topic_arrival_gives_the_same_changes_as_sorted_order() 
         remaining = {"clickstream": len(clicks), "transactions": len(txs)}
         p = LivePipeline(
             Settings(partitions=1, segmentation=SegmentationSettings(cluster_warmup=20)),
-            lambda partition: SerializedStore({}),
+            lambda partition: TableStore({}, partition, 1),
             sinks,
             clock=lambda: T0 + timedelta(days=365),
             has_more=lambda topic, partition: remaining[topic] > 0,
@@ -283,7 +276,7 @@ async def test_event_on_another_customers_partition_is_re_keyed_not_processed() 
     """Keyed by something else (say a session id), an event lands where its customer's state is
     not: it is sent again keyed by the customer id (murmur2 -> the owning partition)."""
     sinks = ListSinks()
-    p = LivePipeline(Settings(partitions=4), lambda partition: SerializedStore({}), sinks)
+    p = LivePipeline(Settings(partitions=4), lambda partition: TableStore({}, partition, 4), sinks)
     owner = partition_of("alice", 4)
     elsewhere = (owner + 1) % 4
     value = message("alice", 0)
@@ -317,7 +310,7 @@ def customers(table: dict[bytes, bytes]) -> dict[bytes, bytes]:
 
 def batched_pipeline(table: CountingTable, sinks: ListSinks, cache_size: int = 100) -> LivePipeline:
     return LivePipeline(
-        Settings(state_dir="/nonexistent", partitions=1),  # type: ignore[arg-type]
+        Settings(state_dir="/nonexistent", partitions=1),
         lambda partition: TableStore(table, partition, 1, cache_size),
         sinks,
         clock=lambda: T0 + timedelta(days=365),
@@ -352,8 +345,8 @@ async def test_batches_give_the_per_event_outputs_with_one_write_per_customer(
     assert table.writes == 4 * 4 + 4
     # The table holds what the per-event path stores (the outbox aside: acks arrive per batch).
     for customer, stored in customers(table).items():
-        state = CustomerState.from_bytes(stored)
-        assert state.offsets == {
+        _, envelope = decode_record(stored)
+        assert envelope.offsets == {
             CLICKS: max(o for o, v in items if f'"{customer.decode()}-' in v.decode())
         }
 
@@ -396,7 +389,8 @@ async def test_a_failed_update_does_not_leave_a_half_updated_state_in_the_cache(
     store = p.processors[0].store
     assert isinstance(store, TableStore)
     state = store.get("a")
-    assert state is not None and state.to_bytes() == before  # not the half-updated object
+    # Not the half-updated object: the state last written.
+    assert state is not None and state == decode_record(before)[0]
 
 
 async def test_the_merge_clock_is_when_a_message_was_read_not_when_its_batch_ran() -> None:

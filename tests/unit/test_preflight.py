@@ -1,4 +1,4 @@
-"""Tests for stream_app.preflight: the checks a command makes before its long work."""
+"""Tests for stream_app.tools.preflight: the checks a command makes before its long work."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from stream_app.errors import UserError
-from stream_app.kafka_local import free_ports
-from stream_app.preflight import (
+from stream_app.kafka.local import free_ports
+from stream_app.settings import Settings
+from stream_app.tools.preflight import (
     require_distinct,
     require_free_port,
     require_worker_can_start,
     require_writable_dir,
     require_writable_file,
 )
-from stream_app.settings import Settings
 
 needs_procfs = pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux procfs")
 

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from stream_app.events import (
+from stream_app.contracts.events import (
     ClickEvent,
     ClickType,
     Component,
@@ -18,8 +18,8 @@ from stream_app.events import (
     TransactionEvent,
     TransactionType,
 )
-from stream_app.models import SegmentModels
-from stream_app.processor import MemoryStore, Processor, SerializedStore, Status
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import MemoryStore, Processor, SerializedStore, Status
 from stream_app.settings import SegmentationSettings
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -33,8 +33,8 @@ def click(customer: str, day: float, n: int = 0, **extra: object) -> ClickEvent:
         event_id=f"{customer}-c-{day}-{n}",
         customer_id=customer,
         event_time=T0 + timedelta(days=day),
-        event_type=extra.pop("event_type", ClickType.PRODUCT_VIEW),  # type: ignore[arg-type]
-        **extra,  # type: ignore[arg-type]
+        event_type=extra.pop("event_type", ClickType.PRODUCT_VIEW),
+        **extra,
     )
 
 
@@ -237,7 +237,9 @@ def test_pending_snapshots_per_customer_are_bounded() -> None:
     assert len(state.purchase_pending) == 3
 
 
-STATE_BUDGET_BYTES = 2048
+# Named fields (state version 2) cost bytes: this worst case is 2,390 bytes, 1,693 as the
+# positional version 1 list (measured 2026-12-01). Bounding memory is issue 16's.
+STATE_BUDGET_BYTES = 2560
 
 
 def test_heavy_customer_state_stays_under_budget() -> None:

@@ -13,16 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_app.cli import main
-from stream_app.compare import compare, read_side
-from stream_app.datasets import RowError
+from stream_app.contracts.events import ClickEvent, ClickType, Event, Origin
 from stream_app.errors import UserError
-from stream_app.events import ClickEvent, ClickType, Origin
+from stream_app.kafka.ranges import parse_offsets
 from stream_app.progress import format_duration, render
-from stream_app.ranges import parse_offsets
-from stream_app.replay import Window, as_replay, parse_instant
-from stream_app.rewind import Move
 from stream_app.settings import Settings
-from stream_app.shadow import mark_replay, shadow_settings
+from stream_app.tools.compare import compare, read_side
+from stream_app.tools.datasets import RowError
+from stream_app.tools.replay import Window, as_replay, parse_instant
+from stream_app.tools.rewind import Move
+from stream_app.tools.shadow import mark_replay, shadow_settings
 
 
 def click(event_id: str, at: datetime, origin: Origin = Origin.LIVE) -> ClickEvent:
@@ -49,7 +49,7 @@ def test_instants_without_a_zone_are_utc() -> None:
 
 def test_window_keeps_start_drops_until_and_counts_the_rest() -> None:
     window = Window(datetime(2011, 6, 1, tzinfo=UTC), datetime(2011, 7, 1, tzinfo=UTC))
-    items = [
+    items: list[Event | RowError] = [
         click("before", datetime(2011, 5, 31, 23, 59, tzinfo=UTC)),
         click("start", datetime(2011, 6, 1, tzinfo=UTC)),
         RowError(line=7, reason="missing_customer_id", detail="no id"),

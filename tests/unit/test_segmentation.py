@@ -1,5 +1,5 @@
-"""Tests for stream_app.segmentation: lifecycle stages and their due times, tier hysteresis, the
-cluster-move rule and Membership serialisation. All with the default SegmentationSettings
+"""Tests for stream_app.core.segmentation: lifecycle stages and their due times, tier hysteresis,
+the cluster-move rule and Membership serialisation. All with the default SegmentationSettings
 (new 30 d, at risk after 30 d, lapsed after 90 d, reactivated for 30 d; tiers high 0.60/0.50,
 medium 0.30/0.20; cluster moves need 2 confirmations and 24 h of dwell).
 """
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_app.events import Lifecycle, PropensityTier
-from stream_app.features import DAY, HOUR, Behaviour
-from stream_app.segmentation import (
+from stream_app.contracts.events import Lifecycle, PropensityTier
+from stream_app.core.features import DAY, HOUR, Behaviour
+from stream_app.core.segmentation import (
     Membership,
     cluster_move,
     earliest_after,

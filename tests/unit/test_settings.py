@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from stream_app.cli import main
+from stream_app.contracts.schemas import schema_path, write_schemas
 from stream_app.errors import UserError
-from stream_app.schemas import schema_path, write_schemas
 from stream_app.settings import (
     LOG_LEVELS,
     NOT_SETTINGS,
@@ -415,7 +415,8 @@ def test_cli_schemas_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixt
         "click_event.v1.json",
         "dead_letter.v1.json",
         "segment_change.v1.json",
+        "segment_membership.v1.json",
         "transaction_event.v1.json",
     ]
-    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert len(capsys.readouterr().out.splitlines()) == 5
     assert main(["schemas", "--check", "--dir", str(target)]) == 0

@@ -24,7 +24,7 @@ import orjson
 from numpy.typing import NDArray
 from river import cluster, compose, linear_model, metrics, optim, preprocessing
 
-from stream_app.features import FEATURES
+from stream_app.core.features import FEATURES
 from stream_app.settings import SegmentationSettings
 
 SNAPSHOT_MAGIC: Final = b"SAMODEL1"

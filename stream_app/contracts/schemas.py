@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 
-from stream_app.events import CONTRACTS, SCHEMA_VERSION
+from stream_app.contracts.events import CONTRACTS, SCHEMA_VERSION
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

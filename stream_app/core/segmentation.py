@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stream_app.events import Lifecycle, PropensityTier
-from stream_app.features import DAY, HOUR, Behaviour
+from stream_app.contracts.events import Lifecycle, PropensityTier
+from stream_app.core.features import DAY, HOUR, Behaviour
 from stream_app.settings import SegmentationSettings
 
 
@@ -36,6 +36,30 @@ class Membership:
             self.candidate_hits,
             self.reactivated_at,
         ]
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "cluster_since": self.cluster_since,
+            "tier": self.tier.value,
+            "stage": self.stage.value,
+            "candidate": self.candidate,
+            "candidate_hits": self.candidate_hits,
+            "reactivated_at": self.reactivated_at,
+        }
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Membership:
+        reactivated = r.get("reactivated_at")
+        return cls(
+            cluster=int(r["cluster"]),
+            cluster_since=float(r["cluster_since"]),
+            tier=PropensityTier(r["tier"]),
+            stage=Lifecycle(r["stage"]),
+            candidate=int(r.get("candidate", -1)),
+            candidate_hits=int(r.get("candidate_hits", 0)),
+            reactivated_at=None if reactivated is None else float(reactivated),
+        )
 
     @classmethod
     def from_list(cls, v: list[Any]) -> Membership:

@@ -23,14 +23,12 @@ import math
 import operator
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
-import orjson
-
-from stream_app.events import (
+from stream_app.contracts.events import (
     ClickEvent,
     Component,
     Event,
@@ -41,9 +39,8 @@ from stream_app.events import (
     SegmentChange,
     TransactionEvent,
     TransactionType,
-    encode,
 )
-from stream_app.features import (
+from stream_app.core.features import (
     DAY,
     FEATURES,
     Behaviour,
@@ -51,8 +48,8 @@ from stream_app.features import (
     apply_transaction,
     feature_vector,
 )
-from stream_app.models import Assessment, SegmentModels
-from stream_app.segmentation import (
+from stream_app.core.models import Assessment, SegmentModels
+from stream_app.core.segmentation import (
     Membership,
     cluster_move,
     earliest_after,
@@ -60,14 +57,13 @@ from stream_app.segmentation import (
     lifecycle_stage,
     next_tier,
 )
+from stream_app.core.state import CustomerState, Snapshot
 from stream_app.settings import SegmentationSettings
 
-STATE_VERSION: Final = 1
 CHURN_CHECKPOINT_DAYS: Final = (7.0, 30.0)  # idle days at which churn risk is re-scored
 TOP_CONTRIBUTIONS: Final = 3
 _PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
 _FEATURE_VALUES: Final = operator.itemgetter(*FEATURES)  # feature dict -> values in that order
-Snapshot = list[Any]  # [event time, prediction made then, packed float32 features, outcome seen]
 
 
 class Status(StrEnum):
@@ -89,89 +85,21 @@ def _id_hash(event_id: str) -> str:
     return hashlib.blake2b(event_id.encode(), digest_size=6).hexdigest()
 
 
-@dataclass(slots=True)
-class CustomerState:
-    """Everything stream_app keeps about one customer; serialises to compact JSON."""
+class Ledger(Protocol):
+    """What the live layer records about delivery while the processor works (offline: none):
+    which input messages a customer's state has applied, and the changes it must still deliver.
+    The processor calls it before each state write, so the two are stored together."""
 
-    customer_id: str
-    behaviour: Behaviour
-    membership: Membership | None = None
-    sequence: int = 0
-    recent_ids: list[str] = field(default_factory=list)
-    # Pending label snapshots: [time, prediction then, packed float32 features].
-    purchase_pending: list[Snapshot] = field(default_factory=list)
-    churn_pending: list[Snapshot] = field(default_factory=list)
-    churn_checkpoint: int = 0
-    purchase_propensity: float = 0.0
-    churn_risk: float = 0.0
-    due_at: float | None = None
-    origin: Origin = Origin.LIVE
-    # Live only: last applied offset per source topic (replays after a crash are skipped), and the
-    # changes not yet acknowledged by the broker (re-sent after a crash; consumers dedupe by id).
-    offsets: dict[str, int] = field(default_factory=dict)
-    outbox: list[str] = field(default_factory=list)
-    # Live only: the partition's batch that last wrote this state (see pipeline.DeliveryMarker).
-    written_batch: int = 0
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            [
-                STATE_VERSION,
-                self.customer_id,
-                self.behaviour.to_list(),
-                None if self.membership is None else self.membership.to_list(),
-                self.sequence,
-                self.recent_ids,
-                self.purchase_pending,
-                self.churn_pending,
-                self.churn_checkpoint,
-                self.purchase_propensity,
-                self.churn_risk,
-                self.due_at,
-                self.origin.value,
-                self.offsets,
-                self.outbox,
-                self.written_batch,
-            ]
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> CustomerState:
-        v = orjson.loads(data)
-        if v[0] != STATE_VERSION:
-            raise ValueError(f"customer state version {v[0]} is not {STATE_VERSION}")
-        return cls(
-            customer_id=v[1],
-            behaviour=Behaviour.from_list(v[2]),
-            membership=None if v[3] is None else Membership.from_list(v[3]),
-            sequence=v[4],
-            recent_ids=v[5],
-            purchase_pending=v[6],
-            churn_pending=v[7],
-            churn_checkpoint=v[8],
-            purchase_propensity=v[9],
-            churn_risk=v[10],
-            due_at=v[11],
-            origin=Origin(v[12]),
-            offsets=v[13],
-            outbox=v[14],
-            written_batch=v[15] if len(v) > 15 else 0,  # states written before it existed
-        )
-
-
-class Outbox(Protocol):
-    """Tells the processor which of a customer's changes the broker has acknowledged."""
-
-    limit: int
-
-    def acknowledged(self, customer_id: str) -> int:
-        """Highest acknowledged sequence number of this customer (0 if none)."""
+    def applied(self, customer_id: str, position: Position) -> bool:
+        """True if this customer's stored state already includes the message at `position`."""
         ...
 
-
-def outbox_sequence(entry: str) -> int:
-    sequence: int = orjson.loads(entry)["sequence"]
-    return sequence
+    def record(
+        self, customer_id: str, changes: list[SegmentChange], position: Position | None
+    ) -> None:
+        """The customer's state is about to be written with these new changes (and, for an
+        event, having applied the message at `position`)."""
+        ...
 
 
 class StateStore(Protocol):
@@ -307,11 +235,11 @@ class Processor:
         models: SegmentModels,
         store: StateStore,
         clock: Callable[[float], datetime] | None = None,
-        outbox: Outbox | None = None,
+        ledger: Ledger | None = None,
         progress: StreamProgress | None = None,
     ) -> None:
         self.s = settings
-        self.outbox = outbox
+        self.ledger = ledger
         self.models = models
         self.store = store
         self._clock = clock or _ts
@@ -330,15 +258,15 @@ class Processor:
     def watermark(self) -> float:
         return self.progress.max_event_time - self.s.allowed_lateness_seconds
 
-    def rebuild_due_index(self, visit: Callable[[CustomerState], None] | None = None) -> None:
-        """Rebuild the due-time heap from the store (after a restart or a rebalance); `visit`
-        sees every stored state on the way (the live layer finds undelivered outboxes)."""
-        due: list[tuple[float, str]] = []
-        for st in self.store:
-            if st.due_at is not None:
-                due.append((st.due_at, st.customer_id))
-            if visit is not None:
-                visit(st)
+    def rebuild_due_index(self) -> None:
+        """Rebuild the due-time heap from the store (after a restart or a rebalance)."""
+        self.set_due_index(
+            [(st.due_at, st.customer_id) for st in self.store if st.due_at is not None]
+        )
+
+    def set_due_index(self, due: list[tuple[float, str]]) -> None:
+        """The due-time heap from (due time, customer) pairs the caller collected in its own
+        scan of the store (the live layer reads every envelope at recovery anyway)."""
         heapq.heapify(due)
         self._due = due
 
@@ -365,7 +293,7 @@ class Processor:
                 continue  # superseded by a later event or erased
             fired = self._on_time(state, due)
             self._schedule(state, due)
-            self._record(state, fired)
+            self._record(state, fired, None)
             self.store.put(state)
             changes.extend(fired)
         return changes
@@ -408,7 +336,8 @@ class Processor:
         redelivered = (
             st is not None
             and position is not None
-            and st.offsets.get(position.topic, -1) >= position.offset
+            and self.ledger is not None
+            and self.ledger.applied(event.customer_id, position)
         )
         if redelivered:  # the same message again, e.g. after a crash before the offset commit
             return self._count(Outcome(Status.DUPLICATE, [], st))
@@ -424,10 +353,8 @@ class Processor:
         st.recent_ids.append(digest)
         del st.recent_ids[: -self.s.recent_event_ids]
         changes.extend(self._on_event(st, event, trigger))
-        if position is not None:
-            st.offsets[position.topic] = position.offset
         self._schedule(st, at)
-        self._record(st, changes)
+        self._record(st, changes, position)
         self.store.put(st)
         if at > self.progress.max_event_time:
             self.progress.max_event_time = at
@@ -444,23 +371,26 @@ class Processor:
             self._schedule(st, due)
         return changes
 
-    def _record(self, st: CustomerState, changes: list[SegmentChange]) -> None:
-        """Keep changes in the customer's outbox until the broker acknowledged them."""
-        if self.outbox is None:
-            return
-        acked = self.outbox.acknowledged(st.customer_id)
-        kept = [entry for entry in st.outbox if outbox_sequence(entry) > acked]
-        kept.extend(encode(change).decode() for change in changes)
-        st.outbox = kept[-self.outbox.limit :]
+    def _record(
+        self, st: CustomerState, changes: list[SegmentChange], position: Position | None
+    ) -> None:
+        if self.ledger is not None:
+            self.ledger.record(st.customer_id, changes, position)
 
     def _count(self, outcome: Outcome) -> Outcome:
         self.counts[outcome.status.value] = self.counts.get(outcome.status.value, 0) + 1
         return outcome
 
     def _on_event(self, st: CustomerState, event: Event, trig: _Trigger) -> list[SegmentChange]:
+        """Fold the event in, score and decide. A refund (or cancellation) is not engagement:
+        it leaves recency, the lifecycle stage and the churn checkpoints alone, never
+        reactivates anyone, and can only lower the purchase propensity."""
         s, b, at = self.s, st.behaviour, trig.at
-        lapsed_before = st.membership is not None and (
-            at - b.last_event_at >= s.lapsed_after_days * DAY
+        refund = _is_refund(event)
+        lapsed_before = (
+            not refund
+            and st.membership is not None
+            and at - b.last_event_at >= s.lapsed_after_days * DAY
         )
         self._mark_outcomes(st, event, at)  # an outcome exactly at the horizon still counts
         self._mature_labels(st, at)
@@ -481,11 +411,15 @@ class Processor:
                 category_limit=s.top_categories,
             )
         st.origin = event.origin
-        st.churn_checkpoint = 0
+        if not refund:
+            st.churn_checkpoint = 0
         x = feature_vector(b, at)
         cluster = self.models.clusters.learn_assign(x)
         moment = _Moment(trig, x, self.models)
-        st.purchase_propensity = moment.purchase.probability
+        scored = moment.purchase.probability
+        if refund and st.membership is not None:
+            scored = min(scored, st.purchase_propensity)
+        st.purchase_propensity = scored
         self._snapshot_purchase(st, x, at)
         if st.membership is None:
             return [self._enter(st, cluster, moment)]
@@ -496,7 +430,7 @@ class Processor:
     def _mark_outcomes(self, st: CustomerState, event: Event, at: float) -> None:
         """Record what happened after each pending snapshot; the label is revealed only when the
         horizon has passed (revealing positives early biases the model, NOTES-river section 2)."""
-        for snap in st.churn_pending:
+        for snap in [] if _is_refund(event) else st.churn_pending:
             if snap[0] < at <= snap[0] + self.s.churn_horizon_days * DAY:
                 snap[3] = True  # active again inside the horizon: not churned
         if isinstance(event, TransactionEvent) and event.event_type is TransactionType.PURCHASE:
@@ -574,6 +508,9 @@ class Processor:
             m.stage = stage
             changes.append(self._change(st, Component.LIFECYCLE, before, moment))
         tier = next_tier(m.tier, st.purchase_propensity, self.models.purchase.warmed_up, s)
+        refund = moment.trigger.event_type == TransactionType.REFUND.value
+        if refund and _TIER_RANK[tier] > _TIER_RANK[m.tier]:
+            tier = m.tier  # a refund never raises a tier (not even out of `unscored`)
         if tier is not m.tier:
             before = self._segment(m)
             m.tier = tier
@@ -666,6 +603,18 @@ class Processor:
         existed = self.store.get(customer_id) is not None
         self.store.delete(customer_id)
         return existed
+
+
+_TIER_RANK: Final = {
+    PropensityTier.UNSCORED: 0,
+    PropensityTier.LOW: 1,
+    PropensityTier.MEDIUM: 2,
+    PropensityTier.HIGH: 3,
+}
+
+
+def _is_refund(event: Event) -> bool:
+    return isinstance(event, TransactionEvent) and event.event_type is TransactionType.REFUND
 
 
 def _first_time(pending: list[Snapshot], horizon: float) -> float | None:

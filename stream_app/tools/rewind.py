@@ -22,9 +22,9 @@ from typing import Any
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 
 from stream_app.errors import UserError
-from stream_app.ranges import offset_at, partitions_of, range_consumer, watermarks
+from stream_app.kafka.ranges import offset_at, partitions_of, range_consumer, watermarks
+from stream_app.kafka.topics import admin_client, wait_for_broker
 from stream_app.settings import Settings
-from stream_app.topics import admin_client, wait_for_broker
 
 TIMEOUT_S = 10.0
 

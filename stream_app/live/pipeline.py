@@ -26,16 +26,15 @@ import hashlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol
 
 import orjson
-from aiokafka.partitioner import murmur2
 
-from stream_app.events import (
+from stream_app.contracts.events import (
     ClickType,
     Component,
     DeadLetter,
@@ -50,27 +49,25 @@ from stream_app.events import (
     decode_event,
     encode,
 )
-from stream_app.metrics import Metrics
-from stream_app.models import SegmentModels
-from stream_app.processor import (
-    CustomerState,
-    Position,
-    Processor,
-    StateStore,
-    Status,
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import Position, Processor, Status
+from stream_app.live.metrics import Metrics
+from stream_app.live.store import (
+    AckTracker,
+    DeliveryMarker,
+    LiveLedger,
+    TableStore,
     outbox_sequence,
+    partition_of,
 )
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OUTBOX_LIMIT: Final = 256
-DELIVERY_KEY_PREFIX: Final = b"\x00delivery:"  # not a customer id: ids are validated text
 DEAD_LETTER_RETRY_MAX_S: Final = 5.0
 # A dead letter's Kafka key is the original's, unless that is too big to publish (the letter
 # itself then carries the key's start, size and sha256); then it is the key's sha256.
 MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
-STATE_CACHE_SIZE: Final = 20_000
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 # One raw input message: key, value, where it was read, and the token the caller acks.
 RawMessage = tuple[bytes | None, bytes | None, MessageOrigin, Any]
@@ -112,173 +109,13 @@ class WorkerCounts:
         return counts
 
 
-def partition_of(customer_id: str, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner gives a key: Java, aiokafka, Faust and
-    our confluent-kafka producers (partitioner=murmur2_random) all agree on it."""
-    return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
-
-
-@dataclass(slots=True)
-class DeliveryMarker:
-    """Per partition, stored in the state table beside its customers (so it moves with the
-    partition): the newest batch whose states were written, and the newest batch all of whose
-    changes the broker has acknowledged. After a crash only the outboxes of states written after
-    `delivered` are sent again, instead of every customer's last changes."""
-
-    written: int = 0
-    delivered: int = 0
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps({"written": self.written, "delivered": self.delivered})
-
-    @classmethod
-    def from_bytes(cls, raw: bytes | None) -> DeliveryMarker:
-        if raw is None:
-            return cls()
-        v = orjson.loads(raw)
-        return cls(written=int(v["written"]), delivered=int(v["delivered"]))
-
-
-class BufferedStore(Protocol):
-    """A StateStore whose writes are buffered until :meth:`flush` (see :class:`TableStore`)."""
-
-    batch: int
-
-    def flush(self, marker: DeliveryMarker | None = None) -> int: ...
-
-    def discard_cached(self) -> None: ...
-
-    def marker(self) -> DeliveryMarker: ...
-
-
-class TableStore:
-    """A Processor's StateStore over a table of raw bytes (the Faust table live, a dict in tests),
-    restricted to one partition's customers.
-
-    * ``put`` serialises at once (so the buffered bytes are exactly the state the processor
-      finished with) but writes the table only in :meth:`flush`: one write, so one RocksDB put
-      and one changelog record, per customer per batch.
-    * The states the processor finished with stay in memory (up to ``cache_size``), so a
-      customer's next event needs no table read and no decoding. Only this worker writes its
-      partitions' keys, so the cache cannot go stale; it is dropped with the partition.
-    * After a failed update, :meth:`discard_cached` forgets the in-memory objects (the processor
-      may have half-mutated one); the next read decodes the last buffered or stored bytes, as
-      before the cache existed.
-
-    Table writes must happen while an event of this partition is Faust's current event: Faust
-    sends the changelog record (and picks the RocksDB instance) by its partition.
-    """
-
-    def __init__(
-        self,
-        table: MutableMapping[bytes, bytes],
-        partition: int,
-        partitions: int,
-        cache_size: int = STATE_CACHE_SIZE,
-    ) -> None:
-        self.table = table
-        self.partition = partition
-        self.partitions = partitions
-        self.cache_size = cache_size
-        self._cache: dict[str, CustomerState] = {}
-        self._pending: dict[str, bytes | None] = {}  # None: delete
-        self.batch = 1  # stamped on every state written until the next flush
-        self._marker_key = DELIVERY_KEY_PREFIX + str(partition).encode()
-
-    def get(self, customer_id: str) -> CustomerState | None:
-        state = self._cache.get(customer_id)
-        if state is not None:
-            return state
-        if customer_id in self._pending:
-            raw = self._pending[customer_id]
-        else:
-            raw = self.table.get(customer_id.encode())
-        if raw is None:
-            return None
-        state = CustomerState.from_bytes(raw)
-        self._remember(state)
-        return state
-
-    def put(self, state: CustomerState) -> None:
-        state.written_batch = self.batch
-        self._pending[state.customer_id] = state.to_bytes()
-        self._remember(state)
-
-    def delete(self, customer_id: str) -> None:
-        self._pending[customer_id] = None
-        self._cache.pop(customer_id, None)
-
-    def marker(self) -> DeliveryMarker:
-        return DeliveryMarker.from_bytes(self.table.get(self._marker_key))
-
-    def _remember(self, state: CustomerState) -> None:
-        cache = self._cache
-        cache.pop(state.customer_id, None)
-        cache[state.customer_id] = state
-        if len(cache) > self.cache_size:
-            del cache[next(iter(cache))]
-
-    @property
-    def dirty(self) -> int:
-        return len(self._pending)
-
-    def flush(self, marker: DeliveryMarker | None = None) -> int:
-        """Write every buffered state to the table, then the partition's delivery marker;
-        returns how many customer keys were written."""
-        pending, self._pending = self._pending, {}
-        table = self.table
-        for customer_id, raw in pending.items():
-            if raw is None:
-                table.pop(customer_id.encode(), None)
-            else:
-                table[customer_id.encode()] = raw
-        if marker is not None:
-            table[self._marker_key] = marker.to_bytes()
-        return len(pending)
-
-    def discard_cached(self) -> None:
-        self._cache.clear()
-
-    def __iter__(self) -> Iterator[CustomerState]:
-        seen: set[str] = set()
-        for key in list(self.table.keys()):
-            if key.startswith(DELIVERY_KEY_PREFIX):
-                continue
-            customer = key.decode()
-            if partition_of(customer, self.partitions) == self.partition:
-                seen.add(customer)
-                state = self.get(customer)
-                if state is not None:
-                    yield state
-        for customer in [c for c in self._pending if c not in seen]:
-            state = self.get(customer)
-            if state is not None:
-                yield state
-
-
-class AckTracker:
-    """Per-customer sequence numbers sent and acknowledged by this process (not persisted)."""
-
-    limit = OUTBOX_LIMIT
-
-    def __init__(self) -> None:
-        self.sent: dict[str, int] = {}
-        self.acked: dict[str, int] = {}
-
-    def acknowledged(self, customer_id: str) -> int:
-        return self.acked.get(customer_id, 0)
-
-    def on_ack(self, customer_id: str, sequence: int) -> None:
-        if sequence > self.acked.get(customer_id, 0):
-            self.acked[customer_id] = sequence
-
-
 async def _nothing_to_wait_for() -> None:
     """Stores that write synchronously (dicts in tests) are durable once written."""
 
 
 def membership_record(change: SegmentChange) -> bytes:
-    """The compacted `segment-membership` value: a customer's current segment."""
+    """The compacted `segment-membership` value, a :class:`SegmentMembership` (built without
+    validating again: every part comes from a validated change; a test checks the contract)."""
     return orjson.dumps(
         {
             "schema_version": 1,
@@ -398,7 +235,7 @@ class LivePipeline:
     def __init__(
         self,
         settings: Settings,
-        store_for_partition: Callable[[int], StateStore],
+        store_for_partition: Callable[[int], TableStore],
         sinks: Sinks,
         metrics: Metrics | None = None,
         models: SegmentModels | None = None,
@@ -435,7 +272,7 @@ class LivePipeline:
         # an event processed on it (table writes need one as Faust's current event).
         self._deliveries: list[_Delivery] = []
         self._tokens: dict[int, Any] = {}
-        self._buffered: dict[int, BufferedStore] = {}
+        self._stores: dict[int, TableStore] = {}
         self._since_yield = 0
         self._busy_s = 0.0  # time spent processing, excluded from the input clock
         # The agent and the merge timer both process; a batch is processed and delivered whole.
@@ -458,38 +295,35 @@ class LivePipeline:
                 self.settings.segmentation,
                 self.models,
                 store,
-                outbox=self.acks,
+                ledger=LiveLedger(store, self.acks),
             )
             self.processors[partition] = proc
-            if hasattr(store, "flush") and hasattr(store, "marker"):
-                self._recover(partition, proc, cast(BufferedStore, store))
-            else:
-                proc.rebuild_due_index()
+            self._recover(partition, proc, store)
         return proc
 
-    def _recover(self, partition: int, proc: Processor, store: BufferedStore) -> None:
+    def _recover(self, partition: int, proc: Processor, store: TableStore) -> None:
         """A partition (re)assigned: rebuild its due-time index and queue, for sending after this
         batch's states are durable, the outboxes of states written after the last batch known
         delivered (a crash may have cut their sends short)."""
-        self._buffered[partition] = store
+        self._stores[partition] = store
         marker = store.marker()
         newest = marker.written
         now = self._clock()
-
-        def visit(state: CustomerState) -> None:
-            nonlocal newest
-            newest = max(newest, state.written_batch)
-            if not state.outbox:
-                return
-            if state.written_batch > marker.delivered:
-                outbox = list(state.outbox)
+        due: list[tuple[float, str]] = []
+        for state, envelope in store.records():
+            if state.due_at is not None:
+                due.append((state.due_at, state.customer_id))
+            newest = max(newest, envelope.written_batch)
+            if not envelope.outbox:
+                continue
+            if envelope.written_batch > marker.delivered:
+                outbox = list(envelope.outbox)
                 self._deliveries.append(_Delivery(state.customer_id, outbox, [], now, partition))
             else:  # all delivered: never re-send these entries, and drop them at the next write
-                delivered = outbox_sequence(state.outbox[-1])
+                delivered = outbox_sequence(envelope.outbox[-1])
                 self.acks.sent[state.customer_id] = delivered
                 self.acks.on_ack(state.customer_id, delivered)
-
-        proc.rebuild_due_index(visit)
+        proc.set_due_index(due)
         # Batches after the newest one seen, so a half-written batch's number is never reused.
         marker.written = newest
         store.batch = newest + 1
@@ -504,7 +338,7 @@ class LivePipeline:
             await asyncio.sleep(0)  # let the acknowledgement callbacks run
             sealed = 0
             for partition, tracker in self.delivery.items():
-                store, token = self._buffered.get(partition), self._last_token.get(partition)
+                store, token = self._stores.get(partition), self._last_token.get(partition)
                 if store is None or token is None or tracker.delivered() < tracker.marker.written:
                     continue
                 tracker.marker.delivered = tracker.marker.written
@@ -526,7 +360,7 @@ class LivePipeline:
         """On revocation: another worker owns these customers (and their held events) now."""
         for partition in partitions:
             self.processors.pop(partition, None)
-            self._buffered.pop(partition, None)
+            self._stores.pop(partition, None)
             self.merges.pop(partition, None)
             self._tokens.pop(partition, None)
             self.delivery.pop(partition, None)
@@ -667,14 +501,14 @@ class LivePipeline:
                 return
             if outcome.status is Status.DUPLICATE:
                 self.metrics.duplicates.inc()
-            state = outcome.state
-            if outcome.changes or (state is not None and state.outbox):
-                outbox = None if state is None else list(state.outbox)
+            envelope = self._stores[partition].delivery(decoded.customer_id)
+            if outcome.changes or (envelope is not None and envelope.outbox):
+                outbox = None if envelope is None else list(envelope.outbox)
                 self._deliveries.append(
                     _Delivery(decoded.customer_id, outbox, outcome.changes, now, partition)
                 )
         except Exception as exc:
-            buffered = self._buffered.get(origin.partition)
+            buffered = self._stores.get(origin.partition)
             if buffered is not None:
                 buffered.discard_cached()  # a state may be half-updated in memory
             await self._failed(key, pending.payload, origin, exc)
@@ -704,7 +538,7 @@ class LivePipeline:
         before the state that records it (and its sequence number) is durable: after any crash
         the event is recognised as applied and the outbox re-sends the very same bytes."""
         for partition, token in self._tokens.items():
-            store = self._buffered.get(partition)
+            store = self._stores.get(partition)
             if store is not None:
                 tracker = self.delivery[partition]
                 tracker.marker.delivered = tracker.delivered()  # before this batch counts

@@ -41,8 +41,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 import orjson
 from pydantic import ValidationError
 
-from stream_app.errors import UserError
-from stream_app.events import (
+from stream_app.contracts.events import (
     EARLIEST,
     LATEST,
     ClickEvent,
@@ -50,7 +49,9 @@ from stream_app.events import (
     Origin,
     TransactionEvent,
     TransactionType,
+    describe_errors,
 )
+from stream_app.errors import UserError
 
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader
@@ -189,15 +190,6 @@ def _open_binary(path: Path) -> Iterator[gzip.GzipFile | io.BufferedReader]:
             raise UserError(f"dataset {path} is corrupt or truncated: {exc}") from exc
 
 
-def _describe(error: ValidationError) -> str:
-    """pydantic's failures as 'field: message' pairs, short enough for a log line."""
-    parts = []
-    for item in error.errors(include_url=False)[:5]:
-        loc = ".".join(str(part) for part in item["loc"]) or "(root)"
-        parts.append(f"{loc}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def _csv_records(
     path: Path, columns: Sequence[str], fmt: str
 ) -> Iterator[tuple[int, list[str]] | RowError]:
@@ -328,7 +320,7 @@ def _decode_json_line(
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        return RowError("invalid_event", line, _describe(exc))
+        return RowError("invalid_event", line, describe_errors(exc))
 
 
 # --- online-retail: UCI Online Retail, one invoice = one transaction ----------------------------
@@ -522,7 +514,7 @@ def _invoice_event(invoice: _Invoice, origin: Origin) -> TransactionEvent | RowE
         )
     except ValidationError as exc:
         return RowError(
-            "invalid_event", invoice.first_line, f"invoice {invoice.number}: {_describe(exc)}"
+            "invalid_event", invoice.first_line, f"invoice {invoice.number}: {describe_errors(exc)}"
         )
 
 
@@ -619,7 +611,7 @@ def iter_rees46(
         except _LineRejectedError as exc:
             yield RowError(exc.reason, line, exc.detail)
         except ValidationError as exc:
-            yield RowError("invalid_event", line, _describe(exc))
+            yield RowError("invalid_event", line, describe_errors(exc))
 
 
 def _rees46_event_id(row: list[str], occurrences: dict[bytes, int]) -> str:

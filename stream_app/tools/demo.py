@@ -14,15 +14,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Final
 
-from stream_app.datasets import RowError, read_dataset
+from stream_app.contracts.events import Event
 from stream_app.errors import UserError
-from stream_app.events import Event
-from stream_app.kafka_local import LocalKafka
-from stream_app.publish import make_producer, publish
+from stream_app.kafka.local import LocalKafka
+from stream_app.kafka.topics import admin_client, create_topics, topic_specs
+from stream_app.live.workerproc import get, wait_ready, worker_process
 from stream_app.settings import Settings
-from stream_app.subscriber import Interest, describe, run_subscriber
-from stream_app.topics import admin_client, create_topics, topic_specs
-from stream_app.workerproc import get, wait_ready, worker_process
+from stream_app.tools.datasets import RowError, read_dataset
+from stream_app.tools.publish import make_producer, publish
+from stream_app.tools.subscriber import Interest, describe, run_subscriber
 
 DEFAULT_DATASET: Final = Path("../shared/datasets/rees46_2019oct_head/events.csv.gz")
 SHOWN_CHANGES: Final = 25

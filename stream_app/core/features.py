@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from stream_app.events import ClickEvent, ClickType, TransactionEvent, TransactionType
+from stream_app.contracts.events import ClickEvent, ClickType, TransactionEvent, TransactionType
 
 HOUR: Final = 3600.0
 DAY: Final = 86400.0
@@ -91,11 +91,19 @@ class Behaviour:
     def first(cls, at: float) -> Behaviour:
         return cls(first_seen=at, last_event_at=at, decay_ref=at)
 
-    def to_list(self) -> list[object]:
-        return [getattr(self, name) for name in self.__slots__]
+    def to_record(self) -> dict[str, Any]:
+        """Named fields, for the stored customer record (readable by name)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Behaviour:
+        """Tolerant of added fields: names this version does not know are ignored, and names a
+        record lacks take their defaults (a missing first_seen/last_event_at is refused)."""
+        return cls(**{name: record[name] for name in cls.__slots__ if name in record})
 
     @classmethod
     def from_list(cls, values: list[Any]) -> Behaviour:
+        """The positional layout of state version 1 (only to migrate stored records)."""
         return cls(*values)
 
 
@@ -191,22 +199,24 @@ def _advance_last_event(b: Behaviour, at: float) -> None:
 def apply_transaction(
     b: Behaviour, event: TransactionEvent, at: float, *, session_gap: float, category_limit: int
 ) -> None:
-    """Fold one purchase or refund into the behaviour (in place)."""
+    """Fold one purchase or refund into the behaviour (in place). A refund is counted, but it is
+    not activity: it moves neither recency nor the decayed activity (a cancellation after 259
+    idle days used to make a lapsed customer "reactivated")."""
     age = _add_decayed(b, at)
-    _bump(b, age)
     amount = float(event.amount)
-    if event.event_type is TransactionType.PURCHASE:
-        b.order_count += 1
-        b.total_spend += amount
-        b.spend_recent += amount * _decay(age, SPEND_HALF_LIFE)
-        b.last_order_at = at if b.last_order_at is None else max(b.last_order_at, at)
-        if b.last_click_at is not None and at - b.last_click_at <= session_gap:
-            b.session_purchased = True
-        for category in event.categories:
-            _touch_category(b, category, _decay(age, CATEGORY_HALF_LIFE), category_limit)
-    else:
+    if event.event_type is not TransactionType.PURCHASE:
         b.refund_count += 1
         b.refund_amount += amount
+        return
+    _bump(b, age)
+    b.order_count += 1
+    b.total_spend += amount
+    b.spend_recent += amount * _decay(age, SPEND_HALF_LIFE)
+    b.last_order_at = at if b.last_order_at is None else max(b.last_order_at, at)
+    if b.last_click_at is not None and at - b.last_click_at <= session_gap:
+        b.session_purchased = True
+    for category in event.categories:
+        _touch_category(b, category, _decay(age, CATEGORY_HALF_LIFE), category_limit)
     _advance_last_event(b, at)
 
 

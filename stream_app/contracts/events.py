@@ -358,6 +358,23 @@ class SegmentChange(_Contract):
     origin: Origin
 
 
+class SegmentMembership(_Contract):
+    """The compacted `segment-membership` value (keyed by customer id): the customer's current
+    segment as of their newest change. A new subscriber reads the topic from the beginning to
+    know everyone's segment, then follows `segment-changes`; ``sequence`` and ``change_id`` say
+    which change it reflects (a change with a higher sequence supersedes it)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    customer_id: Identifier
+    segment: Segment
+    segment_name: ShortText
+    sequence: int = Field(ge=1)
+    change_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    event_time: AwareDatetime
+    origin: Origin
+    model_version: ShortText
+
+
 class DeadLetterReason(StrEnum):
     INVALID_JSON = "invalid_json"
     NOT_AN_OBJECT = "not_an_object"
@@ -408,6 +425,7 @@ CONTRACTS: Final[dict[str, type[BaseModel]]] = {
     "click_event": ClickEvent,
     "transaction_event": TransactionEvent,
     "segment_change": SegmentChange,
+    "segment_membership": SegmentMembership,
     "dead_letter": DeadLetter,
 }
 
@@ -444,7 +462,9 @@ def _escape_controls(text: str) -> str:
     return _CONTROL_RE.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_errors(error: ValidationError) -> str:
+    """pydantic's failures as 'field: message' pairs, short enough for a log line or a dead
+    letter (control characters in field names escaped)."""
     parts = []
     for item in error.errors(include_url=False)[:5]:
         loc = ".".join(_escape_controls(str(p)) for p in item["loc"]) or "(root)"
@@ -541,7 +561,7 @@ def decode_event(
     try:
         return _MODELS[kind].model_validate(raw)
     except ValidationError as exc:
-        return reject(DeadLetterReason.INVALID_FIELD, _describe(exc))
+        return reject(DeadLetterReason.INVALID_FIELD, describe_errors(exc))
 
 
 def encode(model: BaseModel) -> bytes:

@@ -20,14 +20,21 @@ from typing import IO, Any, Final
 
 import orjson
 
-from stream_app.datasets import DatasetFormat, RowError, read_dataset
+from stream_app.contracts.events import (
+    Component,
+    DeadLetterReason,
+    Event,
+    Origin,
+    SegmentChange,
+    encode,
+)
+from stream_app.core.models import SegmentModels
+from stream_app.core.processor import MemoryStore, Processor, Status
 from stream_app.errors import UserError
-from stream_app.events import Component, DeadLetterReason, Event, Origin, SegmentChange, encode
-from stream_app.models import SegmentModels
-from stream_app.preflight import require_distinct, require_writable_file
-from stream_app.processor import MemoryStore, Processor, Status
 from stream_app.progress import Progress
 from stream_app.settings import SegmentationSettings, Settings
+from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
+from stream_app.tools.preflight import require_distinct, require_writable_file
 
 FLAP_COMPONENTS: Final = (Component.CLUSTER, Component.PROPENSITY, Component.LIFECYCLE)
 OUTSIDE_WINDOW: Final = "outside_window"
@@ -300,8 +307,8 @@ def _to_kafka(
     outside: Counter[str],
     show_progress: bool,
 ) -> int:
-    from stream_app.publish import make_producer, publish
-    from stream_app.topics import require_topics
+    from stream_app.kafka.topics import require_topics
+    from stream_app.tools.publish import make_producer, publish
 
     require_topics(settings, settings.input_topics)
     started = time.monotonic()

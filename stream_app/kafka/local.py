@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Final
 
 from stream_app.errors import UserError
+from stream_app.kafka.topics import admin_client, broker_answers
 from stream_app.settings import Settings
-from stream_app.topics import admin_client, broker_answers
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def render_server_properties(settings: Settings, data_dir: Path) -> str:
         # topics through the admin API, which this setting does not affect.
         "auto.create.topics.enable": "false",
     }
-    lines = ["# Written by stream_app.kafka_local on every start; edits are overwritten."]
+    lines = ["# Written by stream_app.kafka.local on every start; edits are overwritten."]
     lines += [f"{key}={value}" for key, value in entries.items()]
     return "\n".join(lines) + "\n"
 

@@ -16,11 +16,11 @@ from typing import Any, Final
 
 from confluent_kafka import KafkaException, Producer
 
-from stream_app.datasets import RowError
+from stream_app.contracts.events import ClickEvent, Event, encode
 from stream_app.errors import UserError
-from stream_app.events import ClickEvent, Event, encode
 from stream_app.progress import Progress
 from stream_app.settings import Settings
+from stream_app.tools.datasets import RowError
 
 POLL_EVERY: Final = 1000
 PRODUCER_CONFIG: Final[dict[str, Any]] = {

@@ -17,7 +17,7 @@ from typing import Any, Final
 from confluent_kafka import Consumer
 from pydantic import ValidationError
 
-from stream_app.events import Origin, SegmentChange
+from stream_app.contracts.events import Origin, SegmentChange
 from stream_app.settings import Settings
 
 SEEN_IDS_LIMIT: Final = 1_000_000

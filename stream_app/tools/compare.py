@@ -153,8 +153,8 @@ def _file_lines(path: Path) -> Iterator[bytes]:
 
 
 def _topic_lines(topic: str, settings: Settings) -> Iterator[bytes]:
-    from stream_app.ranges import Bounds, range_consumer, read_ranges, resolve
-    from stream_app.topics import wait_for_broker
+    from stream_app.kafka.ranges import Bounds, range_consumer, read_ranges, resolve
+    from stream_app.kafka.topics import wait_for_broker
 
     wait_for_broker(settings.bootstrap_servers, 10.0)
     consumer = range_consumer(settings, f"{settings.app_id}-compare")

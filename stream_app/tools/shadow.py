@@ -31,10 +31,8 @@ import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from stream_app.errors import UserError
-from stream_app.kafka_local import free_ports
-from stream_app.progress import Progress
-from stream_app.publish import POLL_EVERY, make_producer, send
-from stream_app.ranges import (
+from stream_app.kafka.local import free_ports
+from stream_app.kafka.ranges import (
     Bounds,
     PartitionRange,
     range_consumer,
@@ -42,9 +40,11 @@ from stream_app.ranges import (
     resolve,
     watermarks,
 )
+from stream_app.kafka.topics import CREATED, admin_client, create_topics
+from stream_app.live.workerproc import wait_ready, worker_process
+from stream_app.progress import Progress
 from stream_app.settings import Settings
-from stream_app.topics import CREATED, admin_client, create_topics
-from stream_app.workerproc import wait_ready, worker_process
+from stream_app.tools.publish import POLL_EVERY, make_producer, send
 
 NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 SHADOW_PREFIX: Final = "shadow-"

@@ -1,0 +1,197 @@
+"""Every Faust internal the worker relies on, and nothing else.
+
+Faust has no public API for what these do (or its public one costs too much per message), so the
+worker reaches into faust-streaming's implementation. Each access is one function here, whose
+docstring names the Faust source it relies on (paths under ``site-packages/faust/``, lines of
+faust-streaming 0.15.3) and why the worker needs it. ``tests/unit/test_faust_internals.py``
+checks each against a real ``faust.App``, and ``pyproject.toml`` pins faust-streaming to the
+version they were checked on, so an upgrade that moves one fails in CI, not in production.
+
+Faust's public API (``app.topic``, ``app.Table``, ``app.agent``, ``event.ack()``,
+``app.producer.flush()``, the app's signals) is used directly where it is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import faust.streams as faust_streams
+from faust.types import TP
+
+
+@contextmanager
+def as_current_event(event: Any) -> Iterator[None]:
+    """Make `event` Faust's current event inside the block.
+
+    Relies on: ``faust/streams.py:77``, the contextvar ``_current_event`` (a weak reference to
+    the event) that ``current_event()`` (``streams.py:80``) reads and that Faust's own stream
+    iteration sets for each event (``streams.py:1312``; the Cython iterator through
+    ``Stream._set_current_event``, ``streams.py:1203``).
+
+    Why: a table write takes its changelog partition from the current event
+    (``Collection.partition_for_key``, ``tables/base.py:305``; it raises ``TypeError`` without
+    one) and the RocksDB store its database (``stores/rocksdb.py:475``). The pipeline writes a
+    batch's states after the loop that yielded its events, and releases events held by the
+    ordered merge later or from a timer, so it sets the event itself. The caller keeps `event`
+    alive (the contextvar holds a weak reference)."""
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_streams._current_event.reset(token)
+
+
+def set_producer_buffer_limit(app: Any, max_messages: int) -> None:
+    """Let up to `max_messages` records wait in the producer buffer before streams stall.
+
+    Relies on: ``ProducerBuffer.max_messages`` (``faust/transport/producer.py:30``, a class
+    attribute, 100, no setting), read by ``ProducerBuffer.wait_until_ebb``
+    (``producer.py:99``), which the conductor awaits before it delivers every fetched message
+    (``transport/conductor.py:111``; the compiled handler Faust uses when it is built,
+    ``transport/_cython/conductor.pyx:67``): above the limit it flushes up to that many
+    records (``flush_atmost``), at most 0.1 s without a send, before the message reaches a
+    stream.
+
+    Why: every table write puts its changelog record in this buffer (``Topic.send_soon``). A
+    batch writes up to ``batch_max_events`` states, so the default 100 stalled every stream for
+    ~70 ms again and again (faust-streaming issue 173)."""
+    app.producer.buffer.max_messages = max_messages
+
+
+def highwater(app: Any, topic: str, partition: int) -> int | None:
+    """The offset the next message produced to the partition gets, or None if not known yet.
+
+    Relies on: ``Consumer.highwater`` (``faust/transport/consumer.py:1460``), which the aiokafka
+    driver (``transport/drivers/aiokafka.py:1035``) answers from aiokafka's
+    ``AIOKafkaConsumer.highwater``: the last fetch response's highwater, ``None`` before the
+    first one, and an ``AssertionError`` for a partition not assigned. Not in Faust's documented
+    API (``ConsumerT`` declares it, ``types/transports.py:343``).
+
+    Why: the ordered merge waits for a quiet input partition only while it has unread messages
+    (``has_more``), and ``/ready`` and the lag gauge count them. A synchronous, in-memory answer
+    per call: ``highwaters()`` is a request to the broker."""
+    consumer = app.consumer
+    if consumer is None:
+        return None
+    end = consumer.highwater(TP(topic, partition))
+    return None if end is None else int(end)
+
+
+def assigned_partitions(app: Any) -> set[Any]:
+    """The topic partitions (``TP``) assigned to this worker now.
+
+    Relies on: ``Consumer.assignment`` (``faust/transport/consumer.py:1456``; aiokafka driver
+    ``transport/drivers/aiokafka.py:1031``), which raises ``ConsumerNotStarted`` before the
+    consumer thread runs.
+
+    Why: ``/ready`` needs an assignment, and the lag is counted over the assigned input
+    partitions (with :func:`highwater`)."""
+    consumer = app.consumer
+    if consumer is None:
+        return set()
+    return set(consumer.assignment())
+
+
+def consumer_generation(app: Any) -> int:
+    """The consumer group generation of this worker's current assignment.
+
+    Relies on: ``app.consumer_generation_id`` (``faust/types/app.py:180``), set on every
+    assignment by the aiokafka driver (``transport/drivers/aiokafka.py:217``) and stamped on each
+    fetched message (``aiokafka.py:290``, see :func:`generation_of`).
+
+    Why: see :func:`generation_of`."""
+    return int(app.consumer_generation_id)
+
+
+def generation_of(message: Any) -> int | None:
+    """The consumer generation in which `message` (a ``faust.types.Message``) was fetched.
+
+    Relies on: ``Message.generation_id`` (``faust/types/tuples.py:220``). Faust's own stream
+    iteration skips a message whose generation is not the app's (``streams.py:1287``; the Cython
+    iterator at ``_cython/streams.pyx:183``).
+
+    Why: the agent collects a batch over several iterations, so a rebalance can happen between
+    reading an event and processing it. Its partition may belong to another worker by then, and
+    the event is read again by the owner from the committed offset: the batch drops such events
+    as Faust would have (compare with :func:`consumer_generation`)."""
+    generation: int | None = message.generation_id
+    return generation
+
+
+class DeliveryQueue(Protocol):
+    """What the agent uses of the queue between Faust's fetcher and a stream."""
+
+    def empty(self) -> bool: ...
+
+
+def stream_queue(stream: Any) -> DeliveryQueue:
+    """The queue the conductor fills with the messages fetched for `stream`.
+
+    Relies on: ``Channel.queue`` (``faust/channels.py:134``) of the stream's channel (the
+    agent's topic, cloned as the stream's iterator, ``app/base.py:1247``); the conductor puts
+    each fetched event into it (``transport/conductor.py:140``, compiled
+    ``transport/_cython/conductor.pyx:155``) and the stream takes from it (``streams.py:1223``).
+
+    Why: a batch is what the fetcher has already delivered. The agent keeps collecting events
+    while this queue is not empty and processes the batch when it is, so it never waits for
+    events that are not there."""
+    queue: DeliveryQueue = stream.channel.queue
+    return queue
+
+
+def on_changelog_record(table: Any, keep: Callable[[asyncio.Future[Any]], object]) -> None:
+    """Call `keep` with the future of each changelog record `table` sends from now on.
+
+    Relies on: ``Collection.send_changelog`` (``faust/tables/base.py:266``), which every table
+    write and delete calls (``Table.on_key_set``/``on_key_del``, ``tables/table.py:85`` and
+    ``:95``) and which returns the record's ``FutureMessage`` from ``Topic.send_soon``
+    (``topics.py:202``); it resolves when the producer's delivery future does
+    (``Topic._on_published``, ``topics.py:463``), i.e. when the broker acknowledged the record.
+    The method is replaced on the instance, so the wrapper must return the future (``on_key_set``
+    reads its partition).
+
+    Why: nothing else tells the writer that its state is durable. The producer buffer's
+    ``flush`` gives up after 0.1 s without a send (``transport/producer.py:78``), so the worker
+    awaits these futures before a batch's changes leave (``ChangelogAcks`` in ``app.py``)."""
+    send = table.send_changelog
+
+    def send_and_keep(*args: Any, **kwargs: Any) -> Any:
+        fut = send(*args, **kwargs)
+        keep(fut)
+        return fut
+
+    table.send_changelog = send_and_keep
+
+
+def tables_recovered(app: Any) -> bool:
+    """True once table recovery has completed (since the worker started).
+
+    Relies on: ``Recovery.completed`` (``faust/tables/recovery.py:182``, an ``asyncio.Event``
+    reached as ``app.tables.recovery``, ``tables/manager.py:119``), set when recovery of the
+    assigned partitions is done and streams resume (``recovery.py:325`` and ``:657``) and never
+    cleared; Faust's worker waits for it the same way (``TableManager.
+    wait_until_recovery_completed``, ``tables/manager.py:209``).
+
+    Why: ``/ready`` is 503 until the customer table holds its partitions' state."""
+    return bool(app.tables.recovery.completed.is_set())
+
+
+async def send_raw(app: Any, topic: str, key: bytes | None, value: bytes | None) -> Awaitable[Any]:
+    """Hand a record to the app's Kafka producer; returns its delivery future.
+
+    Relies on: the aiokafka driver's ``Producer.send(topic, key, value, partition, timestamp,
+    headers)`` (``faust/transport/drivers/aiokafka.py:1401``, abstract in
+    ``transport/producer.py:198``), which passes the record straight to
+    ``AIOKafkaProducer.send`` (default partitioner, murmur2 of the key) and returns aiokafka's
+    future for the broker's acknowledgement. Faust flushes this producer before it commits
+    offsets (``transport/consumer.py:1073``, ``Producer.flush`` at ``aiokafka.py:1487``).
+
+    Why: ``Topic.send`` wraps every record in a ``FutureMessage`` with callbacks and sensors, a
+    measurable cost per output; this skips it while keeping "outputs flushed before offsets
+    are committed"."""
+    delivery: Awaitable[Any] = await app.producer.send(topic, key, value, None, None, None)
+    return delivery

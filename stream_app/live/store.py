@@ -1,0 +1,290 @@
+"""Customer state as the live worker stores it: the domain's record inside a delivery envelope.
+
+A stored value is ``{"format": ..., "version": 2, ...the customer state..., "delivery":
+{"offsets": ..., "outbox": [...], "written_batch": n}}``: the domain state (``core.state``) plus
+what only the live layer needs to deliver exactly what it recorded, never anything else:
+* ``offsets``: the last applied offset per input topic, so a message re-delivered after a crash
+  is recognised and not applied twice;
+* ``outbox``: the customer's changes not known to be acknowledged by the broker, sent again as
+  the very bytes stored after a crash;
+* ``written_batch``: the partition's batch that wrote this record (see :class:`DeliveryMarker`).
+
+:class:`TableStore` is the Processor's StateStore over the Faust table (a dict in tests), and
+:class:`LiveLedger` the Processor's Ledger over the same envelopes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import orjson
+from aiokafka.partitioner import murmur2
+
+from stream_app.contracts.events import SegmentChange, encode
+from stream_app.core.processor import Position
+from stream_app.core.state import STATE_FORMAT, STATE_VERSION, CustomerState, read_record
+
+OUTBOX_LIMIT: Final = 256
+DELIVERY_KEY_PREFIX: Final = b"\x00delivery:"  # not a customer id: ids are validated text
+STATE_CACHE_SIZE: Final = 20_000
+
+
+@dataclass(slots=True)
+class Delivery:
+    """The live layer's envelope around one customer's state."""
+
+    offsets: dict[str, int] = field(default_factory=dict)
+    outbox: list[str] = field(default_factory=list)
+    written_batch: int = 0
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any] | None) -> Delivery:
+        if not r:
+            return cls()
+        return cls(
+            offsets=dict(r.get("offsets", {})),
+            outbox=list(r.get("outbox", [])),
+            written_batch=int(r.get("written_batch", 0)),
+        )
+
+
+def encode_record(state: CustomerState, delivery: Delivery) -> bytes:
+    return orjson.dumps(
+        {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            **state.to_record(),
+            "delivery": {
+                "offsets": delivery.offsets,
+                "outbox": delivery.outbox,
+                "written_batch": delivery.written_batch,
+            },
+        }
+    )
+
+
+def decode_record(raw: bytes) -> tuple[CustomerState, Delivery]:
+    """A stored value -> state and envelope; version 1 records are migrated, others refused
+    (:class:`stream_app.core.state.StateRecordError`)."""
+    state, rest = read_record(orjson.loads(raw))
+    migrated_v1 = "format" not in rest  # version 1 kept these fields beside the state
+    return state, Delivery.from_record(rest if migrated_v1 else rest.get("delivery"))
+
+
+def outbox_sequence(entry: str) -> int:
+    sequence: int = orjson.loads(entry)["sequence"]
+    return sequence
+
+
+class Acknowledgements(Protocol):
+    limit: int
+
+    def acknowledged(self, customer_id: str) -> int: ...
+
+
+def partition_of(customer_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a key: Java, aiokafka, Faust and
+    our confluent-kafka producers (partitioner=murmur2_random) all agree on it."""
+    return int(murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+@dataclass(slots=True)
+class DeliveryMarker:
+    """Per partition, stored in the state table beside its customers (so it moves with the
+    partition): the newest batch whose states were written, and the newest batch all of whose
+    changes the broker has acknowledged. After a crash only the outboxes of states written after
+    `delivered` are sent again, instead of every customer's last changes."""
+
+    written: int = 0
+    delivered: int = 0
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"written": self.written, "delivered": self.delivered})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> DeliveryMarker:
+        if raw is None:
+            return cls()
+        v = orjson.loads(raw)
+        return cls(written=int(v["written"]), delivered=int(v["delivered"]))
+
+
+class TableStore:
+    """A Processor's StateStore over a table of raw bytes (the Faust table live, a dict in tests),
+    restricted to one partition's customers, keeping each customer's delivery envelope beside
+    their state.
+
+    * ``put`` serialises at once (so the buffered bytes are exactly the state the processor
+      finished with, with its envelope as the ledger left it) but writes the table only in
+      :meth:`flush`: one write, so one RocksDB put and one changelog record, per customer per
+      batch, then the partition's :class:`DeliveryMarker`.
+    * The states the processor finished with stay in memory (up to ``cache_size``), so a
+      customer's next event needs no table read and no decoding. Only this worker writes its
+      partitions' keys, so the cache cannot go stale; it is dropped with the partition.
+    * After a failed update, :meth:`discard_cached` forgets the in-memory objects (the processor
+      may have half-mutated one); the next read decodes the last buffered or stored bytes.
+
+    Table writes must happen while an event of this partition is Faust's current event: Faust
+    sends the changelog record (and picks the RocksDB instance) by its partition.
+    """
+
+    def __init__(
+        self,
+        table: MutableMapping[bytes, bytes],
+        partition: int,
+        partitions: int,
+        cache_size: int = STATE_CACHE_SIZE,
+    ) -> None:
+        self.table = table
+        self.partition = partition
+        self.partitions = partitions
+        self.cache_size = cache_size
+        self._cache: dict[str, tuple[CustomerState, Delivery]] = {}
+        self._pending: dict[str, bytes | None] = {}  # None: delete
+        self.batch = 1  # stamped on every state written until the next flush
+        self._marker_key = DELIVERY_KEY_PREFIX + str(partition).encode()
+        self._working: dict[str, Delivery] = {}  # envelopes filled for the coming put
+
+    def _load(self, customer_id: str) -> tuple[CustomerState, Delivery] | None:
+        cached = self._cache.get(customer_id)
+        if cached is not None:
+            return cached
+        if customer_id in self._pending:
+            raw = self._pending[customer_id]
+        else:
+            raw = self.table.get(customer_id.encode())
+        if raw is None:
+            return None
+        loaded = decode_record(raw)
+        self._remember(customer_id, loaded)
+        return loaded
+
+    def get(self, customer_id: str) -> CustomerState | None:
+        loaded = self._load(customer_id)
+        return None if loaded is None else loaded[0]
+
+    def delivery(self, customer_id: str) -> Delivery | None:
+        """The customer's envelope (None if nothing is stored for them)."""
+        envelope = self._working.get(customer_id)
+        if envelope is not None:
+            return envelope
+        loaded = self._load(customer_id)
+        return None if loaded is None else loaded[1]
+
+    def delivery_for(self, customer_id: str) -> Delivery:
+        """The envelope the ledger fills for a state about to be written; the coming
+        :meth:`put` stores it (a new one for a new customer)."""
+        envelope = self._working.get(customer_id)
+        if envelope is None:
+            loaded = self._load(customer_id)
+            envelope = Delivery() if loaded is None else loaded[1]
+            self._working[customer_id] = envelope
+        return envelope
+
+    def put(self, state: CustomerState) -> None:
+        customer = state.customer_id
+        envelope = self._working.pop(customer, None) or self.delivery_for(customer)
+        self._working.pop(customer, None)
+        envelope.written_batch = self.batch
+        self._pending[customer] = encode_record(state, envelope)
+        self._remember(customer, (state, envelope))
+
+    def delete(self, customer_id: str) -> None:
+        self._pending[customer_id] = None
+        self._cache.pop(customer_id, None)
+        self._working.pop(customer_id, None)
+
+    def marker(self) -> DeliveryMarker:
+        return DeliveryMarker.from_bytes(self.table.get(self._marker_key))
+
+    def _remember(self, customer_id: str, loaded: tuple[CustomerState, Delivery]) -> None:
+        cache = self._cache
+        cache.pop(customer_id, None)
+        cache[customer_id] = loaded
+        if len(cache) > self.cache_size:
+            del cache[next(iter(cache))]
+
+    @property
+    def dirty(self) -> int:
+        return len(self._pending)
+
+    def flush(self, marker: DeliveryMarker | None = None) -> int:
+        """Write every buffered state to the table, then the partition's delivery marker;
+        returns how many customer keys were written."""
+        pending, self._pending = self._pending, {}
+        table = self.table
+        for customer_id, raw in pending.items():
+            if raw is None:
+                table.pop(customer_id.encode(), None)
+            else:
+                table[customer_id.encode()] = raw
+        if marker is not None:
+            table[self._marker_key] = marker.to_bytes()
+        return len(pending)
+
+    def discard_cached(self) -> None:
+        self._cache.clear()
+        self._working.clear()
+
+    def records(self) -> Iterator[tuple[CustomerState, Delivery]]:
+        """Every stored customer of this partition with their envelope (recovery scans it)."""
+        seen: set[str] = set()
+        for key in list(self.table.keys()):
+            if key.startswith(DELIVERY_KEY_PREFIX):
+                continue
+            customer = key.decode()
+            if partition_of(customer, self.partitions) == self.partition:
+                seen.add(customer)
+                loaded = self._load(customer)
+                if loaded is not None:
+                    yield loaded
+        for customer in [c for c in self._pending if c not in seen]:
+            loaded = self._load(customer)
+            if loaded is not None:
+                yield loaded
+
+    def __iter__(self) -> Iterator[CustomerState]:
+        return (state for state, _ in self.records())
+
+
+class LiveLedger:
+    """The Processor's Ledger over a :class:`TableStore`'s envelopes: applied offsets, and the
+    outbox trimmed to the changes the broker has not acknowledged (up to ``OUTBOX_LIMIT``)."""
+
+    def __init__(self, store: TableStore, acks: Acknowledgements) -> None:
+        self.store = store
+        self.acks = acks
+
+    def applied(self, customer_id: str, position: Position) -> bool:
+        envelope = self.store.delivery(customer_id)
+        return envelope is not None and envelope.offsets.get(position.topic, -1) >= position.offset
+
+    def record(
+        self, customer_id: str, changes: list[SegmentChange], position: Position | None
+    ) -> None:
+        envelope = self.store.delivery_for(customer_id)
+        acked = self.acks.acknowledged(customer_id)
+        kept = [entry for entry in envelope.outbox if outbox_sequence(entry) > acked]
+        kept.extend(encode(change).decode() for change in changes)
+        envelope.outbox = kept[-self.acks.limit :]
+        if position is not None:
+            envelope.offsets[position.topic] = position.offset
+
+
+class AckTracker:
+    """Per-customer sequence numbers sent and acknowledged by this process (not persisted)."""
+
+    limit = OUTBOX_LIMIT
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+
+    def acknowledged(self, customer_id: str) -> int:
+        return self.acked.get(customer_id, 0)
+
+    def on_ack(self, customer_id: str, sequence: int) -> None:
+        if sequence > self.acked.get(customer_id, 0):
+            self.acked[customer_id] = sequence
