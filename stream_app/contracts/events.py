@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION: Final = 1
+SEGMENT_CHANGE_VERSION: Final = 2  # 2: scores may be null, with the reason
 MAX_AMOUNT: Final = Decimal("10000000")  # an order above ten million is absurd, not a sale
 EARLIEST: Final = datetime(1990, 1, 1, tzinfo=UTC)
 LATEST: Final = datetime(2100, 1, 1, tzinfo=UTC)
@@ -317,9 +318,19 @@ class Segment(_Contract):
         return f"c{self.cluster}/{self.propensity_tier.value}/{self.lifecycle.value}"
 
 
+ScoreName = Literal["purchase_propensity", "churn_risk"]
+
+
 class Scores(_Contract):
-    purchase_propensity: float = Field(ge=0, le=1)
-    churn_risk: float = Field(ge=0, le=1)
+    """The customer's scores as of the change. A score that was not computed is ``null``, never
+    a number that looks like one (``churn_risk: 0.0`` read as "no risk"), and ``absent`` says
+    why, keyed by the score's name."""
+
+    purchase_propensity: float | None = Field(ge=0, le=1)
+    churn_risk: float | None = Field(ge=0, le=1)
+    absent: dict[ScoreName, ShortText] = Field(
+        default_factory=dict, description="Why each null score was not computed."
+    )
 
 
 class Contribution(_Contract):
@@ -339,10 +350,12 @@ class SegmentChange(_Contract):
     """Emitted on `segment-changes` (keyed by customer id) whenever a segment really changes.
 
     ``change_id`` is deterministic and ``sequence`` counts 1, 2, 3... per customer, so a consumer
-    drops a redelivered change by its id and detects a gap by its sequence number.
+    drops a redelivered change by its id and detects a gap by its sequence number. Version 2:
+    scores may be null, with the reason in ``scores.absent`` (see docs/integration-guide.md,
+    versioning policy).
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SEGMENT_CHANGE_VERSION
     change_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     customer_id: Identifier
     sequence: int = Field(ge=1)

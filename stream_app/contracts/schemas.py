@@ -6,19 +6,25 @@ from pathlib import Path
 
 import orjson
 
-from stream_app.contracts.events import CONTRACTS, SCHEMA_VERSION
+from stream_app.contracts.events import CONTRACTS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
+def version(name: str) -> int:
+    """A contract's version is its model's ``schema_version``: each contract moves on its own."""
+    value: int = CONTRACTS[name].model_fields["schema_version"].default
+    return value
+
+
 def render(name: str) -> bytes:
     schema = CONTRACTS[name].model_json_schema(mode="serialization")
-    schema = {"$schema": DIALECT, "$id": f"{name}.v{SCHEMA_VERSION}.json", **schema}
+    schema = {"$schema": DIALECT, "$id": f"{name}.v{version(name)}.json", **schema}
     return orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
 
 
 def schema_path(directory: Path, name: str) -> Path:
-    return directory / f"{name}.v{SCHEMA_VERSION}.json"
+    return directory / f"{name}.v{version(name)}.json"
 
 
 def write_schemas(directory: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from stream_app.contracts.events import (
     ClickEvent,
@@ -48,7 +48,7 @@ from stream_app.core.features import (
     apply_transaction,
     feature_vector,
 )
-from stream_app.core.models import Assessment, SegmentModels
+from stream_app.core.models import WARM_UP_LABELS, Assessment, SegmentModels
 from stream_app.core.segmentation import (
     Membership,
     cluster_move,
@@ -561,6 +561,7 @@ class Processor:
             trig.event_time = _ts(trig.at)
         if trig.processed_at is None:
             trig.processed_at = self._clock(trig.at)
+        scores = self._scores(st)
         # One validation of the whole nested change: as strict as building each part, cheaper.
         return SegmentChange.model_validate(
             {
@@ -570,14 +571,11 @@ class Processor:
                 "component": component,
                 "previous": previous,
                 "current": current,
-                "scores": {
-                    "purchase_propensity": round(st.purchase_propensity, 6),
-                    "churn_risk": round(st.churn_risk, 6),
-                },
+                "scores": scores,
                 "reason": {
                     "trigger_event_id": trig.event_id,
                     "trigger_event_type": trig.event_type,
-                    "summary": _summary(component, previous, current, st, moment.x),
+                    "summary": _summary(component, previous, current, st, moment.x, scores),
                     "top_contributions": [
                         {"feature": f, "value": round(v, 4), "contribution": round(c, 4)}
                         for f, v, c in self._explain(component, moment)
@@ -590,6 +588,27 @@ class Processor:
                 "origin": trig.origin,
             }
         )
+
+    def _scores(self, st: CustomerState) -> dict[str, Any]:
+        """Scores that were computed, and for the others null with the reason."""
+        purchase, churn = self.models.purchase, self.models.churn
+        absent: dict[str, str] = {}
+        if not purchase.warmed_up:
+            absent["purchase_propensity"] = _warming_up("purchase", purchase.labels)
+        if st.churn_risk is None:
+            absent["churn_risk"] = (
+                "not scored yet for this customer: churn risk is scored when the lifecycle "
+                "stage changes and at 7 and 30 idle days"
+            )
+        elif not churn.warmed_up:
+            absent["churn_risk"] = _warming_up("churn", churn.labels)
+        return {
+            "purchase_propensity": None
+            if "purchase_propensity" in absent
+            else round(st.purchase_propensity, 6),
+            "churn_risk": None if "churn_risk" in absent else round(st.churn_risk or 0.0, 6),
+            "absent": absent,
+        }
 
     def _explain(self, component: Component, moment: _Moment) -> list[tuple[str, float, float]]:
         if component is Component.CLUSTER:
@@ -613,6 +632,13 @@ _TIER_RANK: Final = {
 }
 
 
+def _warming_up(model: str, labels: int) -> str:
+    return (
+        f"the {model} model is warming up: it has learned from {labels} of the "
+        f"{WARM_UP_LABELS} matured labels it needs"
+    )
+
+
 def _is_refund(event: Event) -> bool:
     return isinstance(event, TransactionEvent) and event.event_type is TransactionType.REFUND
 
@@ -633,14 +659,17 @@ def _summary(
     current: Segment,
     st: CustomerState,
     x: dict[str, float],
+    scores: dict[str, Any],
 ) -> str:
     if component is Component.ENTRY or previous is None:
         return f"first seen: joined {current.name} ({current.cluster_profile})"
     if component is Component.LIFECYCLE:
         idle = math.expm1(x["days_since_last_event"])
+        churn = scores["churn_risk"]
+        risk = "" if churn is None else f"; churn risk {churn:.2f}"
         return (
             f"lifecycle {previous.lifecycle.value} -> {current.lifecycle.value} "
-            f"after {idle:.0f} days without activity; churn risk {st.churn_risk:.2f}"
+            f"after {idle:.0f} days without activity{risk}"
         )
     if component is Component.PROPENSITY:
         return (

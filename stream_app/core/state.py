@@ -47,7 +47,7 @@ class CustomerState:
     churn_pending: list[Snapshot] = field(default_factory=list)
     churn_checkpoint: int = 0
     purchase_propensity: float = 0.0
-    churn_risk: float = 0.0
+    churn_risk: float | None = None  # None: not scored yet for this customer
     due_at: float | None = None
     origin: Origin = Origin.LIVE
 
@@ -81,7 +81,7 @@ class CustomerState:
                 churn_pending=list(r.get("churn_pending", [])),
                 churn_checkpoint=int(r.get("churn_checkpoint", 0)),
                 purchase_propensity=float(r.get("purchase_propensity", 0.0)),
-                churn_risk=float(r.get("churn_risk", 0.0)),
+                churn_risk=_optional_float(r.get("churn_risk")),
                 due_at=r.get("due_at"),
                 origin=Origin(r.get("origin", Origin.LIVE.value)),
             )
@@ -94,6 +94,10 @@ class CustomerState:
     @classmethod
     def from_bytes(cls, data: bytes) -> CustomerState:
         return read_record(orjson.loads(data))[0]
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def read_record(value: Any) -> tuple[CustomerState, dict[str, Any]]:

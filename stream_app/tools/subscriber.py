@@ -1,7 +1,7 @@
 """A reference subscriber for email/push systems: read `segment-changes` as your own group.
 
 What a downstream system must do, and this does:
-* validate each value against the SegmentChange contract (schemas/segment_change.v1.json);
+* validate each value against the SegmentChange contract (schemas/segment_change.v2.json);
 * drop a change whose ``change_id`` it has already seen (delivery is at-least-once);
 * per customer, expect ``sequence`` to grow by one; a jump means an earlier change is still on
   its way or was lost, a lower number is a re-delivery;

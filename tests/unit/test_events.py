@@ -49,7 +49,7 @@ from stream_app.contracts.events import (
     decode_event,
     encode,
 )
-from stream_app.contracts.schemas import render, schema_path, stale_schemas, write_schemas
+from stream_app.contracts.schemas import render, schema_path, stale_schemas, version, write_schemas
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO_ROOT / "schemas"
@@ -990,12 +990,14 @@ def test_committed_schemas_are_up_to_date() -> None:
 def test_committed_schemas_are_valid_2020_12(name: str) -> None:
     schema = committed_validator(name).schema
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["$id"] == f"{name}.v1.json"
+    assert schema["$id"] == f"{name}.v{version(name)}.json"
 
 
 def test_written_schemas_are_fresh_and_tampering_is_reported(tmp_path: Path) -> None:
     written = write_schemas(tmp_path)
-    assert sorted(p.name for p in written) == sorted(f"{name}.v1.json" for name in events.CONTRACTS)
+    assert sorted(p.name for p in written) == sorted(
+        f"{name}.v{version(name)}.json" for name in events.CONTRACTS
+    )
     assert stale_schemas(tmp_path) == []
     click = schema_path(tmp_path, "click_event")
     click.write_bytes(click.read_bytes().replace(b'"maxLength": 128', b'"maxLength": 129', 1))
@@ -1060,13 +1062,13 @@ def test_encode_gives_these_exact_bytes() -> None:
     text = 'a "quoted" \\ line\nwith \u2028, \x01 and \U0001f600'
     escaped = 'a \\"quoted\\" \\\\ line\\nwith \u2028, \\u0001 and \U0001f600'.encode()
     assert encode(_change_with(1e16, text)) == (
-        b'{"schema_version":1,"change_id":"0123456789abcdef0123456789abcdef",'
+        b'{"schema_version":2,"change_id":"0123456789abcdef0123456789abcdef",'
         + '"customer_id":"c-\u00e9\u4e2d",'.encode()
         + b'"sequence":7,"component":"lifecycle","previous":null,"current":{"cluster":2,'
         + b'"cluster_profile":"'
         + escaped
         + b'","propensity_tier":"high","lifecycle":"at_risk"},'
-        + b'"scores":{"purchase_propensity":0.123457,"churn_risk":0.00001},'
+        + b'"scores":{"purchase_propensity":0.123457,"churn_risk":0.00001,"absent":{}},'
         + b'"reason":{"trigger_event_id":"time:1700000000","trigger_event_type":"time_passed",'
         + b'"summary":"'
         + escaped

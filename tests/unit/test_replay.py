@@ -61,7 +61,7 @@ def test_rees46_offline_replay_report_and_schema(tmp_path: Path) -> None:
     assert str(report["model_version"]).startswith("river-kmeans-logreg.")
     # Three hours of data: no purchase or churn label can mature, so no AUC is claimed.
     assert report["purchase_auc"] is None
-    schema = orjson.loads((ROOT / "schemas" / "segment_change.v1.json").read_bytes())
+    schema = orjson.loads((ROOT / "schemas" / "segment_change.v2.json").read_bytes())
     validator = Draft202012Validator(schema)
     lines = out.read_bytes().splitlines()
     assert len(lines) == sum(changes.values())

@@ -414,7 +414,7 @@ def test_cli_schemas_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixt
     assert written == [
         "click_event.v1.json",
         "dead_letter.v1.json",
-        "segment_change.v1.json",
+        "segment_change.v2.json",
         "segment_membership.v1.json",
         "transaction_event.v1.json",
     ]

@@ -111,7 +111,7 @@ def test_fields_a_newer_version_added_are_ignored_and_missing_ones_defaulted() -
     del record["churn_risk"]
     restored = CustomerState.from_bytes(orjson.dumps(record))
     assert restored.behaviour == state.behaviour
-    assert restored.churn_risk == 0.0
+    assert restored.churn_risk is None  # not scored: absent, not zero
 
 
 @pytest.mark.parametrize(
