@@ -320,6 +320,11 @@ class Propensity:
     scaled vector can be kept for the explanation instead of being computed again.
     """
 
+    # The largest |scaled input| the model was asked to score: a diagnostic for the report
+    # (inputs far outside what the model learned from make scores meaningless). A class default,
+    # so a model restored from a snapshot written before it existed reads 0.
+    largest_scaled_input: float = 0.0
+
     def __init__(self, learning_rate: float) -> None:
         self.model = compose.Pipeline(
             preprocessing.StandardScaler(),
@@ -338,6 +343,8 @@ class Propensity:
         """Scale the features and score them (no learning)."""
         scaler, logreg = self.model.steps.values()
         scaled: dict[str, float] = scaler.transform_one(features)
+        largest = max(map(abs, scaled.values()), default=0.0)
+        self.largest_scaled_input = max(self.largest_scaled_input, largest)
         proba: dict[bool, float] = logreg.predict_proba_one(scaled)
         return Assessment(scaled, float(proba.get(True, 0.0)))
 

@@ -28,13 +28,14 @@ from stream_app.contracts.events import (
     SegmentChange,
     encode,
 )
-from stream_app.core.models import SegmentModels
+from stream_app.core.models import WARM_UP_LABELS, SegmentModels
 from stream_app.core.processor import MemoryStore, Processor, Status
 from stream_app.errors import UserError
 from stream_app.progress import Progress
 from stream_app.settings import SegmentationSettings, Settings
 from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
 from stream_app.tools.preflight import require_distinct, require_writable_file
+from stream_app.tools.score_audit import ScoreAudit
 
 FLAP_COMPONENTS: Final = (Component.CLUSTER, Component.PROPENSITY, Component.LIFECYCLE)
 OUTSIDE_WINDOW: Final = "outside_window"
@@ -95,7 +96,7 @@ def replay_offline(
     settings: SegmentationSettings,
     out: IO[bytes] | None = None,
     progress: Progress | None = None,
-) -> tuple[ReplayResult, Processor, FlapMeter]:
+) -> tuple[ReplayResult, Processor, Meters]:
     """Run every event through a fresh Processor; write each change as one JSON line to `out`."""
     processor = Processor(settings, SegmentModels(settings), MemoryStore())
     result = ResultSink(settings, out)
@@ -117,6 +118,8 @@ def replay_offline(
             result.data.invalid[DeadLetterReason.LATE_EVENT.value] += 1
         elif outcome.status is Status.FUTURE:
             result.data.invalid[DeadLetterReason.FUTURE_EVENT.value] += 1
+        if outcome.status is Status.APPLIED:
+            result.meters.scores.event(item)
         result.emit(outcome.changes)
         if progress is not None and result.data.events % 1024 == 0:
             progress.update(result.data.events)
@@ -126,24 +129,62 @@ def replay_offline(
     gc.unfreeze()
     if progress is not None:
         progress.finish(result.data.events)
-    return result.data, processor, result.flaps
+    return result.data, processor, result.meters
+
+
+@dataclass
+class Meters:
+    """What a replay measures about its own output: flaps, and the emitted scores judged
+    against what happened next in the stream."""
+
+    flaps: FlapMeter
+    scores: ScoreAudit
 
 
 class ResultSink:
     def __init__(self, settings: SegmentationSettings, out: IO[bytes] | None) -> None:
         self.data = ReplayResult()
         self.out = out
-        self.flaps = FlapMeter(settings.cluster_min_dwell_hours * 3600)
+        self.meters = Meters(
+            FlapMeter(settings.cluster_min_dwell_hours * 3600), ScoreAudit(settings)
+        )
 
     def emit(self, changes: list[SegmentChange]) -> None:
         for change in changes:
             self.data.changes_by_component[change.component.value] += 1
-            self.flaps.observe(change)
+            self.meters.flaps.observe(change)
+            self.meters.scores.change(change)
             if self.out is not None:
                 self.out.write(encode(change) + b"\n")
 
 
-def build_report(result: ReplayResult, processor: Processor, flaps: FlapMeter) -> dict[str, Any]:
+def _cold_start(processor: Processor) -> str | None:
+    """A plain sentence when a propensity model never warmed up, and what to change."""
+    s, models = processor.s, processor.models
+    cold = [
+        (name, model.labels, horizon)
+        for name, model, horizon in (
+            ("purchase", models.purchase, s.purchase_horizon_days),
+            ("churn", models.churn, s.churn_horizon_days),
+        )
+        if not model.warmed_up
+    ]
+    if not cold:
+        return None
+    parts = [
+        f"the {name} model learned from {labels} of the {WARM_UP_LABELS} matured labels it needs "
+        f"(a label matures {horizon:g} days after it is taken)"
+        for name, labels, horizon in cold
+    ]
+    return (
+        "Tiers and scores stayed unscored: "
+        + "; ".join(parts)
+        + ". Replay more history, or shorten STREAM_APP_SEGMENTATION__PURCHASE_HORIZON_DAYS / "
+        "CHURN_HORIZON_DAYS."
+    )
+
+
+def build_report(result: ReplayResult, processor: Processor, meters: Meters) -> dict[str, Any]:
     models = processor.models
     store = processor.store
     assert isinstance(store, MemoryStore)
@@ -179,7 +220,13 @@ def build_report(result: ReplayResult, processor: Processor, flaps: FlapMeter) -
             for cid in range(len(models.clusters.sizes))
         ],
         "lifecycle": dict(sorted(lifecycle.items())),
-        "flap_rate": round(flaps.rate, 5),
+        "flap_rate": round(meters.flaps.rate, 5),
+        **meters.scores.report(),
+        "largest_scaled_input": {
+            "purchase": round(models.purchase.largest_scaled_input, 2),
+            "churn": round(models.churn.largest_scaled_input, 2),
+        },
+        "cold_start": _cold_start(processor),
         "state_bytes_per_customer": {
             "mean": round(sum(sizes) / len(sizes), 1) if sizes else 0,
             "max": max(sizes, default=0),
@@ -209,11 +256,11 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     progress = Progress(sys.stderr, enabled=not args.no_progress)
     out = args.out.open("wb") if args.out else None
     try:
-        result, processor, flaps = replay_offline(items, settings.segmentation, out, progress)
+        result, processor, meters = replay_offline(items, settings.segmentation, out, progress)
     finally:
         if out is not None:
             out.close()
-    report = build_report(result, processor, flaps)
+    report = build_report(result, processor, meters)
     report["outside_window"] = outside[OUTSIDE_WINDOW]
     rendered = orjson.dumps(report, option=orjson.OPT_INDENT_2)
     if args.report:
