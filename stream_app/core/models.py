@@ -300,6 +300,16 @@ class TieAwareROCAUC:
         return wins / (total_pos * total_neg)
 
 
+SCALED_INPUT_BOUND: Final = 10.0  # standard deviations; beyond it a value is out of range
+
+
+def _clipped(scaled: dict[str, float]) -> dict[str, float]:
+    """No input beyond +-10 std reaches the model or an explanation: a silent customer's
+    `activity_last_hour` was scored at -14 million std (issue 13)."""
+    bound = SCALED_INPUT_BOUND
+    return {name: min(bound, max(-bound, value)) for name, value in scaled.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Assessment:
     """One propensity model's view of one feature vector: its scaled inputs and the probability.
@@ -342,9 +352,10 @@ class Propensity:
     def assess(self, features: dict[str, float]) -> Assessment:
         """Scale the features and score them (no learning)."""
         scaler, logreg = self.model.steps.values()
-        scaled: dict[str, float] = scaler.transform_one(features)
-        largest = max(map(abs, scaled.values()), default=0.0)
+        raw: dict[str, float] = scaler.transform_one(features)
+        largest = max(map(abs, raw.values()), default=0.0)
         self.largest_scaled_input = max(self.largest_scaled_input, largest)
+        scaled = _clipped(raw)
         proba: dict[bool, float] = logreg.predict_proba_one(scaled)
         return Assessment(scaled, float(proba.get(True, 0.0)))
 
@@ -357,7 +368,7 @@ class Propensity:
         self.log_loss.update(outcome, predicted)
         scaler, logreg = self.model.steps.values()
         scaler.learn_one(features)
-        logreg.learn_one(scaler.transform_one(features), outcome)
+        logreg.learn_one(_clipped(scaler.transform_one(features)), outcome)
         self.labels += 1
         self.positives += int(outcome)
 

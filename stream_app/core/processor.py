@@ -447,6 +447,14 @@ class Processor:
             return
         pending.append([at, st.purchase_propensity, _pack(x), False])
 
+    def _snapshot_churn(self, st: CustomerState, moment: _Moment) -> None:
+        """Learn where you score: a churn risk emitted with a lifecycle change (often at an
+        event) becomes a churn example too, not only the silent 7- and 30-day checkpoints."""
+        pending, at = st.churn_pending, moment.trigger.at
+        if len(pending) >= self.s.max_pending_snapshots or (pending and pending[-1][0] == at):
+            return
+        pending.append([at, st.churn_risk, _pack(moment.x), False])
+
     # -- time ----------------------------------------------------------------------------------
 
     def _mature_labels(self, st: CustomerState, now: float) -> None:
@@ -479,6 +487,9 @@ class Processor:
             while (checkpoint := _checkpoint_time(st)) is not None and checkpoint <= now:
                 st.churn_checkpoint += 1
         st.purchase_propensity = moment.purchase.probability
+        # Learn where you score: this silent-time score is emitted like an event-time one, so
+        # the model also learns from moments like it (features aged to this time).
+        self._snapshot_purchase(st, x, now)
         return self._decide(st, moment, None)
 
     def _expire(
@@ -556,6 +567,7 @@ class Processor:
         current = self._segment(st.membership)
         if component is Component.LIFECYCLE:
             st.churn_risk = moment.churn.probability
+            self._snapshot_churn(st, moment)
         key = f"{st.customer_id}|{st.sequence}|{component.value}|{trig.event_id}"
         if trig.event_time is None:
             trig.event_time = _ts(trig.at)

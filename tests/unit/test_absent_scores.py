@@ -4,11 +4,14 @@ reason, never a number that reads like a score (every entry used to carry churn_
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_app.contracts.events import ClickEvent, ClickType, Component, SegmentChange
-from stream_app.core.models import WARM_UP_LABELS, SegmentModels
+from stream_app.core.models import SCALED_INPUT_BOUND, WARM_UP_LABELS, SegmentModels
 from stream_app.core.processor import MemoryStore, Processor
 from stream_app.settings import SegmentationSettings
 
@@ -101,3 +104,31 @@ def test_a_null_churn_risk_is_not_written_into_the_summary() -> None:
         if c.component is Component.LIFECYCLE
     )
     assert warm.reason.summary.endswith("; churn risk 0.50")
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(st.sampled_from(["ann", "bob", "cy"]), st.floats(0, 400)), max_size=40))
+def test_no_scaled_input_beyond_ten_std_reaches_a_model_or_an_explanation(
+    visits: list[tuple[str, float]],
+) -> None:
+    """Whatever the events, every input a propensity model scores, and so every value an
+    explanation shows, lies within +-10 standard deviations (a silent customer's activity was
+    scored at -14 million)."""
+    models = SegmentModels(S)
+    models.purchase.labels = models.churn.labels = WARM_UP_LABELS
+    seen: list[float] = []
+    for model in (models.purchase, models.churn):
+        assess = model.assess
+
+        def spy(features: dict[str, float], assess: Any = assess) -> Any:
+            assessment = assess(features)
+            seen.extend(assessment.scaled.values())
+            return assessment
+
+        model.assess = spy  # type: ignore[method-assign]
+    p = Processor(S, models, MemoryStore())
+    for customer, day in sorted(visits, key=lambda v: v[1]):
+        for change in p.process(click(customer, day)).changes:
+            seen.extend(c.value for c in change.reason.top_contributions)
+    p.advance(p.max_event_time + 400 * 86400)
+    assert all(abs(value) <= SCALED_INPUT_BOUND for value in seen)

@@ -215,17 +215,20 @@ def test_erased_customer_gets_no_further_segment_events() -> None:
 
 
 def test_purchase_labels_are_revealed_when_the_horizon_passes() -> None:
-    """Every label is revealed at snapshot time + horizon (30 days), positive or negative."""
+    """Every label is revealed at snapshot time + horizon (30 days), positive or negative. The
+    model learns where it scores: at events and at the time-driven moments it re-scores (churn
+    checkpoints at 7 idle days, new -> active at 10 days)."""
     p = processor_factory()
     run(p, [click("alice", 0), click("bob", 0), purchase("alice", 5)])
     assert p.counts == {"applied": 3}
     assert p.models.purchase.quality()["labels"] == 0  # a purchase alone reveals nothing yet
     run(p, [click("bob", 45)])
     quality = p.models.purchase.quality()
-    # alice day 0 (purchase on day 5: positive), alice day 5 (none after: negative), bob day 0
-    # (negative) have matured; bob's day-45 snapshot is still pending.
-    assert quality["labels"] == 3
-    assert quality["positive_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    # Matured by day 45: alice at day 0 (purchase on day 5: positive), 5 (event), 10 (new ->
+    # active) and 12 (7 idle days), all negative; bob at day 0 (event), 7 (7 idle days) and 10
+    # (new -> active), all negative. Bob's day-45 snapshot and later ones are still pending.
+    assert quality["labels"] == 7
+    assert quality["positive_rate"] == pytest.approx(1 / 7, abs=1e-4)
 
 
 def test_pending_snapshots_per_customer_are_bounded() -> None:
@@ -267,11 +270,12 @@ def test_heavy_customer_state_stays_under_budget() -> None:
 
 @pytest.mark.parametrize("stage_days", [(0, 45)])
 def test_churn_risk_is_rescored_for_silent_customers(stage_days: tuple[int, int]) -> None:
-    """Churn checkpoints (7 and 30 idle days) snapshot a silent customer for the churn model."""
+    """Churn checkpoints (7 and 30 idle days) snapshot a silent customer for the churn model,
+    and so does the churn risk emitted with her lifecycle move (new -> active at day 10)."""
     start, end = stage_days
     p = processor_factory()
     run(p, [click("alice", start), click("bob", end)])
     alice = p.store.get("alice")
     assert alice is not None
-    assert [round((s[0] - T0.timestamp()) / 86400) for s in alice.churn_pending] == [7, 30]
+    assert [round((s[0] - T0.timestamp()) / 86400) for s in alice.churn_pending] == [7, 10, 30]
     assert alice.churn_checkpoint == 2
