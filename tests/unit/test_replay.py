@@ -59,8 +59,14 @@ def test_rees46_offline_replay_report_and_schema(tmp_path: Path) -> None:
     assert {c["id"] for c in report["clusters"]} == set(range(6))
     assert sum(report["lifecycle"].values()) == 4504
     assert str(report["model_version"]).startswith("river-kmeans-logreg.")
-    # Three hours of data: no purchase or churn label can mature, so no AUC is claimed.
+    # Three hours of data: no purchase or churn label can mature, so no AUC is claimed, and
+    # the report says so in a sentence with what to change.
     assert report["purchase_auc"] is None
+    assert str(report["cold_start"]).startswith(
+        "Tiers and scores stayed unscored: the purchase model learned from 0 of the 200 "
+        "matured labels it needs (a label matures 30 days after it is taken); the churn model"
+    )
+    assert report["purchase_scores_emitted"]["all"]["judged"] == 0
     schema = orjson.loads((ROOT / "schemas" / "segment_change.v2.json").read_bytes())
     validator = Draft202012Validator(schema)
     lines = out.read_bytes().splitlines()

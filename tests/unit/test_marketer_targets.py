@@ -1,0 +1,65 @@
+"""The report's figures a marketer relies on, on the real Online Retail file (issue 13 targets).
+
+A benchmark-style assertion on real data, not a timing: the scores carried by segment changes
+are judged against what the file says happened next. Targets still missed are listed in the
+issue notes with today's figures, and asserted here at today's level so they cannot slide back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_app.settings import SegmentationSettings
+from stream_app.tools.datasets import read_dataset
+from stream_app.tools.replay import build_report, replay_offline
+
+RETAIL = (
+    Path(__file__).resolve().parents[2].parent
+    / "shared"
+    / "datasets"
+    / "online_retail"
+    / "online_retail.csv.gz"
+)
+pytestmark = pytest.mark.skipif(not RETAIL.exists(), reason=f"{RETAIL} is absent (CI has it)")
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    result, processor, meters = replay_offline(
+        read_dataset(RETAIL, "online-retail"), SegmentationSettings()
+    )
+    return build_report(result, processor, meters)
+
+
+def test_tiers_mean_what_they_say(report: dict[str, Any]) -> None:
+    rate = {t: v["bought_within_horizon"] for t, v in report["buy_rate_by_tier_entered"].items()}
+    assert rate["high"] > rate["medium"] > rate["low"]
+    assert rate["high"] >= 2 * rate["low"]
+
+
+def test_tiers_do_not_swing_or_flap(report: dict[str, Any]) -> None:
+    assert report["swing_rate"] <= 0.10
+    assert report["flap_rate"] <= 0.02
+
+
+def test_emitted_scores_are_calibrated(report: dict[str, Any]) -> None:
+    assert report["purchase_scores_emitted"]["all"]["ece"] <= 0.08
+    assert report["churn_scores_emitted"]["all"]["ece"] <= 0.08
+
+
+def test_emitted_scores_rank_outcomes_at_least_as_well_as_today(report: dict[str, Any]) -> None:
+    """Targets: purchase >= 0.70 overall and >= 0.65 time-driven (issue 13). Today 0.637 and
+    0.637; before this round 0.54 and 0.50."""
+    purchase = report["purchase_scores_emitted"]
+    assert purchase["all"]["auc"] >= 0.63
+    assert purchase["time"]["auc"] >= 0.63
+    assert report["churn_scores_emitted"]["all"]["auc"] >= 0.70
+    assert report["purchase_auc"] >= 0.72  # the model's own, at every moment it scores
+
+
+def test_the_report_says_when_no_model_stayed_cold(report: dict[str, Any]) -> None:
+    assert report["cold_start"] is None
+    assert report["largest_scaled_input"]["churn"] > 10  # what clipping protects the model from
