@@ -240,21 +240,45 @@ class BehaviourClusters:
         if learned - self._profiled_at >= PROFILE_REFRESH:
             self._profiles.clear()
             self._profiled_at = learned
-        cached = self._profiles.get(cid)
-        if cached is None:
-            cached = self._profiles[cid] = self._describe(cid)
-        return cached
+        if not self._profiles:
+            self._profiles = self._describe_all()
+        return self._profiles[cid]
 
-    def _describe(self, cid: int) -> ClusterProfile:
+    def _describe_all(self) -> dict[int, ClusterProfile]:
+        """Every cluster's profile at once, so names are unique at any time (a move between two
+        clusters both called "frequent buyers, highly active" told a marketer nothing) and
+        sticky: a cluster keeps its name while every trait in it still holds for its centre, so
+        a name changes only when the centre really moved."""
+        k = len(self.sizes)
         if self.reservoir is not None:
-            return ClusterProfile(cid, "warming up (too little data to profile)", {})
-        if not self.sizes[cid]:
-            return ClusterProfile(cid, "no members yet", {})
-        centre = self.kmeans.centers[cid]
-        traits = {f: round(float(centre[f]), 3) for f in CLUSTER_FEATURES}
-        ranked = sorted(traits.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:2]
-        words = [_TRAITS[f][0 if z > 0 else 1] for f, z in ranked if abs(z) >= 0.25]
-        return ClusterProfile(cid, ", ".join(words) or "typical customers", traits)
+            return {
+                c: ClusterProfile(c, "warming up (too little data to profile)", {})
+                for c in range(k)
+            }
+        kept: dict[int, str] = self.__dict__.setdefault("_names", {})
+        traits: dict[int, dict[str, float]] = {}
+        words: dict[int, list[str]] = {}
+        for cid in range(k):
+            centre = self.kmeans.centers[cid]
+            traits[cid] = {f: round(float(centre[f]), 3) for f in CLUSTER_FEATURES}
+            ranked = sorted(traits[cid].items(), key=lambda kv: (-abs(kv[1]), kv[0]))
+            words[cid] = [_TRAITS[f][0 if z > 0 else 1] for f, z in ranked if abs(z) >= 0.25]
+        names: dict[int, str] = {}
+        for cid in range(k):
+            old = kept.get(cid)
+            if old is not None and set(old.split(", ")) <= set(words[cid]):
+                names[cid] = old
+            else:
+                names[cid] = ", ".join(words[cid][:2]) or "typical customers"
+        names = _unique(names, words)
+        kept.clear()
+        kept.update(names)
+        return {
+            cid: ClusterProfile(
+                cid, names[cid] if self.sizes[cid] else "no members yet", traits[cid]
+            )
+            for cid in range(k)
+        }
 
     def explain(self, features: dict[str, float], top: int) -> list[tuple[str, float, float]]:
         """(feature, scaled value, scaled value x centre) for the features that place a customer."""
@@ -264,6 +288,24 @@ class BehaviourClusters:
         rows = [(f, scaled[f], scaled[f] * float(centre[f])) for f in CLUSTER_FEATURES]
         rows.sort(key=lambda r: (-abs(r[2]), r[0]))
         return rows[:top]
+
+
+def _unique(names: dict[int, str], words: dict[int, list[str]]) -> dict[int, str]:
+    """Two clusters never share a name: the later ids of a shared name take more of their own
+    traits, and if their traits run out, their id."""
+    out = dict(names)
+    for cid in sorted(out):
+        taken = {out[other] for other in out if other < cid}
+        if out[cid] not in taken:
+            continue
+        for n in range(3, len(words[cid]) + 1):
+            longer = ", ".join(words[cid][:n])
+            if longer not in taken and longer not in out.values():
+                out[cid] = longer
+                break
+        else:
+            out[cid] = f"{out[cid]} (cluster {cid})"
+    return out
 
 
 def _by_effect(row: tuple[str, float, float]) -> tuple[float, str]:
