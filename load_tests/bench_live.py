@@ -38,11 +38,12 @@ import orjson
 from confluent_kafka import Consumer
 
 from load_tests.measure import percentile
-from load_tests.systems import SystemKind, SystemProcess, renamed, wait_until
+from load_tests.systems import SystemKind, SystemProcess
 from stream_app.contracts.events import ClickEvent, ClickType, Event, Origin, TransactionEvent
 from stream_app.errors import UserError
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
+from stream_app.live.workerproc import wait_until
 from stream_app.settings import Settings
 from stream_app.tools.publish import make_producer, publish
 
@@ -118,7 +119,7 @@ def throughput(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Publish a backlog first, then time the worker from ready to the last event processed."""
-    settings = renamed(base, f"bench-{name}", web_port=port, **overrides)
+    settings = base.renamed(f"bench-{name}", web_port=port, **overrides)
     create_topics(settings)
     start = datetime(2024, 1, 1, tzinfo=UTC)
     publish(generate(events, events // 10, seed=7, start=start, step_s=0.05), settings)
@@ -143,7 +144,7 @@ def throughput(
 def latency(base: Settings, port: int, rate: float, duration: float) -> dict[str, Any]:
     """Produce live events at `rate`/s with event time = now; every event of a new customer
     yields an `entry` change, whose arrival a subscriber timestamps."""
-    settings = renamed(base, "bench-latency", web_port=port)
+    settings = base.renamed("bench-latency", web_port=port)
     create_topics(settings)
     worker = start_worker(settings, base.state_dir / "latency.log", SystemKind.WORKER)
     consumer = Consumer(

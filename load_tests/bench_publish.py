@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from load_tests.systems import child_env, renamed
+from load_tests.systems import child_env
 from stream_app.contracts.events import Event, encode
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
@@ -43,7 +43,7 @@ ONLINE_RETAIL = ROOT.parent / "shared" / "datasets" / "online_retail" / "online_
 
 
 def fresh_topics(base: Settings) -> Settings:
-    settings = renamed(base, f"bench-{uuid.uuid4().hex[:8]}")
+    settings = base.renamed(f"bench-{uuid.uuid4().hex[:8]}")
     create_topics(settings)
     return settings
 

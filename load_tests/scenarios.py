@@ -51,9 +51,9 @@ from load_tests.systems import (
     SystemProcess,
     delete_topics,
     run_settings,
-    wait_until,
 )
 from stream_app.kafka.topics import create_topics
+from stream_app.live.workerproc import wait_until
 
 SPIKE_FACTOR: Final = 10.0
 WARMUP_PHASE: Final = "warm-up"

@@ -6,7 +6,8 @@ its partitions), ``/counts`` (events and dead letters it has processed, the work
 where it has one, ``/metrics`` (Prometheus text).
 
 The integration tests (tests/conftest.py) and the benchmarks start their workers with the same
-pieces: :func:`renamed` settings, :class:`SystemProcess`, :func:`http_get` and :func:`wait_until`.
+pieces: :class:`SystemProcess` (with ``Settings.renamed`` and ``stream_app.live.workerproc``'s
+:func:`http_get` and :func:`wait_until`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import orjson
 from stream_app.errors import UserError
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import admin_client, create_topics, topic_specs, wait_for_broker
+from stream_app.live.workerproc import http_get, wait_until
 from stream_app.settings import Settings, is_prefixed
 
 READY_TIMEOUT_S: Final = 120.0
@@ -125,21 +125,6 @@ def find_listener_pid(bootstrap: str) -> int | None:
     return None
 
 
-def renamed(base: Settings, name: str, **overrides: Any) -> Settings:
-    """``base`` with an app id (so a consumer group and internal topics) and input and output
-    topics of its own, all named after ``name``: a run on a shared broker sees no other run's
-    messages or offsets."""
-    names = {
-        "app_id": name,
-        "clickstream_topic": f"{name}-clickstream",
-        "transactions_topic": f"{name}-transactions",
-        "segment_changes_topic": f"{name}-segment-changes",
-        "segment_membership_topic": f"{name}-segment-membership",
-        "dead_letters_topic": f"{name}-dead-letters",
-    }
-    return Settings(**{**base.model_dump(), **names, **overrides})
-
-
 def run_settings(
     base: Settings, name: str, partitions: int, state_dir: Path, **overrides: Any
 ) -> Settings:
@@ -151,7 +136,7 @@ def run_settings(
         "web_port": free_ports(1)[0],
         "log_level": "WARNING",
     }
-    return renamed(base, f"lt-{suffix}", **{**values, **overrides})
+    return base.renamed(f"lt-{suffix}", **{**values, **overrides})
 
 
 def delete_topics(settings: Settings) -> None:
@@ -161,37 +146,6 @@ def delete_topics(settings: Settings) -> None:
     for future in futures.values():
         with contextlib.suppress(Exception):
             future.result()
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
-    """GET ``url``: the status and body of the answer (an error status too), or None while
-    nothing answers there."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        body = b""
-        with contextlib.suppress(OSError):
-            body = exc.read()
-        return int(exc.code), body
-    except OSError:  # refused, reset, timed out (URLError is one)
-        return None
-
-
-def wait_until(
-    done: Callable[[], bool],
-    timeout: float,
-    every: float = 0.2,
-    pause: Callable[[float], object] = time.sleep,
-) -> bool:
-    """Ask ``done`` every ``every`` seconds (``pause`` waits, or does the work between two asks,
-    e.g. consumes a topic) until it says yes; False if ``timeout`` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if done():
-            return True
-        pause(every)
-    return False
 
 
 def child_env(settings: Settings) -> dict[str, str]:

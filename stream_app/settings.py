@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -189,6 +189,20 @@ class Settings(BaseSettings):
     def kafka_dir(self) -> Path:
         """Where the broker's data, logs and pid file live."""
         return self.state_dir / "kafka"
+
+    def renamed(self, name: str, **overrides: Any) -> Settings:
+        """These settings with an app id (so a consumer group and internal topics) and input
+        and output topics of their own, all named after ``name``: a demo, a shadow run or a
+        test on a shared broker sees no other application's messages or offsets."""
+        names = {
+            "app_id": name,
+            "clickstream_topic": f"{name}-clickstream",
+            "transactions_topic": f"{name}-transactions",
+            "segment_changes_topic": f"{name}-segment-changes",
+            "segment_membership_topic": f"{name}-segment-membership",
+            "dead_letters_topic": f"{name}-dead-letters",
+        }
+        return Settings(**{**self.model_dump(), **names, **overrides})
 
     def to_env(self) -> dict[str, str]:
         """The ``STREAM_APP_*`` variables that make a child process load exactly these settings."""

@@ -34,9 +34,10 @@ import orjson
 import pytest
 from confluent_kafka import Consumer
 
-from load_tests.systems import SystemKind, SystemProcess, delete_topics, renamed, wait_until
+from load_tests.systems import SystemKind, SystemProcess, delete_topics
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics, wait_for_broker
+from stream_app.live.workerproc import wait_until
 from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def settings_factory(kafka_broker: Settings, tmp_path: Path) -> SettingsFactory:
             "web_port": free_ports(1)[0],
             "log_level": "INFO",
         }
-        return renamed(kafka_broker, f"test-{suffix}", **{**values, **overrides})
+        return kafka_broker.renamed(f"test-{suffix}", **{**values, **overrides})
 
     return make
 

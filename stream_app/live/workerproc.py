@@ -6,10 +6,12 @@ given Settings through ``STREAM_APP_*`` variables (none inherited from this proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -50,24 +52,50 @@ def worker_process(
         echo(f"worker stopped (exit {proc.returncode}); its JSON log: {log_path}")
 
 
-def get(settings: Settings, path: str) -> bytes | None:
-    """GET a path of the worker's web server; None while it does not answer."""
-    url = f"http://{settings.web_host}:{settings.web_port}{path}"
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
+    """GET ``url``: the status and body of the answer (an error status too), or None while
+    nothing answers there."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            body: bytes = response.read()
-            return body
-    except OSError:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        body = b""
+        with contextlib.suppress(OSError):
+            body = exc.read()
+        return int(exc.code), body
+    except OSError:  # refused, reset, timed out (URLError is one)
         return None
+
+
+def wait_until(
+    done: Callable[[], bool],
+    timeout: float,
+    every: float = 0.2,
+    pause: Callable[[float], object] = time.sleep,
+) -> bool:
+    """Ask ``done`` every ``every`` seconds (``pause`` waits, or does the work between two asks,
+    e.g. consumes a topic) until it says yes; False if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        pause(every)
+    return False
+
+
+def get(settings: Settings, path: str) -> bytes | None:
+    """GET a path of the worker's web server; the body of a 200, else None."""
+    answer = http_get(f"http://{settings.web_host}:{settings.web_port}{path}")
+    return answer[1] if answer is not None and answer[0] == 200 else None
 
 
 def wait_ready(settings: Settings, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
     """Until ``/ready`` says the worker has its partitions and has recovered its tables."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise UserError(f"the worker exited with {proc.returncode}; see its log")
-        if b'"recovered":true' in (get(settings, "/ready") or b""):
-            return
-        time.sleep(0.5)
-    raise UserError("the worker did not become ready in time; see its log")
+        return b'"recovered":true' in (get(settings, "/ready") or b"")
+
+    if not wait_until(ready, timeout, every=0.5):
+        raise UserError("the worker did not become ready in time; see its log")

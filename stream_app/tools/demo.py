@@ -66,16 +66,7 @@ def run_demo(settings: Settings, dataset: Path | None, limit: int) -> int:
     if not path.is_file():
         raise UserError(f"dataset not found: {path} (pass --dataset)")
     run = f"demo-{int(time.time())}"
-    settings = settings.model_copy(
-        update={
-            "app_id": run,
-            "clickstream_topic": f"{run}-clickstream",
-            "transactions_topic": f"{run}-transactions",
-            "segment_changes_topic": f"{run}-segment-changes",
-            "segment_membership_topic": f"{run}-segment-membership",
-            "dead_letters_topic": f"{run}-dead-letters",
-        }
-    )
+    settings = settings.renamed(run)
     log_path = settings.state_dir / "demo-worker.log"
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     _say(f"starting the local Kafka broker on {settings.bootstrap_servers}")

@@ -56,18 +56,11 @@ def shadow_settings(live: Settings, name: str, partitions: int) -> Settings:
     if not NAME.match(name):
         raise UserError(f"shadow name must be letters, digits, '.', '_' or '-', not {name!r}")
     prefix = f"{SHADOW_PREFIX}{name}"
-    return live.model_copy(
-        update={
-            "app_id": prefix,
-            "clickstream_topic": f"{prefix}-clickstream",
-            "transactions_topic": f"{prefix}-transactions",
-            "segment_changes_topic": f"{prefix}-segment-changes",
-            "segment_membership_topic": f"{prefix}-segment-membership",
-            "dead_letters_topic": f"{prefix}-dead-letters",
-            "partitions": partitions,
-            "web_port": free_ports(1)[0],
-            "state_dir": live.state_dir / prefix,
-        }
+    return live.renamed(
+        prefix,
+        partitions=partitions,
+        web_port=free_ports(1)[0],
+        state_dir=live.state_dir / prefix,
     )
 
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from load_tests.systems import http_get, wait_until
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
+from stream_app.live.workerproc import http_get, wait_until
 from stream_app.settings import Settings
 
 if TYPE_CHECKING:

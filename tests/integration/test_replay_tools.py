@@ -13,10 +13,10 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from load_tests.systems import http_get
 from stream_app.cli import main
 from stream_app.kafka.ranges import Bounds, range_consumer, read_ranges, resolve, watermarks
 from stream_app.kafka.topics import admin_client
+from stream_app.live.workerproc import http_get
 from stream_app.settings import Settings
 from stream_app.tools.compare import compare, read_side
 from stream_app.tools.shadow import ShadowRequest, run_shadow, shadow_settings

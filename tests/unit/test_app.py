@@ -21,7 +21,6 @@ import pytest
 from faust.events import Event
 from faust.types import Message
 
-from load_tests.systems import renamed
 from stream_app.core.state import CustomerState
 from stream_app.live.app import CUSTOMERS_TABLE, create_app
 from stream_app.live.store import decode_record
@@ -46,7 +45,7 @@ class Harness:
 
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
         name = f"unit-{uuid.uuid4().hex[:8]}"
-        self.settings = renamed(Settings(state_dir=tmp_path, partitions=1), name, **overrides)
+        self.settings = Settings(state_dir=tmp_path, partitions=1).renamed(name, **overrides)
         self.app = create_app(self.settings, store="memory://")
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.offsets: dict[str, int] = {}
