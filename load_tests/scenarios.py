@@ -54,6 +54,7 @@ from load_tests.systems import (
 )
 from stream_app.kafka.topics import create_topics
 from stream_app.live.workerproc import wait_until
+from stream_app.progress import StatusLine
 
 SPIKE_FACTOR: Final = 10.0
 WARMUP_PHASE: Final = "warm-up"
@@ -169,29 +170,18 @@ class SystemRun:
 
 
 class Progress:
-    """One status line, rewritten in place on a terminal, printed every 5 s otherwise."""
+    """The run's status line on stderr: rewritten in place on a terminal, a line every 5 s in a
+    log (``stream_app.progress.StatusLine``)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
+        self.line = StatusLine(sys.stderr, enabled=enabled, redraw_s=0.0, log_every_s=5.0)
 
     def show(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            print("\r" + text[:200].ljust(200), end="", file=sys.stderr, flush=True)
-        elif time.monotonic() - self._last >= 5:
-            print(text, file=sys.stderr, flush=True)
-            self._last = time.monotonic()
+        self.line.show(text)
 
     def done(self, text: str = "") -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            print("\r" + " " * 200 + "\r", end="", file=sys.stderr)
-        if text:
-            print(text, file=sys.stderr, flush=True)
+        self.line.clear(text)
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

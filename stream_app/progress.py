@@ -6,6 +6,7 @@ carriage returns. The arithmetic (``render``) is separate from the drawing so te
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import IO, Final
@@ -37,6 +38,51 @@ def render(
     return line
 
 
+class StatusLine:
+    """One line of status on ``stream``: rewritten in place on a terminal (at most every
+    ``redraw_s``); elsewhere (a pipe, a CI log) written as a new line every ``log_every_s``, or
+    never when that is None, so logs are not flooded with carriage returns."""
+
+    WIDTH: Final = 200
+
+    def __init__(
+        self,
+        stream: IO[str],
+        *,
+        enabled: bool = True,
+        redraw_s: float = REDRAW_EVERY_S,
+        log_every_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream, self.clock = stream, clock
+        self.tty = stream.isatty()
+        self.enabled = enabled and (self.tty or log_every_s is not None)
+        self.every = redraw_s if self.tty else (log_every_s or 0.0)
+        self.last = -math.inf
+
+    def show(self, text: str, *, final: bool = False) -> None:
+        now = self.clock()
+        if not self.enabled or (not final and now - self.last < self.every):
+            return
+        self.last = now
+        if self.tty:
+            end = "\n" if final else ""
+            self.stream.write("\r" + text[: self.WIDTH].ljust(self.WIDTH) + end)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def clear(self, text: str = "") -> None:
+        """Wipe the line on a terminal, then write ``text`` (if any) as a line of its own."""
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + " " * self.WIDTH + "\r")
+        if text:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
 class Progress:
     """Redraws at most twice a second; ``finish()`` draws the final line and a newline."""
 
@@ -49,18 +95,19 @@ class Progress:
         total: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.stream, self.verb, self.total, self.clock = stream, verb, total, clock
-        self.enabled = enabled and stream.isatty()
-        self.start = self.last = clock()
+        self.verb, self.total, self.clock = verb, total, clock
+        self.line = StatusLine(stream, enabled=enabled, clock=clock)
+        self.line.last = self.start = clock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.line.enabled
 
     def update(self, done: int, *, fraction: float | None = None, final: bool = False) -> None:
-        now = self.clock()
-        if not self.enabled or (not final and now - self.last < REDRAW_EVERY_S):
+        if not self.enabled:
             return
-        self.last = now
-        line = render(self.verb, done, now - self.start, self.total, fraction)
-        self.stream.write("\r" + line + ("\n" if final else ""))
-        self.stream.flush()
+        elapsed = self.clock() - self.start
+        self.line.show(render(self.verb, done, elapsed, self.total, fraction), final=final)
 
     def finish(self, done: int) -> None:
         self.update(done, fraction=1.0 if self.total is None else None, final=True)

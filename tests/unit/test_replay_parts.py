@@ -3,6 +3,7 @@ the comparison of two outputs, and the CLI's one-line errors (no broker needed).
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,7 @@ from stream_app.cli import main
 from stream_app.contracts.events import ClickEvent, ClickType, Event, Origin
 from stream_app.errors import UserError
 from stream_app.kafka.ranges import parse_offsets
-from stream_app.progress import format_duration, render
+from stream_app.progress import StatusLine, format_duration, render
 from stream_app.settings import Settings
 from stream_app.tools.compare import compare, read_side
 from stream_app.tools.datasets import RowError
@@ -232,3 +233,30 @@ def test_cli_mistakes_are_one_line(
     err = capsys.readouterr().err.strip()
     assert err.startswith(message)
     assert len(err.splitlines()) == 1
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_one_status_line_rewrites_on_a_terminal_and_writes_lines_in_a_log() -> None:
+    now = [0.0]
+    log = _Stream(tty=False)
+    line = StatusLine(log, log_every_s=5.0, clock=lambda: now[0])
+    for second in range(12):
+        now[0] = float(second)
+        line.show(f"at {second}")
+    assert log.getvalue() == "at 0\nat 5\nat 10\n"
+    silent = _Stream(tty=False)
+    StatusLine(silent, clock=lambda: now[0]).show("never in a log")
+    assert silent.getvalue() == ""
+    term = _Stream(tty=True)
+    on_tty = StatusLine(term, redraw_s=0.0, clock=lambda: now[0])
+    on_tty.show("a")
+    on_tty.clear("done")
+    assert term.getvalue() == "\r" + "a".ljust(200) + "\r" + " " * 200 + "\r" + "done\n"
