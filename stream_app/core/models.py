@@ -345,6 +345,20 @@ class TieAwareROCAUC:
 SCALED_INPUT_BOUND: Final = 10.0  # standard deviations; beyond it a value is out of range
 
 
+MIN_SPREAD: Final = 0.1  # in feature units (log1p days, counts, rates): a floor under the std
+
+
+def _robustly_scaled(scaler: Any, features: dict[str, float]) -> dict[str, float]:
+    """River StandardScaler's ``(x - mean) / std`` with a floor under the std: a feature the
+    model has only seen nearly constant (activity in the last hour at silent checkpoints) would
+    otherwise turn an ordinary value into a hundred thousand standard deviations."""
+    means, variances = scaler.means, scaler.vars
+    return {
+        name: (value - means[name]) / max(variances[name] ** 0.5, MIN_SPREAD)
+        for name, value in features.items()
+    }
+
+
 def _clipped(scaled: dict[str, float]) -> dict[str, float]:
     """No input beyond +-10 std reaches the model or an explanation: a silent customer's
     `activity_last_hour` was scored at -14 million std (issue 13)."""
@@ -394,7 +408,7 @@ class Propensity:
     def assess(self, features: dict[str, float]) -> Assessment:
         """Scale the features and score them (no learning)."""
         scaler, logreg = self.model.steps.values()
-        raw: dict[str, float] = scaler.transform_one(features)
+        raw = _robustly_scaled(scaler, features)
         largest = max(map(abs, raw.values()), default=0.0)
         self.largest_scaled_input = max(self.largest_scaled_input, largest)
         scaled = _clipped(raw)
@@ -410,7 +424,7 @@ class Propensity:
         self.log_loss.update(outcome, predicted)
         scaler, logreg = self.model.steps.values()
         scaler.learn_one(features)
-        logreg.learn_one(_clipped(scaler.transform_one(features)), outcome)
+        logreg.learn_one(_clipped(_robustly_scaled(scaler, features)), outcome)
         self.labels += 1
         self.positives += int(outcome)
 

@@ -20,12 +20,15 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from river import linear_model, optim, preprocessing
 
 from stream_app.core.features import FEATURES
 from stream_app.core.models import (
     _TRAITS,
     CLUSTER_FEATURES,
+    MIN_SPREAD,
     PROFILE_REFRESH,
+    SCALED_INPUT_BOUND,
     SNAPSHOT_MAGIC,
     WARM_UP_LABELS,
     Assessment,
@@ -638,23 +641,47 @@ def test_clusters_warm_up_then_seed_from_real_observations() -> None:
     assert len(names) == 3 and not any(n.startswith(("warming", "no members")) for n in names)
 
 
-def test_assess_and_learn_are_exactly_the_river_pipeline(examples_factory: ExamplesFactory) -> None:
-    """Propensity calls the pipeline's two steps itself (to keep the scaled vector); the result
-    must be the pipeline's own, bit for bit, while learning and after."""
-    mine, reference = Propensity(0.05), Propensity(0.05)
+def test_assess_and_learn_are_river_steps_with_a_floored_spread_and_a_clip(
+    examples_factory: ExamplesFactory,
+) -> None:
+    """Propensity calls River's two steps itself (to keep the scaled vector), with two
+    departures from River's pipeline: the standard deviation is floored at MIN_SPREAD and every
+    scaled input clipped at SCALED_INPUT_BOUND. Checked, bit for bit, against River's own
+    StandardScaler statistics and LogisticRegression fed the same examples."""
+    mine = Propensity(0.05)
+    scaler = preprocessing.StandardScaler()
+    logreg = linear_model.LogisticRegression(optimizer=optim.SGD(0.05))
+    bound = SCALED_INPUT_BOUND
+
+    def expected(x: Row) -> Row:
+        return {
+            f: max(
+                -bound, min(bound, (v - scaler.means[f]) / max(scaler.vars[f] ** 0.5, MIN_SPREAD))
+            )
+            for f, v in x.items()
+        }
+
     for x, y in examples_factory(300):
         assessment = mine.assess(x)
-        assert assessment.probability == reference.model.predict_proba_one(x)[True]
-        assert assessment.scaled == reference.model.transform_one(x)
+        assert assessment.scaled == expected(x)
+        assert assessment.probability == logreg.predict_proba_one(expected(x))[True]
         assert mine.score(x) == assessment.probability
         mine.learn(x, y, assessment.probability)
-        reference.model.learn_one(x, y)
-    logreg, reference_logreg = (
-        mine.model["LogisticRegression"],
-        reference.model["LogisticRegression"],
-    )
-    assert logreg.weights == reference_logreg.weights
-    assert logreg.intercept == reference_logreg.intercept
+        scaler.learn_one(x)
+        logreg.learn_one(expected(x), y)
+    assert mine.model["LogisticRegression"].weights == logreg.weights
+    assert mine.model["LogisticRegression"].intercept == logreg.intercept
+
+
+def test_a_feature_seen_nearly_constant_is_not_blown_up_to_millions_of_std() -> None:
+    p = Propensity(0.05)
+    for i in range(50):
+        p.learn({"activity_last_hour": 0.0001 * (i % 2)}, i % 3 == 0, 0.5)
+    scaled = p.assess({"activity_last_hour": 0.69}).scaled["activity_last_hour"]
+    # (0.69 - mean) / the floor: 6.9 std. River's own scaler says ~13,800 (std 0.00005).
+    assert scaled == pytest.approx((0.69 - 0.00005) / MIN_SPREAD, rel=1e-3)
+    assert p.largest_scaled_input == scaled
+    assert p.assess({"activity_last_hour": 5.0}).scaled["activity_last_hour"] == SCALED_INPUT_BOUND
 
 
 def test_explain_of_an_assessment_is_contributions(
