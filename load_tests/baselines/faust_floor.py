@@ -25,7 +25,8 @@ from collections import Counter
 from typing import Any, Final
 
 from load_tests.baselines.faust_common import add_harness_pages, run
-from stream_app.live.app import _as_current, _more_coming, _raw_topic, faust_app
+from stream_app.live import faust_internals
+from stream_app.live.app import faust_app, more_coming, raw_topic
 from stream_app.settings import Settings
 
 CHANGE: Final = b"c" * 1000  # about the size of a SegmentChange as JSON
@@ -41,7 +42,7 @@ def create_floor_app(settings: Settings) -> Any:
         partitions=settings.partitions,
         options={"block_cache_size": settings.rocksdb_block_cache_bytes},
     )
-    inputs = _raw_topic(app, *settings.input_topics)
+    inputs = raw_topic(app, *settings.input_topics)
     counted: Counter[str] = Counter()
     max_batch = settings.batch_max_events
     change_every = int(os.environ.get("FLOOR_CHANGE_EVERY", "7"))
@@ -52,26 +53,24 @@ def create_floor_app(settings: Settings) -> Any:
         for event in batch:
             latest[event.key or b""] = event
         for key, event in latest.items() if write_table else ():
-            with _as_current(event):
+            with faust_internals.as_current_event(event):
                 customers[key] = event.value
         for n, event in enumerate(batch, start=counted["floor"]):
             if not change_every or n % change_every:
                 continue
             key = event.key or b""
-            await app.producer.send(settings.segment_changes_topic, key, CHANGE, None, None, None)
-            await app.producer.send(
-                settings.segment_membership_topic, key, MEMBERSHIP, None, None, None
-            )
+            await faust_internals.send_raw(app, settings.segment_changes_topic, key, CHANGE)
+            await faust_internals.send_raw(app, settings.segment_membership_topic, key, MEMBERSHIP)
         for event in batch:
             event.ack()
         counted["floor"] += len(batch)
 
     async def floor(stream: Any) -> None:
-        queue = stream.channel.queue
+        queue = faust_internals.stream_queue(stream)
         batch: list[Any] = []
         async for event in stream.noack().events():
             batch.append(event)
-            if len(batch) < max_batch and await _more_coming(queue):
+            if len(batch) < max_batch and await more_coming(queue):
                 continue
             await handle(batch)
             batch = []

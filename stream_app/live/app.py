@@ -15,7 +15,7 @@ import asyncio
 import logging
 import logging.config
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import faust
@@ -55,7 +55,7 @@ class FaustSinks:
         self._membership = settings.segment_membership_topic
         self._dead_letters = settings.dead_letters_topic
 
-    async def change(self, customer_id: str, value: bytes) -> Awaitable[Any]:
+    async def change(self, customer_id: str, value: bytes) -> asyncio.Future[Any]:
         return await faust_internals.send_raw(self._app, self._changes, customer_id.encode(), value)
 
     async def membership(self, customer_id: str, value: bytes) -> None:
@@ -91,7 +91,7 @@ def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
-def _raw_topic(app: Any, *names: str) -> Any:
+def raw_topic(app: Any, *names: str) -> Any:
     """Raw bytes both ways. ``value_type=bytes`` alone is not enough: Faust would still apply
     the app-wide default serializer (json) and crash on malformed input before our code ran."""
     return app.topic(
@@ -168,7 +168,7 @@ def create_app(
         metrics=Metrics(),
         models=models,
         has_more=has_more,
-        as_current=_as_current,
+        as_current=faust_internals.as_current_event,
         merge_max_wait_s=settings.merge_max_wait_s,
         durable=durable.wait,
     )
@@ -202,7 +202,7 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
     over one message per ~3 turns). When nothing comes, the batch is processed: a lone live event
     waits microseconds, and a backlog's next fetch overlaps with processing.
     """
-    inputs = _raw_topic(app, *settings.input_topics)
+    inputs = raw_topic(app, *settings.input_topics)
     max_batch = settings.batch_max_events
     events: list[Any] = []  # collected by the agent, not yet handed to the pipeline
     arrived: list[float] = []
@@ -212,7 +212,7 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
         async for event in stream.noack().events():
             events.append(event)
             arrived.append(pipeline.input_clock())
-            if len(events) < max_batch and await _more_coming(queue):
+            if len(events) < max_batch and await more_coming(queue):
                 continue
             batch, times = _current(app, events, arrived)
             events.clear()
@@ -236,7 +236,7 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
     app.timer(MERGE_FLUSH_INTERVAL_S, name="release-held-events")(release_held)
 
 
-async def _more_coming(queue: faust_internals.DeliveryQueue) -> bool:
+async def more_coming(queue: faust_internals.DeliveryQueue) -> bool:
     """True if the stream's queue has (or within a few event-loop turns gets) another event."""
     for _ in range(DELIVERY_TURNS):
         if not queue.empty():
@@ -280,11 +280,8 @@ def _unread(app: Any, last_offsets: dict[tuple[str, int], int], topic: str, part
 # Makes an event Faust's current event while it is processed: table writes pick the RocksDB
 # instance and changelog partition from it (it may be held and released later, or by a timer).
 # Named here too for the load tests' Faust floor baseline.
-_as_current = faust_internals.as_current_event
-
-
 def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
-    snapshots = _raw_topic(app, settings.model_snapshots_topic)
+    snapshots = raw_topic(app, settings.model_snapshots_topic)
 
     async def save() -> None:
         data = pipeline.models.snapshot()

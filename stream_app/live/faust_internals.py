@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -180,7 +180,9 @@ def tables_recovered(app: Any) -> bool:
     return bool(app.tables.recovery.completed.is_set())
 
 
-async def send_raw(app: Any, topic: str, key: bytes | None, value: bytes | None) -> Awaitable[Any]:
+async def send_raw(
+    app: Any, topic: str, key: bytes | None, value: bytes | None
+) -> asyncio.Future[Any]:
     """Hand a record to the app's Kafka producer; returns its delivery future.
 
     Relies on: the aiokafka driver's ``Producer.send(topic, key, value, partition, timestamp,
@@ -193,5 +195,5 @@ async def send_raw(app: Any, topic: str, key: bytes | None, value: bytes | None)
     Why: ``Topic.send`` wraps every record in a ``FutureMessage`` with callbacks and sensors, a
     measurable cost per output; this skips it while keeping "outputs flushed before offsets
     are committed"."""
-    delivery: Awaitable[Any] = await app.producer.send(topic, key, value, None, None, None)
+    delivery: asyncio.Future[Any] = await app.producer.send(topic, key, value, None, None, None)
     return delivery

@@ -76,8 +76,9 @@ RawMessage = tuple[bytes | None, bytes | None, MessageOrigin, Any]
 class Sinks(Protocol):
     """Where the pipeline's output goes (Faust topics live, lists in tests)."""
 
-    async def change(self, customer_id: str, value: bytes) -> Awaitable[Any]:
-        """Send a change; return an awaitable that completes when the broker acknowledged it."""
+    async def change(self, customer_id: str, value: bytes) -> asyncio.Future[Any] | None:
+        """Send a change; return the future the broker's acknowledgement completes, or None
+        when the sink acknowledges at once."""
         ...
 
     async def membership(self, customer_id: str, value: bytes) -> None: ...
