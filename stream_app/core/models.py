@@ -148,6 +148,9 @@ class BehaviourClusters:
         self.reservoir: list[dict[str, float]] | None = []
         self._profiles: dict[int, ClusterProfile] = {}
         self._profiled_at = 0
+        # (observations so far, cluster, old name, new name): names change only when a centre
+        # really moved, and then the report says so.
+        self.renames: list[tuple[int, int, str, str]] = []
 
     @property
     def warming_up(self) -> bool:
@@ -271,6 +274,12 @@ class BehaviourClusters:
             else:
                 names[cid] = ", ".join(words[cid][:2]) or "typical customers"
         names = _unique(names, words)
+        if "renames" not in self.__dict__:  # restored from a snapshot written before it existed
+            self.renames = []
+        learned = sum(self.sizes)
+        for cid, name in names.items():
+            if kept.get(cid, name) != name:  # the centre moved: say so (the report lists these)
+                self.renames.append((learned, cid, kept[cid], name))
         kept.clear()
         kept.update(names)
         return {

@@ -219,6 +219,10 @@ def build_report(result: ReplayResult, processor: Processor, meters: Meters) -> 
             }
             for cid in range(len(models.clusters.sizes))
         ],
+        "cluster_renames": [
+            {"after_observations": n, "cluster": cid, "from": old, "to": new}
+            for n, cid, old, new in models.clusters.renames
+        ],
         "lifecycle": dict(sorted(lifecycle.items())),
         "flap_rate": round(meters.flaps.rate, 5),
         **meters.scores.report(),

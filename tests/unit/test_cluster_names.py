@@ -51,3 +51,8 @@ def test_a_name_stays_while_its_traits_hold_and_changes_when_they_do_not() -> No
     clusters.kmeans.centers[0]["activity_last_month"] = 0.1
     clusters.sizes[0] += PROFILE_REFRESH
     assert names(clusters)[0] == "high spenders, frequent buyers"
+    # ... and the rename is recorded, for the report to say so.
+    learned = sum(clusters.sizes)
+    assert clusters.renames == [
+        (learned, 0, "frequent buyers, highly active", "high spenders, frequent buyers")
+    ]
