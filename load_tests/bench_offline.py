@@ -255,6 +255,10 @@ class Recorder:
     )
     labels: dict[str, list[Label]] = field(default_factory=lambda: {"purchase": [], "churn": []})
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    # (snapshot time, prediction then) of purchase snapshots taken at a customer's own event (the
+    # probe population the stability figure was first measured on; others are time-driven).
+    event_snapshots: set[tuple[float, float]] = field(default_factory=set)
+    in_event: bool = False
 
     def learned(
         self, kind: str, features: dict[str, float], outcome: bool, predicted: float
@@ -289,6 +293,19 @@ class RecordingProcessor(Processor):
             learn(features, outcome, predicted)
 
         return wrapped
+
+    def _on_event(self, st: Any, event: Event, trig: Any) -> Any:
+        self.recorder.in_event = True
+        try:
+            return super()._on_event(st, event, trig)
+        finally:
+            self.recorder.in_event = False
+
+    def _snapshot_purchase(self, st: Any, x: dict[str, float], at: float) -> None:
+        before = len(st.purchase_pending)
+        super()._snapshot_purchase(st, x, at)
+        if self.recorder.in_event and len(st.purchase_pending) > before:
+            self.recorder.event_snapshots.add((at, st.purchase_propensity))
 
     def _expire(
         self, pending: list[Snapshot], now: float, horizon: float, *, churn: bool
@@ -688,6 +705,20 @@ def _stability(
         f"seeded sample (random.Random({SEED})) of {len(probes)} of the {len(pool)} distinct "
         "(in cluster-feature space) labelled purchase snapshots of the whole replay"
     )
+    at_events = _distinct(
+        [
+            label
+            for label in base.recorder.labels["purchase"]
+            if (label.snapshot_time, label.predicted) in base.recorder.event_snapshots
+        ]
+    )
+    event_probes = random.Random(SEED).sample(at_events, min(PROBES, len(at_events)))
+    by_events = cluster_stability(base.recorder.checkpoints, event_probes)
+    stability["event_time_probes"] = {
+        "probe_source": "the same seeded sample, drawn only from snapshots taken at events (the "
+        "population the figure was first measured on, before time-driven snapshots existed)",
+        "max_changed_share_after_warm_up": by_events["max_changed_share_after_warm_up"],
+    }
     first = cluster_stability(base.recorder.checkpoints, pool[:PROBES])
     stability["first_2000_distinct_probes"] = {
         "probe_source": "the first 2,000 distinct labelled purchase snapshots by snapshot time",
@@ -783,6 +814,8 @@ def _summary_clusters(cs: dict[str, Any]) -> list[str]:
         per_pair,
         f"max {cs['max_changed_share_after_warm_up']:.2%} (limit {STABILITY_LIMIT:.0%}); "
         f"flap_rate {cs['flap_rate']}; never-used clusters {cs['never_used_clusters_at_end']}",
+        "probes drawn from event-time snapshots only: max "
+        f"{cs['event_time_probes']['max_changed_share_after_warm_up']:.2%}",
     ]
     lines += [
         f"  cluster {c['id']}: {c['observations']:>6} obs {c['members']:>5} members  {c['profile']}"
