@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -244,6 +244,16 @@ class WorkerProcess(SystemProcess):
 
 
 WorkerFactory = Callable[[Settings], WorkerProcess]
+
+
+def final_segments(changes: Iterable[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Each customer's last (highest-sequence) change: its sequence and current segment."""
+    final: dict[str, tuple[int, dict[str, Any]]] = {}
+    for change in changes:
+        customer, sequence = change["customer_id"], change["sequence"]
+        if customer not in final or final[customer][0] < sequence:
+            final[customer] = (sequence, change["current"])
+    return final
 
 
 class TopicReader:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
-from conftest import TopicReader
+from conftest import TopicReader, final_segments
 
 from stream_app.contracts.events import Event
 from stream_app.settings import Settings
@@ -95,14 +95,6 @@ def assert_one_history(received: list[Change]) -> dict[str, Change]:
     for customer, seen in sequences.items():
         assert sorted(seen) == list(range(1, len(seen) + 1)), f"gap for {customer}: {seen}"
     return by_id
-
-
-def final_segments(changes: Iterable[Change]) -> dict[str, tuple[int, Any]]:
-    final: dict[str, tuple[int, Any]] = {}
-    for c in changes:
-        if c["customer_id"] not in final or final[c["customer_id"]][0] < c["sequence"]:
-            final[c["customer_id"]] = (c["sequence"], c["current"])
-    return final
 
 
 def test_seeded_sigkills_never_fork_the_change_stream(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import TopicReader
+from conftest import TopicReader, final_segments
 
 from stream_app.contracts.events import SegmentChange
 from stream_app.settings import Settings
@@ -38,15 +38,6 @@ def offline_changes(settings: Settings) -> list[SegmentChange]:
 
     replay_offline(read_dataset(REES46, "rees46"), settings.segmentation, Collect())  # type: ignore[arg-type]
     return collected
-
-
-def final_segments(changes: list[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:
-    final: dict[str, tuple[int, dict[str, Any]]] = {}
-    for change in changes:
-        customer, sequence = change["customer_id"], change["sequence"]
-        if customer not in final or final[customer][0] < sequence:
-            final[customer] = (sequence, change["current"])
-    return final
 
 
 def assert_contiguous(changes: dict[str, dict[str, Any]]) -> None:
