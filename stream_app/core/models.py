@@ -24,7 +24,7 @@ import orjson
 from numpy.typing import NDArray
 from river import cluster, compose, linear_model, metrics, optim, preprocessing
 
-from stream_app.core.features import FEATURES
+from stream_app.core.features import DAY, FEATURES
 from stream_app.settings import SegmentationSettings
 
 SNAPSHOT_MAGIC: Final = b"SAMODEL1"
@@ -69,6 +69,8 @@ def model_version(settings: SegmentationSettings) -> str:
         "k": settings.cluster_count,
         "min_step": settings.cluster_min_step,
         "warmup": settings.cluster_warmup,
+        "warmup_days": settings.cluster_warmup_days,
+        "min_share": settings.cluster_min_share,
         "lr": settings.learning_rate,
         "horizons": [settings.purchase_horizon_days, settings.churn_horizon_days],
     }
@@ -135,22 +137,53 @@ class BehaviourClusters:
     observations (seeded k-means++ and a few Lloyd passes), so no centre starts at a random point
     that never wins; after that each observation moves its centre by max(1/n, min_step)
     (MacQueen's running mean, floored so a centre still follows slow drift).
+
+    Warm-up needs `warmup` observations *and* `warmup_seconds` of event time (a scaler frozen on
+    a clickstream's first hours called a 20-hour gap "dormant"); the centres are then seeded from
+    a uniform sample of `warmup` of the warm-up's observations (reservoir sampling, seeded). A
+    centre whose share of recent observations falls below `min_share` is dead (k-means++ can
+    seed one on an outlier): it is re-seeded by splitting the cluster that spreads most, as
+    Spark's StreamingKMeans splits its largest cluster, and the split is recorded.
     """
 
     LLOYD_PASSES: Final = 5
+    RECENT_HALF_LIFE: Final = 5000.0  # observations: the window "recent" shares are taken over
 
-    def __init__(self, k: int, min_step: float, seed: int, warmup: int = 5000) -> None:
+    def __init__(
+        self,
+        k: int,
+        min_step: float,
+        seed: int,
+        warmup: int = 5000,
+        warmup_seconds: float = 0.0,
+        min_share: float = 0.0,
+    ) -> None:
         self.scaler = preprocessing.StandardScaler()
         self.kmeans = OrderedKMeans(CLUSTER_FEATURES, n_clusters=k, halflife=min_step, seed=seed)
         self.sizes = [0] * k
         self.seed = seed
         self.warmup = warmup
+        self.warmup_seconds = warmup_seconds
+        self.min_share = min_share
         self.reservoir: list[dict[str, float]] | None = []
+        self.warmup_seen = 0  # observations during the warm-up (the reservoir keeps `warmup`)
+        self.first_seen_at: float | None = None  # event time of the earliest observation
+        self.recent = [0.0] * k  # observations per cluster, decayed by RECENT_HALF_LIFE
+        self.spread = [[0.0] * len(CLUSTER_FEATURES) for _ in range(k)]  # variance per feature
+        self.since_reseed = 0  # observations since the centres were seeded or last re-seeded
+        self.forgotten = 0  # observations of centres since re-seeded
+        # (observations so far, dead cluster, cluster split to re-seed it)
+        self.reseeds: list[tuple[int, int, int]] = []
         self._profiles: dict[int, ClusterProfile] = {}
         self._profiled_at = 0
         # (observations so far, cluster, old name, new name): names change only when a centre
         # really moved, and then the report says so.
         self.renames: list[tuple[int, int, str, str]] = []
+
+    @property
+    def learned(self) -> int:
+        """Observations learned since seeding (a re-seeded centre's count restarts at 0)."""
+        return sum(self.sizes) + self.forgotten
 
     @property
     def warming_up(self) -> bool:
@@ -175,6 +208,30 @@ class BehaviourClusters:
             pick = rng.choices(rows, weights=weights)[0] if total > 0 else rng.choice(rows)
             centres.append(pick)
             nearest = np.minimum(nearest, _squared_distances(points, pick))
+        closest, counts = self._lloyd(points, centres)
+        for _ in range(k if self.min_share > 0 else 0):  # a starved seed is split off at once
+            spread = _spreads(points, closest, centres, k)
+            dead = min(range(k), key=counts.__getitem__)
+            if counts[dead] >= self.min_share * len(rows):
+                break
+            donor = _donor(counts, spread, dead)
+            centres[dead] = _split(centres[donor], spread[donor])
+            self.reseeds.append((0, dead, donor))
+            closest, counts = self._lloyd(points, centres)
+        for cid in range(k):
+            for f, value in zip(CLUSTER_FEATURES, centres[cid], strict=True):
+                self.kmeans.centers[cid][f] = value
+        self.sizes = counts
+        self.recent = [float(n) for n in counts]
+        self.spread = _spreads(points, closest, centres, k)
+        self._profiles.clear()
+
+    def _lloyd(
+        self, points: NDArray[np.float64], centres: list[Point]
+    ) -> tuple[NDArray[np.intp], list[int]]:
+        """LLOYD_PASSES passes, in place; the last assignment and its counts per centre."""
+        k = len(centres)
+        closest = np.zeros(points.shape[0], dtype=np.intp)
         counts = [0] * k
         for _ in range(self.LLOYD_PASSES):
             distances = np.stack([_squared_distances(points, c) for c in centres], axis=1)
@@ -187,11 +244,7 @@ class BehaviourClusters:
             for cid in range(k):
                 if counts[cid]:
                     centres[cid] = tuple(float(column[cid]) / counts[cid] for column in sums)
-        for cid in range(k):
-            for f, value in zip(CLUSTER_FEATURES, centres[cid], strict=True):
-                self.kmeans.centers[cid][f] = value
-        self.sizes = counts
-        self._profiles.clear()
+        return closest, counts
 
     def _scaled_rows(self, raw: list[dict[str, float]]) -> NDArray[np.float64]:
         """`_scaled` of many observations at once, one row each: River StandardScaler's formula,
@@ -210,25 +263,72 @@ class BehaviourClusters:
         )
         return scaled
 
-    def learn_assign(self, features: dict[str, float]) -> int:
-        """Learn from one observation and return the closest cluster id."""
+    def learn_assign(self, features: dict[str, float], at: float = 0.0) -> int:
+        """Learn from one observation made at event time `at`; return the closest cluster id."""
         if self.reservoir is not None:
-            raw = {f: features[f] for f in CLUSTER_FEATURES}
-            self.scaler.learn_one(raw)
-            self.reservoir.append(raw)
-            if len(self.reservoir) < self.warmup:
-                return 0
-            reservoir, self.reservoir = self.reservoir, None
-            self._seed_centres(reservoir)  # counts this observation in its cluster's size
-            return self.assign(features)
+            return self._warm_up(features, at)
         scaled = self._scaled(features)
         cid: int = self.kmeans.predict_one(scaled)
         self.sizes[cid] += 1
         step = max(1.0 / self.sizes[cid], self.kmeans.halflife)
         centre = self.kmeans.centers[cid]
-        for f in CLUSTER_FEATURES:
-            centre[f] += step * (scaled[f] - centre[f])
+        spread = self.spread[cid]
+        for i, f in enumerate(CLUSTER_FEATURES):
+            delta = scaled[f] - centre[f]
+            centre[f] += step * delta
+            spread[i] += step * (delta * delta - spread[i])
+        self._count_recent(cid)
         return cid
+
+    def _warm_up(self, features: dict[str, float], at: float) -> int:
+        reservoir = self.reservoir
+        assert reservoir is not None
+        raw = {f: features[f] for f in CLUSTER_FEATURES}
+        self.scaler.learn_one(raw)
+        self.warmup_seen += 1
+        if len(reservoir) < self.warmup:
+            reservoir.append(raw)
+        else:  # Algorithm R: every observation so far is in the sample with equal chance
+            slot = _draw(self.seed, self.warmup_seen)
+            if slot < self.warmup:
+                reservoir[slot] = raw
+        if self.first_seen_at is None or at < self.first_seen_at:
+            self.first_seen_at = at
+        waited = at - self.first_seen_at >= self.warmup_seconds
+        if self.warmup_seen < self.warmup or not waited:
+            return 0
+        self.reservoir = None
+        self._seed_centres(reservoir)  # counts this observation in its cluster's size
+        return self.assign(features)
+
+    def _count_recent(self, cid: int) -> None:
+        """Decayed share of recent observations; a centre that starves is re-seeded."""
+        keep = 0.5 ** (1.0 / self.RECENT_HALF_LIFE)
+        recent = self.recent
+        for i in range(len(recent)):
+            recent[i] *= keep
+        recent[cid] += 1.0
+        self.since_reseed += 1
+        if self.min_share <= 0 or self.since_reseed < self.RECENT_HALF_LIFE:
+            return
+        dead = min(range(len(recent)), key=recent.__getitem__)
+        if recent[dead] < self.min_share * sum(recent):
+            self._reseed(dead)
+
+    def _reseed(self, dead: int) -> None:
+        """Re-seed a starved centre by a split of the cluster that spreads most."""
+        donor = _donor(self.recent, self.spread, dead)
+        source, target = self.kmeans.centers[donor], self.kmeans.centers[dead]
+        point = _split(tuple(float(source[f]) for f in CLUSTER_FEATURES), self.spread[donor])
+        for f, value in zip(CLUSTER_FEATURES, point, strict=True):
+            target[f] = value
+        self.reseeds.append((self.learned, dead, donor))
+        self.forgotten += self.sizes[dead]
+        self.spread[dead] = list(self.spread[donor])
+        self.sizes[dead] = 0
+        self.recent[dead] = 0.0
+        self.since_reseed = 0
+        self._profiles.clear()
 
     def assign(self, features: dict[str, float]) -> int:
         """Closest cluster without learning (for probes and time-driven re-scoring)."""
@@ -239,7 +339,7 @@ class BehaviourClusters:
 
     def profile(self, cid: int) -> ClusterProfile:
         """Readable profile of a cluster; recomputed every PROFILE_REFRESH observations."""
-        learned = sum(self.sizes)
+        learned = self.learned
         if learned - self._profiled_at >= PROFILE_REFRESH:
             self._profiles.clear()
             self._profiled_at = learned
@@ -267,16 +367,18 @@ class BehaviourClusters:
             ranked = sorted(traits[cid].items(), key=lambda kv: (-abs(kv[1]), kv[0]))
             words[cid] = [_TRAITS[f][0 if z > 0 else 1] for f, z in ranked if abs(z) >= 0.25]
         names: dict[int, str] = {}
+        sticky: set[int] = set()
         for cid in range(k):
             old = kept.get(cid)
             if old is not None and set(old.split(", ")) <= set(words[cid]):
                 names[cid] = old
+                sticky.add(cid)
             else:
                 names[cid] = ", ".join(words[cid][:2]) or "typical customers"
-        names = _unique(names, words)
+        names = _unique(names, words, sticky)
         if "renames" not in self.__dict__:  # restored from a snapshot written before it existed
             self.renames = []
-        learned = sum(self.sizes)
+        learned = self.learned
         for cid, name in names.items():
             if kept.get(cid, name) != name:  # the centre moved: say so (the report lists these)
                 self.renames.append((learned, cid, kept[cid], name))
@@ -299,22 +401,71 @@ class BehaviourClusters:
         return rows[:top]
 
 
-def _unique(names: dict[int, str], words: dict[int, list[str]]) -> dict[int, str]:
-    """Two clusters never share a name: the later ids of a shared name take more of their own
-    traits, and if their traits run out, their id."""
-    out = dict(names)
-    for cid in sorted(out):
-        taken = {out[other] for other in out if other < cid}
-        if out[cid] not in taken:
+def _draw(seed: int, n: int) -> int:
+    """A seeded uniform draw from range(n), a pure function of (seed, n): no RNG state to keep."""
+    digest = hashlib.blake2b(f"{seed}:{n}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n
+
+
+SPLIT_OFFSET: Final = 1.0  # a re-seeded centre sits this many stds out along the split
+
+
+def _donor(weights: list[float] | list[int], spreads: list[list[float]], dead: int) -> int:
+    """The cluster to split: the most observations x widest variance (the lowest id on a tie)."""
+    others = [c for c in range(len(weights)) if c != dead]
+    return max(others, key=lambda c: (weights[c] * max(spreads[c]), -c))
+
+
+def _split(centre: Point, spread: list[float]) -> Point:
+    """A point SPLIT_OFFSET stds out from `centre` along its widest feature (Spark's
+    StreamingKMeans splits its largest cluster the same way, with a tiny offset); the donor
+    keeps its centre, so only the members on that side move."""
+    widest = max(range(len(spread)), key=lambda i: (spread[i], -i))
+    moved = list(centre)
+    moved[widest] += SPLIT_OFFSET * spread[widest] ** 0.5
+    return tuple(moved)
+
+
+def _spreads(
+    points: NDArray[np.float64], closest: NDArray[np.intp], centres: list[Point], k: int
+) -> list[list[float]]:
+    """Each cluster's variance per feature around its centre (0 for an empty cluster)."""
+    out = []
+    for cid in range(k):
+        members = points[closest == cid]
+        if not len(members):
+            out.append([0.0] * points.shape[1])
             continue
+        deviation = members - np.array(centres[cid])
+        out.append([float(v) for v in (deviation * deviation).mean(axis=0)])
+    return out
+
+
+def _unique(names: dict[int, str], words: dict[int, list[str]], sticky: set[int]) -> dict[int, str]:
+    """Two clusters never share a name (nor the same traits in another order). A cluster that
+    keeps its name goes first; then by id: a later holder of a taken name takes more of its own
+    traits, and if its traits run out, its id."""
+    out = dict(names)
+    order = sorted(out, key=lambda c: (c not in sticky, c))
+    for rank, cid in enumerate(order):
+        taken = {_meaning(out[other]) for other in order[:rank]}
+        if _meaning(out[cid]) not in taken:
+            continue
+        others = {_meaning(name) for name in out.values()}
         for n in range(3, len(words[cid]) + 1):
             longer = ", ".join(words[cid][:n])
-            if longer not in taken and longer not in out.values():
+            if _meaning(longer) not in taken and _meaning(longer) not in others:
                 out[cid] = longer
                 break
         else:
             out[cid] = f"{out[cid]} (cluster {cid})"
     return out
+
+
+def _meaning(name: str) -> frozenset[str]:
+    """What a name says, whatever the order of its traits ("frequent buyers, highly active" and
+    "highly active, frequent buyers" are one name to a marketer)."""
+    return frozenset(name.split(", "))
 
 
 def _by_effect(row: tuple[str, float, float]) -> tuple[float, str]:
@@ -469,6 +620,8 @@ class SegmentModels:
             settings.cluster_min_step,
             settings.seed,
             settings.cluster_warmup,
+            settings.cluster_warmup_days * DAY,
+            settings.cluster_min_share,
         )
         self.purchase = Propensity(settings.learning_rate)
         self.churn = Propensity(settings.learning_rate)

@@ -414,7 +414,7 @@ class Processor:
         if not refund:
             st.churn_checkpoint = 0
         x = feature_vector(b, at)
-        cluster = self.models.clusters.learn_assign(x)
+        cluster = self.models.clusters.learn_assign(x, at)
         moment = _Moment(trig, x, self.models)
         scored = moment.purchase.probability
         if refund and st.membership is not None:

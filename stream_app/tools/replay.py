@@ -28,6 +28,7 @@ from stream_app.contracts.events import (
     SegmentChange,
     encode,
 )
+from stream_app.core.features import DAY
 from stream_app.core.models import WARM_UP_LABELS, SegmentModels
 from stream_app.core.processor import MemoryStore, Processor, Status
 from stream_app.errors import UserError
@@ -159,7 +160,8 @@ class ResultSink:
 
 
 def _cold_start(processor: Processor) -> str | None:
-    """A plain sentence when a propensity model never warmed up, and what to change."""
+    """Plain sentences when a propensity model or the clusters never warmed up, and what to
+    change."""
     s, models = processor.s, processor.models
     cold = [
         (name, model.labels, horizon)
@@ -169,18 +171,33 @@ def _cold_start(processor: Processor) -> str | None:
         )
         if not model.warmed_up
     ]
-    if not cold:
-        return None
-    parts = [
-        f"the {name} model learned from {labels} of the {WARM_UP_LABELS} matured labels it needs "
-        f"(a label matures {horizon:g} days after it is taken)"
-        for name, labels, horizon in cold
-    ]
+    sentences = [_clusters_cold(processor)] if models.clusters.warming_up else []
+    if cold:
+        parts = [
+            f"the {name} model learned from {labels} of the {WARM_UP_LABELS} matured labels it "
+            f"needs (a label matures {horizon:g} days after it is taken)"
+            for name, labels, horizon in cold
+        ]
+        sentences.insert(
+            0,
+            "Tiers and scores stayed unscored: "
+            + "; ".join(parts)
+            + ". Replay more history, or shorten STREAM_APP_SEGMENTATION__PURCHASE_HORIZON_DAYS / "
+            "CHURN_HORIZON_DAYS.",
+        )
+    return " ".join(sentences) or None
+
+
+def _clusters_cold(processor: Processor) -> str:
+    """Why every customer is still in cluster 0, "warming up"."""
+    clusters, s = processor.models.clusters, processor.s
+    first = clusters.first_seen_at
+    span = 0.0 if first is None else max(0.0, processor.max_event_time - first) / DAY
     return (
-        "Tiers and scores stayed unscored: "
-        + "; ".join(parts)
-        + ". Replay more history, or shorten STREAM_APP_SEGMENTATION__PURCHASE_HORIZON_DAYS / "
-        "CHURN_HORIZON_DAYS."
+        f"Clusters stayed warming up: they start after {s.cluster_warmup:,} observations over "
+        f"at least {s.cluster_warmup_days:g} days of event time, and this replay gave "
+        f"{clusters.warmup_seen:,} over {span:.2f} days. Replay more history, or lower "
+        "STREAM_APP_SEGMENTATION__CLUSTER_WARMUP / CLUSTER_WARMUP_DAYS."
     )
 
 
@@ -222,6 +239,10 @@ def build_report(result: ReplayResult, processor: Processor, meters: Meters) -> 
         "cluster_renames": [
             {"after_observations": n, "cluster": cid, "from": old, "to": new}
             for n, cid, old, new in models.clusters.renames
+        ],
+        "cluster_reseeds": [
+            {"after_observations": n, "cluster": dead, "split_from": donor}
+            for n, dead, donor in models.clusters.reseeds
         ],
         "lifecycle": dict(sorted(lifecycle.items())),
         "flap_rate": round(meters.flaps.rate, 5),

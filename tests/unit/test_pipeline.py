@@ -377,10 +377,10 @@ async def test_a_failed_update_does_not_leave_a_half_updated_state_in_the_cache(
     boom = {"on": True}
     original = p.models.clusters.learn_assign
 
-    def explode(x: Any) -> int:
+    def explode(x: Any, at: float) -> int:
         if boom["on"]:
             raise RuntimeError("disk on fire")
-        return original(x)
+        return original(x, at)
 
     monkeypatch.setattr(p.models.clusters, "learn_assign", explode)
     await p.handle_batch(raw([(1, message("a", 1))]))
@@ -450,9 +450,9 @@ async def test_time_spent_processing_is_not_silence_of_the_other_topic(
     )
     learn = p.models.clusters.learn_assign
 
-    def slow(x: Any) -> int:
+    def slow(x: Any, at: float) -> int:
         time.sleep(0.3)  # a long batch
-        return learn(x)
+        return learn(x, at)
 
     monkeypatch.setattr(p.models.clusters, "learn_assign", slow)
 
