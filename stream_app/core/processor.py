@@ -48,6 +48,7 @@ from stream_app.core.features import (
     apply_transaction,
     feature_vector,
 )
+from stream_app.core.learning import CollectedLearning, ExampleKind, InProcessLearning, Learning
 from stream_app.core.models import WARM_UP_LABELS, Assessment, SegmentModels
 from stream_app.core.segmentation import (
     Membership,
@@ -237,16 +238,26 @@ class Processor:
         clock: Callable[[float], datetime] | None = None,
         ledger: Ledger | None = None,
         progress: StreamProgress | None = None,
+        learning: Learning | None = None,
     ) -> None:
         self.s = settings
         self.ledger = ledger
         self.models = models
+        # Offline (and in a live worker's deterministic mode) the models learn as they score.
+        self.learning: Learning = learning or InProcessLearning(models)
         self.store = store
         self._clock = clock or _ts
         self._due: list[tuple[float, str]] = []
         self.progress = progress or StreamProgress()
         self.counts: dict[str, int] = {}
         self._segments: dict[tuple[int, str, PropensityTier, Lifecycle], Segment] = {}
+
+    def use_models(self, models: SegmentModels) -> None:
+        """Score with another model version from the next event on (a batch boundary live)."""
+        self.models = models
+        if isinstance(self.learning, CollectedLearning):
+            self.learning.models = models
+        self._segments.clear()  # cached segments carry the old version's cluster names
 
     # -- watermark and due-time index ---------------------------------------------------------
 
@@ -414,7 +425,7 @@ class Processor:
         if not refund:
             st.churn_checkpoint = 0
         x = feature_vector(b, at)
-        cluster = self.models.clusters.learn_assign(x, at)
+        cluster = self.learning.observe(x, at)
         moment = _Moment(trig, x, self.models)
         scored = moment.purchase.probability
         if refund and st.membership is not None:
@@ -499,10 +510,10 @@ class Processor:
         matured = [snap for snap in pending if snap[0] + horizon <= now]
         if not matured:
             return pending  # the common case: nothing to learn, nothing to copy
-        model = self.models.churn if churn else self.models.purchase
+        kind = ExampleKind.CHURN if churn else ExampleKind.PURCHASE
         for snap in matured:
             outcome = not snap[3] if churn else bool(snap[3])
-            model.learn(_unpack(snap[2]), outcome, snap[1])
+            self.learning.label(kind, snap[2], float(snap[0]), outcome, float(snap[1]))
         return [snap for snap in pending if snap[0] + horizon > now]
 
     # -- policy --------------------------------------------------------------------------------
