@@ -63,6 +63,7 @@ from stream_app.settings import SegmentationSettings
 CHURN_CHECKPOINT_DAYS: Final = (7.0, 30.0)  # idle days at which churn risk is re-scored
 TOP_CONTRIBUTIONS: Final = 3
 _PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
+_PACK_V1: Final = struct.Struct(f"<{len(FEATURES) - 1}f")  # the 17 inputs before the gap one
 _FEATURE_VALUES: Final = operator.itemgetter(*FEATURES)  # feature dict -> values in that order
 
 
@@ -78,7 +79,12 @@ def _pack(x: dict[str, float]) -> str:
 
 
 def _unpack(blob: str) -> dict[str, float]:
-    return dict(zip(FEATURES, _PACK.unpack(base64.b64decode(blob)), strict=True))
+    raw = base64.b64decode(blob)
+    if len(raw) == _PACK_V1.size:  # a snapshot taken before `days_between_last_events` existed
+        old = dict(zip(FEATURES[:-1], _PACK_V1.unpack(raw), strict=True))
+        # Its `days_since_last_event` was the gap an event ended (most snapshots are at events).
+        return {**old, "days_between_last_events": old["days_since_last_event"]}
+    return dict(zip(FEATURES, _PACK.unpack(raw), strict=True))
 
 
 def _id_hash(event_id: str) -> str:
@@ -676,7 +682,8 @@ def _summary(
     if component is Component.ENTRY or previous is None:
         return f"first seen: joined {current.name} ({current.cluster_profile})"
     if component is Component.LIFECYCLE:
-        idle = math.expm1(x["days_since_last_event"])
+        # At an event the idle spell is the gap it ended; at a silent moment, the idle time so far.
+        idle = math.expm1(x["days_since_last_event"] or x["days_between_last_events"])
         churn = scores["churn_risk"]
         risk = "" if churn is None else f"; churn risk {churn:.2f}"
         return (
