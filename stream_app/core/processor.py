@@ -56,6 +56,7 @@ from stream_app.core.segmentation import (
     lifecycle_due,
     lifecycle_stage,
     next_tier,
+    tier_dwelt,
 )
 from stream_app.core.state import CustomerState, Snapshot
 from stream_app.settings import SegmentationSettings
@@ -524,13 +525,15 @@ class Processor:
             before = self._segment(m)
             m.stage = stage
             changes.append(self._change(st, Component.LIFECYCLE, before, moment))
-        tier = next_tier(m.tier, st.purchase_propensity, self.models.purchase.warmed_up, s)
+        tier = next_tier(m.tier, st.purchase_propensity, self._tiered, s)
         refund = moment.trigger.event_type == TransactionType.REFUND.value
         if refund and _TIER_RANK[tier] > _TIER_RANK[m.tier]:
             tier = m.tier  # a refund never raises a tier (not even out of `unscored`)
+        if tier is not m.tier and not tier_dwelt(m, at, s):
+            tier = m.tier  # held for the dwell time: no weekly high -> low -> high
         if tier is not m.tier:
             before = self._segment(m)
-            m.tier = tier
+            m.tier, m.tier_since = tier, at
             changes.append(self._change(st, Component.PROPENSITY, before, moment))
         if cluster is not None and cluster_move(m, cluster, at, s):
             before = self._segment(m)
@@ -538,13 +541,18 @@ class Processor:
             changes.append(self._change(st, Component.CLUSTER, before, moment))
         return changes
 
+    @property
+    def _tiered(self) -> bool:
+        """Purchase tiers are assigned once the model has warmed up and learned from
+        `tier_warm_up_labels` matured labels (before that every tier is `unscored`)."""
+        purchase = self.models.purchase
+        return purchase.warmed_up and purchase.labels >= self.s.tier_warm_up_labels
+
     def _enter(self, st: CustomerState, cluster: int, moment: _Moment) -> SegmentChange:
         at = moment.trigger.at
-        tier = next_tier(
-            PropensityTier.UNSCORED, st.purchase_propensity, self.models.purchase.warmed_up, self.s
-        )
+        tier = next_tier(PropensityTier.UNSCORED, st.purchase_propensity, self._tiered, self.s)
         stage = lifecycle_stage(st.behaviour, at, None, self.s)
-        st.membership = Membership(cluster, at, tier, stage)
+        st.membership = Membership(cluster, at, tier, stage, tier_since=at)
         return self._change(st, Component.ENTRY, None, moment)
 
     def _segment(self, m: Membership) -> Segment:

@@ -170,7 +170,15 @@ def _cold_start(processor: Processor) -> str | None:
         if not model.warmed_up
     ]
     if not cold:
-        return None
+        tier_labels = s.tier_warm_up_labels
+        if models.purchase.labels >= tier_labels:
+            return None
+        return (
+            f"Purchase tiers stayed unscored: the purchase model learned from "
+            f"{models.purchase.labels} of the {tier_labels} matured labels tiers wait for "
+            "(its scores are reported). Replay more history, or lower "
+            "STREAM_APP_SEGMENTATION__TIER_WARM_UP_LABELS."
+        )
     parts = [
         f"the {name} model learned from {labels} of the {WARM_UP_LABELS} matured labels it needs "
         f"(a label matures {horizon:g} days after it is taken)"
