@@ -45,8 +45,17 @@ FEATURES: Final = (
     "engagement_last_month",
     "tenure_days",
     "top_category_share",
+    "days_between_last_events",
 )
-"""Model inputs, named for what they mean to a marketer. Counts, money and days are log1p'd."""
+"""Model inputs, named for what they mean to a marketer. Counts, money and days are log1p'd.
+
+Time-consistent: every input means the same at an event and at a silent (time-driven) moment,
+computed as of that moment with the triggering event counted (it is in the state) and every decay
+aged to that time. `days_since_last_event` is the time since the latest event (0 at an event);
+`days_between_last_events` is the gap that the latest event ended (the same at an event and at
+every silent moment after it). One input used to mean both: the gap at an event, the idle time
+at a silent moment, so a model learning at events misread silent customers and vice versa.
+(Appended last, so a packed snapshot of the 17 older inputs is a prefix of this layout.)"""
 
 _BROWSE: Final = frozenset({ClickType.PAGE_VIEW, ClickType.PRODUCT_VIEW, ClickType.SEARCH})
 _ENGAGE: Final = frozenset({ClickType.EMAIL_OPEN, ClickType.PUSH_OPEN})
@@ -236,10 +245,7 @@ def feature_vector(b: Behaviour, now: float) -> dict[str, float]:
         total = sum(b.categories.values())
         top_share = max(b.categories.values()) / total if total > 0 else 0.0
     return {
-        # Silent: time since the last event. At an event (0 by definition): the gap it ended.
-        "days_since_last_event": _log_days(now - b.last_event_at)
-        if now > b.last_event_at
-        else _log_days(b.last_gap),
+        "days_since_last_event": _log_days(now - b.last_event_at),
         "days_since_last_order": _log_days(now - last_order)
         if last_order is not None
         else math.log1p(DAYS_CAP),
@@ -260,4 +266,5 @@ def feature_vector(b: Behaviour, now: float) -> dict[str, float]:
         "engagement_last_month": math.log1p(b.engagement * _decay(elapsed, ENGAGEMENT_HALF_LIFE)),
         "tenure_days": _log_days(now - b.first_seen),
         "top_category_share": top_share,
+        "days_between_last_events": _log_days(b.last_gap),
     }

@@ -35,6 +35,7 @@ from stream_app.core.models import CLUSTER_FEATURES, SegmentModels
 
 _CLUSTER_PACK: Final = struct.Struct(f"<{len(CLUSTER_FEATURES)}d")
 _LABEL_PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
+_LABEL_PACK_V1: Final = struct.Struct(f"<{len(FEATURES) - 1}f")  # before the gap input existed
 EXAMPLES_FORMAT: Final = "stream_app.examples"
 EXAMPLES_VERSION: Final = 1
 
@@ -62,8 +63,7 @@ class Example(BaseModel):
         return dict(zip(CLUSTER_FEATURES, values, strict=True))
 
     def label_features(self) -> dict[str, float]:
-        values = _LABEL_PACK.unpack(base64.b64decode(self.features, validate=True))
-        return dict(zip(FEATURES, values, strict=True))
+        return unpack_label(self.features)
 
 
 class ExampleBatch(BaseModel):
@@ -127,7 +127,7 @@ class InProcessLearning:
         self, kind: ExampleKind, packed: str, at: float, outcome: bool, predicted: float
     ) -> None:
         model = self.models.purchase if kind is ExampleKind.PURCHASE else self.models.churn
-        model.learn(_unpack_label(packed), outcome, predicted)
+        model.learn(unpack_label(packed), outcome, predicted)
 
 
 @dataclass(slots=True)
@@ -151,8 +151,15 @@ class CollectedLearning:
         return out
 
 
-def _unpack_label(packed: str) -> dict[str, float]:
-    return dict(zip(FEATURES, _LABEL_PACK.unpack(base64.b64decode(packed)), strict=True))
+def unpack_label(packed: str) -> dict[str, float]:
+    """A label snapshot's packed float32 features; a snapshot stored before
+    `days_between_last_events` existed has one input fewer."""
+    raw = base64.b64decode(packed, validate=True)
+    if len(raw) == _LABEL_PACK_V1.size:
+        old = dict(zip(FEATURES[:-1], _LABEL_PACK_V1.unpack(raw), strict=True))
+        # Its `days_since_last_event` was the gap an event ended (most snapshots are at events).
+        return {**old, "days_between_last_events": old["days_since_last_event"]}
+    return dict(zip(FEATURES, _LABEL_PACK.unpack(raw), strict=True))
 
 
 def learn_example(models: SegmentModels, example: Example) -> None:

@@ -32,7 +32,7 @@ WARM_UP_LABELS: Final = 200  # a propensity is "unscored" until its model has le
 PROFILE_REFRESH: Final = 1000  # observations between recomputing cluster profile names
 
 CLUSTER_FEATURES: Final = (
-    "days_since_last_event",
+    "days_between_last_events",  # at an event, what recency means: the gap it ended
     "order_count",
     "total_spend",
     "average_order_value",
@@ -44,7 +44,7 @@ CLUSTER_FEATURES: Final = (
 )
 
 _TRAITS: Final[dict[str, tuple[str, str]]] = {
-    "days_since_last_event": ("dormant", "recently active"),
+    "days_between_last_events": ("dormant", "recently active"),
     "order_count": ("frequent buyers", "rare buyers"),
     "total_spend": ("high spenders", "low spenders"),
     "average_order_value": ("big baskets", "small baskets"),
@@ -325,7 +325,10 @@ class BehaviourClusters:
         self.reseeds.append((self.learned, dead, donor))
         self.forgotten += self.sizes[dead]
         self.spread[dead] = list(self.spread[donor])
-        self.sizes[dead] = 0
+        # A weight, so the first members do not drag the new centre onto themselves (a step of
+        # 1/1) and away into the donor's core: it takes the tail it was placed on.
+        self.sizes[dead] = max(1, round(SPLIT_PRIOR * self.sizes[donor]))
+        self.forgotten -= self.sizes[dead]
         self.recent[dead] = 0.0
         self.since_reseed = 0
         self._profiles.clear()
@@ -407,7 +410,8 @@ def _draw(seed: int, n: int) -> int:
     return int.from_bytes(digest, "big") % n
 
 
-SPLIT_OFFSET: Final = 1.0  # a re-seeded centre sits this many stds out along the split
+SPLIT_OFFSET: Final = 2.0  # a re-seeded centre sits this many stds out along the split
+SPLIT_PRIOR: Final = 0.3  # a re-seeded centre starts with this share of the donor's weight
 
 
 def _donor(weights: list[float] | list[int], spreads: list[list[float]], dead: int) -> int:

@@ -48,7 +48,12 @@ from stream_app.core.features import (
     apply_transaction,
     feature_vector,
 )
-from stream_app.core.learning import CollectedLearning, ExampleKind, InProcessLearning, Learning
+from stream_app.core.learning import (
+    CollectedLearning,
+    ExampleKind,
+    InProcessLearning,
+    Learning,
+)
 from stream_app.core.models import WARM_UP_LABELS, Assessment, SegmentModels
 from stream_app.core.segmentation import (
     Membership,
@@ -57,6 +62,7 @@ from stream_app.core.segmentation import (
     lifecycle_due,
     lifecycle_stage,
     next_tier,
+    tier_dwelt,
 )
 from stream_app.core.state import CustomerState, Snapshot
 from stream_app.settings import SegmentationSettings
@@ -76,10 +82,6 @@ class Status(StrEnum):
 
 def _pack(x: dict[str, float]) -> str:
     return base64.b64encode(_PACK.pack(*_FEATURE_VALUES(x))).decode("ascii")
-
-
-def _unpack(blob: str) -> dict[str, float]:
-    return dict(zip(FEATURES, _PACK.unpack(base64.b64decode(blob)), strict=True))
 
 
 def _id_hash(event_id: str) -> str:
@@ -529,13 +531,15 @@ class Processor:
             before = self._segment(m)
             m.stage = stage
             changes.append(self._change(st, Component.LIFECYCLE, before, moment))
-        tier = next_tier(m.tier, st.purchase_propensity, self.models.purchase.warmed_up, s)
+        tier = next_tier(m.tier, st.purchase_propensity, self._tiered, s)
         refund = moment.trigger.event_type == TransactionType.REFUND.value
         if refund and _TIER_RANK[tier] > _TIER_RANK[m.tier]:
             tier = m.tier  # a refund never raises a tier (not even out of `unscored`)
+        if tier is not m.tier and not tier_dwelt(m, at, s):
+            tier = m.tier  # held for the dwell time: no weekly high -> low -> high
         if tier is not m.tier:
             before = self._segment(m)
-            m.tier = tier
+            m.tier, m.tier_since = tier, at
             changes.append(self._change(st, Component.PROPENSITY, before, moment))
         if cluster is not None and cluster_move(m, cluster, at, s):
             before = self._segment(m)
@@ -543,13 +547,18 @@ class Processor:
             changes.append(self._change(st, Component.CLUSTER, before, moment))
         return changes
 
+    @property
+    def _tiered(self) -> bool:
+        """Purchase tiers are assigned once the model has warmed up and learned from
+        `tier_warm_up_labels` matured labels (before that every tier is `unscored`)."""
+        purchase = self.models.purchase
+        return purchase.warmed_up and purchase.labels >= self.s.tier_warm_up_labels
+
     def _enter(self, st: CustomerState, cluster: int, moment: _Moment) -> SegmentChange:
         at = moment.trigger.at
-        tier = next_tier(
-            PropensityTier.UNSCORED, st.purchase_propensity, self.models.purchase.warmed_up, self.s
-        )
+        tier = next_tier(PropensityTier.UNSCORED, st.purchase_propensity, self._tiered, self.s)
         stage = lifecycle_stage(st.behaviour, at, None, self.s)
-        st.membership = Membership(cluster, at, tier, stage)
+        st.membership = Membership(cluster, at, tier, stage, tier_since=at)
         return self._change(st, Component.ENTRY, None, moment)
 
     def _segment(self, m: Membership) -> Segment:
@@ -687,7 +696,8 @@ def _summary(
     if component is Component.ENTRY or previous is None:
         return f"first seen: joined {current.name} ({current.cluster_profile})"
     if component is Component.LIFECYCLE:
-        idle = math.expm1(x["days_since_last_event"])
+        # At an event the idle spell is the gap it ended; at a silent moment, the idle time so far.
+        idle = math.expm1(x["days_since_last_event"] or x["days_between_last_events"])
         churn = scores["churn_risk"]
         risk = "" if churn is None else f"; churn risk {churn:.2f}"
         return (

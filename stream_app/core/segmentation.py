@@ -25,6 +25,7 @@ class Membership:
     candidate: int = -1
     candidate_hits: int = 0
     reactivated_at: float | None = None
+    tier_since: float | None = None  # when the tier last changed (None: not recorded)
 
     def to_list(self) -> list[object]:
         return [
@@ -46,11 +47,13 @@ class Membership:
             "candidate": self.candidate,
             "candidate_hits": self.candidate_hits,
             "reactivated_at": self.reactivated_at,
+            "tier_since": self.tier_since,
         }
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> Membership:
         reactivated = r.get("reactivated_at")
+        tier_since = r.get("tier_since")
         return cls(
             cluster=int(r["cluster"]),
             cluster_since=float(r["cluster_since"]),
@@ -59,6 +62,7 @@ class Membership:
             candidate=int(r.get("candidate", -1)),
             candidate_hits=int(r.get("candidate_hits", 0)),
             reactivated_at=None if reactivated is None else float(reactivated),
+            tier_since=None if tier_since is None else float(tier_since),
         )
 
     @classmethod
@@ -129,6 +133,14 @@ def next_tier(
     if current is PropensityTier.MEDIUM:
         return PropensityTier.MEDIUM if propensity >= s.medium_leave else PropensityTier.LOW
     return PropensityTier.MEDIUM if propensity >= s.medium_enter else PropensityTier.LOW
+
+
+def tier_dwelt(m: Membership, now: float, s: SegmentationSettings) -> bool:
+    """True when the current tier may change at `now`: leaving `unscored` is never held back, and
+    a tier is otherwise kept for at least `tier_min_dwell_days` after it last changed."""
+    if m.tier is PropensityTier.UNSCORED or m.tier_since is None:
+        return True
+    return now - m.tier_since >= s.tier_min_dwell_days * DAY
 
 
 def cluster_move(m: Membership, predicted: int, now: float, s: SegmentationSettings) -> bool:

@@ -185,6 +185,14 @@ def _cold_start(processor: Processor) -> str | None:
             + ". Replay more history, or shorten STREAM_APP_SEGMENTATION__PURCHASE_HORIZON_DAYS / "
             "CHURN_HORIZON_DAYS.",
         )
+    elif models.purchase.labels < s.tier_warm_up_labels:
+        sentences.insert(
+            0,
+            f"Purchase tiers stayed unscored: the purchase model learned from "
+            f"{models.purchase.labels} of the {s.tier_warm_up_labels} matured labels tiers wait "
+            "for (its scores are reported). Replay more history, or lower "
+            "STREAM_APP_SEGMENTATION__TIER_WARM_UP_LABELS.",
+        )
     return " ".join(sentences) or None
 
 

@@ -29,7 +29,7 @@ def test_two_clusters_with_the_same_top_traits_get_different_names() -> None:
             {**FREQUENT_ACTIVE, "total_spend": 0.9},
             {**FREQUENT_ACTIVE, "total_spend": -0.8},
             {**FREQUENT_ACTIVE},
-            {"days_since_last_event": 1.2},
+            {"days_between_last_events": 1.2},
         ]
     )
     assert names(clusters) == [
@@ -41,7 +41,7 @@ def test_two_clusters_with_the_same_top_traits_get_different_names() -> None:
 
 
 def test_a_name_stays_while_its_traits_hold_and_changes_when_they_do_not() -> None:
-    clusters = clusters_with([{**FREQUENT_ACTIVE}, {"days_since_last_event": 1.2}])
+    clusters = clusters_with([{**FREQUENT_ACTIVE}, {"days_between_last_events": 1.2}])
     assert names(clusters)[0] == "frequent buyers, highly active"
     # The centre drifts: spend now leads, but both named traits still hold: the name stays.
     clusters.kmeans.centers[0]["total_spend"] = 3.0

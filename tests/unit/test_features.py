@@ -142,6 +142,7 @@ def test_one_page_view_gives_exact_features(behaviour_factory: BehaviourFactory)
         "engagement_last_month": 0.0,
         "tenure_days": 0.0,
         "top_category_share": 1.0,
+        "days_between_last_events": 0.0,  # no gap ended yet
     }
 
 
@@ -426,7 +427,7 @@ COUNT_LIKE = (
     "engagement_last_month",
 )
 RATES = ("refund_rate", "cart_abandonment_rate", "top_category_share")
-DAYS = ("days_since_last_event", "days_since_last_order", "tenure_days")
+DAYS = ("days_since_last_event", "days_since_last_order", "tenure_days", "days_between_last_events")
 
 
 @settings(max_examples=120)

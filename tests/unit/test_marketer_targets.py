@@ -51,11 +51,13 @@ def test_emitted_scores_are_calibrated(report: dict[str, Any]) -> None:
 
 
 def test_emitted_scores_rank_outcomes_at_least_as_well_as_today(report: dict[str, Any]) -> None:
-    """Targets: purchase >= 0.70 overall and >= 0.65 time-driven (issue 13). Today 0.637 and
-    0.637; before this round 0.54 and 0.50."""
+    """Targets: purchase >= 0.70 overall and >= 0.65 time-driven (issue 13): met, 0.710 and 0.712
+    (event-triggered 0.702) with time-consistent features, a 7-day tier dwell and tiers that wait
+    for 6,000 matured labels; 0.637 and 0.637 before that, 0.54 and 0.50 before the last round."""
     purchase = report["purchase_scores_emitted"]
-    assert purchase["all"]["auc"] >= 0.63
-    assert purchase["time"]["auc"] >= 0.63
+    assert purchase["all"]["auc"] >= 0.70
+    assert purchase["time"]["auc"] >= 0.70
+    assert purchase["event"]["auc"] >= 0.70
     assert report["churn_scores_emitted"]["all"]["auc"] >= 0.70
     assert report["purchase_auc"] >= 0.72  # the model's own, at every moment it scores
 

@@ -423,7 +423,7 @@ PROFILES: list[tuple[dict[str, float], str]] = [
     ({}, "typical customers"),
     ({"order_count": 0.24, "total_spend": -0.24}, "typical customers"),
     ({"order_count": 2.0, "total_spend": -1.5}, "frequent buyers, low spenders"),
-    ({"days_since_last_event": 1.0, "cart_abandonment_rate": 3.0}, "cart abandoners, dormant"),
+    ({"days_between_last_events": 1.0, "cart_abandonment_rate": 3.0}, "cart abandoners, dormant"),
     ({"engagement_last_month": -0.9, "session_count": 0.1}, "not engaged by email/push"),
     (
         {"browsing_velocity": 1.0, "session_count": -1.0, "order_count": 0.5},

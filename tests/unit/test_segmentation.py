@@ -1,7 +1,8 @@
 """Tests for stream_app.core.segmentation: lifecycle stages and their due times, tier hysteresis,
-the cluster-move rule and Membership serialisation. All with the default SegmentationSettings
-(new 30 d, at risk after 30 d, lapsed after 90 d, reactivated for 30 d; tiers high 0.60/0.50,
-medium 0.30/0.20; cluster moves need 2 confirmations and 24 h of dwell).
+the tier dwell, the cluster-move rule and Membership serialisation. With the default
+SegmentationSettings (new 30 d, at risk after 30 d, lapsed after 90 d, reactivated for 30 d; tiers
+held 7 d; cluster moves need 2 confirmations and 24 h of dwell), except the hysteresis tables,
+which use tiers high 0.60/0.50, medium 0.30/0.20 (TIER_S; the defaults are 0.65/0.55, 0.30/0.20).
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from stream_app.core.segmentation import (
     lifecycle_due,
     lifecycle_stage,
     next_tier,
+    tier_dwelt,
 )
 from stream_app.settings import SegmentationSettings
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
 S = SegmentationSettings()
+TIER_S = SegmentationSettings(
+    high_enter=0.60, high_leave=0.50, medium_enter=0.30, medium_leave=0.20
+)
 NEW, ACTIVE, AT_RISK, LAPSED, REACTIVATED = (
     Lifecycle.NEW,
     Lifecycle.ACTIVE,
@@ -195,14 +200,14 @@ TIERS: list[tuple[PropensityTier, float, bool, PropensityTier]] = [
 def test_next_tier_hysteresis(
     current: PropensityTier, propensity: float, scored: bool, expected: PropensityTier
 ) -> None:
-    assert next_tier(current, propensity, scored, S) is expected
+    assert next_tier(current, propensity, scored, TIER_S) is expected
 
 
 def test_hysteresis_keeps_an_oscillating_score_in_its_tier() -> None:
     tier = UNSCORED
     history = []
     for p in [0.62, 0.52, 0.58, 0.51, 0.59, 0.50, 0.49, 0.58, 0.25, 0.21, 0.28, 0.19, 0.29]:
-        tier = next_tier(tier, p, True, S)
+        tier = next_tier(tier, p, True, TIER_S)
         history.append(tier)
     assert history == [HIGH] * 6 + [MEDIUM] * 5 + [LOW] * 2
 
@@ -292,8 +297,42 @@ def test_cluster_move_tracks_the_candidate() -> None:
     ids=["full", "defaults"],
 )
 def test_membership_round_trips(m: Membership) -> None:
+    assert Membership.from_record(orjson.loads(orjson.dumps(m.to_record()))) == m
     assert Membership.from_list(m.to_list()) == m
     assert Membership.from_list(orjson.loads(orjson.dumps(m.to_list()))) == m
+
+
+def test_membership_record_keeps_tier_since_and_reads_records_without_it() -> None:
+    m = Membership(1, T0, HIGH, ACTIVE, tier_since=T0 + 86400.0)
+    record = orjson.loads(orjson.dumps(m.to_record()))
+    assert record["tier_since"] == T0 + 86400.0
+    assert Membership.from_record(record) == m
+    del record["tier_since"]  # written before the tier dwell existed
+    assert Membership.from_record(record).tier_since is None
+
+
+DAY_S = 86400.0
+# (tier, tier changed this many days ago (None: not recorded), may it change now?)
+DWELL: list[tuple[PropensityTier, float | None, bool]] = [
+    (UNSCORED, 0.0, True),  # leaving `unscored` is never held back
+    (HIGH, None, True),  # a record from before the dwell: not held
+    (HIGH, 0.0, False),
+    (HIGH, 6.99, False),
+    (HIGH, 7.0, True),
+    (LOW, 3.0, False),
+    (MEDIUM, 30.0, True),
+]
+
+
+@pytest.mark.parametrize(("tier", "ago", "may_change"), DWELL)
+def test_a_tier_is_held_for_the_dwell_time(
+    tier: PropensityTier, ago: float | None, may_change: bool
+) -> None:
+    now = T0 + 100 * DAY_S
+    m = Membership(0, T0, tier, ACTIVE, tier_since=None if ago is None else now - ago * DAY_S)
+    assert S.tier_min_dwell_days == 7.0
+    assert tier_dwelt(m, now, S) is may_change
+    assert tier_dwelt(m, now, SegmentationSettings(tier_min_dwell_days=0)) is True
 
 
 @given(

@@ -53,11 +53,12 @@ def test_defaults() -> None:
     assert s.segmentation == SegmentationSettings()
     seg = s.segmentation
     assert (seg.high_enter, seg.high_leave, seg.medium_enter, seg.medium_leave) == (
-        0.6,
-        0.5,
+        0.65,
+        0.55,
         0.3,
         0.2,
     )
+    assert (seg.tier_min_dwell_days, seg.tier_warm_up_labels) == (7.0, 6000)
     assert (seg.at_risk_after_days, seg.lapsed_after_days) == (30.0, 90.0)
     assert seg.purchase_horizon_days == 30.0
     assert seg.cluster_count == 6
@@ -115,7 +116,7 @@ INVALID: list[tuple[str, dict[str, object], str]] = [
     ),
     (
         "medium_enter above high_leave",
-        {"segmentation": {"medium_enter": 0.55, "medium_leave": 0.2}},
+        {"segmentation": {"medium_enter": 0.56, "medium_leave": 0.2}},
         "medium_enter must not exceed high_leave",
     ),
     (
@@ -164,7 +165,9 @@ def test_segmentation_version_is_stable() -> None:
     [
         {"purchase_horizon_days": 14},
         {"seed": 43},
-        {"high_enter": 0.65},
+        {"high_enter": 0.7},
+        {"tier_min_dwell_days": 3},
+        {"tier_warm_up_labels": 500},
         {"cluster_confirmations": 3},
         {"session_gap_minutes": 45},
         {"top_categories": 6},
