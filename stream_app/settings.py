@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
@@ -30,6 +38,9 @@ NESTED_DELIMITER: Final = "__"
 # own); the unknown-variable check lets them pass and the tests keep them.
 NOT_SETTINGS: Final = frozenset({"STREAM_APP_TEST_BOOTSTRAP", "STREAM_APP_TEST_RUN_DIR"})
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+MIN_SIGNING_KEY_CHARS: Final = 32
 
 
 def _default_cache_dir() -> Path:
@@ -144,6 +155,12 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1024, le=65535)
     max_event_bytes: int = Field(65536, ge=256, le=10 * 1024 * 1024)
     model_snapshot_interval_s: float = Field(30.0, gt=0)
+    # With a key, model records (docs/operations.md, "Model records") are signed with
+    # HMAC-SHA256 and a record without a valid signature is refused. The previous key only
+    # verifies, so records written before a key rotation still load; it never signs.
+    # At least 32 characters (e.g. `openssl rand -hex 32`); never printed.
+    model_signing_key: SecretStr | None = None
+    model_signing_previous_key: SecretStr | None = None
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     stream_buffer_maxsize: int = Field(16384, ge=64)
     producer_linger_s: float = Field(0.005, ge=0)
@@ -184,6 +201,20 @@ class Settings(BaseSettings):
             return value.upper()
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
 
+    @field_validator("model_signing_key", "model_signing_previous_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SIGNING_KEY_CHARS:
+            raise ValueError(f"must be at least {MIN_SIGNING_KEY_CHARS} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _previous_key_needs_a_key(self) -> Settings:
+        if self.model_signing_previous_key is not None and self.model_signing_key is None:
+            previous, key = env_name("model_signing_previous_key"), env_name("model_signing_key")
+            raise ValueError(f"{previous} is set without {key}")
+        return self
+
     @model_validator(mode="after")
     def _default_bootstrap(self) -> Settings:
         if not self.bootstrap_servers:
@@ -203,6 +234,13 @@ class Settings(BaseSettings):
     def model_snapshots_topic(self) -> str:
         """Compacted topic holding the latest model snapshot of each worker."""
         return f"{self.app_id}-model-snapshots"
+
+    @property
+    def model_signing_keys(self) -> tuple[bytes, ...]:
+        """The keys a model record's signature may be made with, the signing one first; empty
+        when no key is configured (records are then neither signed nor required to be)."""
+        keys = (self.model_signing_key, self.model_signing_previous_key)
+        return tuple(key.get_secret_value().encode() for key in keys if key is not None)
 
     @property
     def kafka_dir(self) -> Path:
@@ -226,7 +264,11 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """The ``STREAM_APP_*`` variables that make a child process load exactly these settings."""
         env: dict[str, str] = {}
-        for name, value in self.model_dump(mode="json").items():
+        for name, dumped in self.model_dump(mode="json").items():
+            field = getattr(self, name)
+            if field is None:
+                continue  # an unset optional setting: the child's default is None too
+            value = field.get_secret_value() if isinstance(field, SecretStr) else dumped
             text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
             env[f"{ENV_PREFIX}{name.upper()}"] = text
         return env

@@ -30,6 +30,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from stream_app.contracts.model_record import ModelParams, ModelRecord
+
 SCHEMA_VERSION: Final = 1
 SEGMENT_CHANGE_VERSION: Final = 2  # 2: scores may be null, with the reason
 MAX_AMOUNT: Final = Decimal("10000000")  # an order above ten million is absurd, not a sale
@@ -440,6 +442,8 @@ CONTRACTS: Final[dict[str, type[BaseModel]]] = {
     "segment_change": SegmentChange,
     "segment_membership": SegmentMembership,
     "dead_letter": DeadLetter,
+    "model_record": ModelRecord,
+    "model_params": ModelParams,
 }
 
 EventKind = Literal["click", "transaction"]

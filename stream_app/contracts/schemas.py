@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import orjson
 
@@ -12,8 +13,10 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def version(name: str) -> int:
-    """A contract's version is its model's ``schema_version``: each contract moves on its own."""
-    value: int = CONTRACTS[name].model_fields["schema_version"].default
+    """A contract's version is its model's ``schema_version`` (a one-value Literal, with or
+    without a default): each contract moves on its own."""
+    (value,) = get_args(CONTRACTS[name].model_fields["schema_version"].annotation)
+    assert isinstance(value, int)
     return value
 
 

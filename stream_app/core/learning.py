@@ -101,7 +101,9 @@ def label_example(
 
 
 class Learning(Protocol):
-    """Where the processor's learning moments go."""
+    """Where the processor's learning moments go; `models` is the set that scores."""
+
+    models: SegmentModels
 
     def observe(self, x: dict[str, float], at: float) -> int:
         """A cluster observation at event time `at`; returns the customer's closest cluster."""

@@ -1,6 +1,8 @@
 """Online River models: behavioural clusters and delayed-label propensities, with snapshots.
 
 Everything is seeded, so the same events in the same order give the same model, byte for byte.
+A snapshot is a model record (stream_app/contracts/model_record.py): every learned parameter as
+plain JSON, written by each class's ``to_params`` and read back by its ``from_params``.
 
 * :class:`BehaviourClusters` scales a subset of the features (River ``StandardScaler``) and assigns
   them with River ``KMeans``. KMeans keeps its centres in a dict keyed 0..k-1 and only moves the
@@ -14,20 +16,35 @@ from __future__ import annotations
 
 import hashlib
 import math
-import pickle
 import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 import orjson
 from numpy.typing import NDArray
-from river import cluster, compose, linear_model, metrics, optim, preprocessing
+from river import cluster, compose, linear_model, metrics, optim, preprocessing, utils
 
+from stream_app.contracts.model_record import (
+    AUC_BINS,
+    MODEL_PARAMS_VERSION,
+    AucParams,
+    ClusterParams,
+    LogLossParams,
+    ModelParams,
+    ProfileParams,
+    PropensityParams,
+    RenameParams,
+    ReseedParams,
+    ScalerParams,
+)
+from stream_app.core import model_format
 from stream_app.core.features import DAY, FEATURES
+from stream_app.core.model_format import SnapshotError
 from stream_app.settings import SegmentationSettings
 
-SNAPSHOT_MAGIC: Final = b"SAMODEL1"
 WARM_UP_LABELS: Final = 200  # a propensity is "unscored" until its model has learned this many
 PROFILE_REFRESH: Final = 1000  # observations between recomputing cluster profile names
 
@@ -54,10 +71,6 @@ _TRAITS: Final[dict[str, tuple[str, str]]] = {
     "engagement_last_month": ("email/push engaged", "not engaged by email/push"),
     "session_count": ("many visits", "few visits"),
 }
-
-
-class SnapshotError(ValueError):
-    """A model snapshot that is corrupt, truncated or from another model version."""
 
 
 def model_version(settings: SegmentationSettings) -> str:
@@ -97,6 +110,35 @@ def _squared_distances(points: NDArray[np.float64], centre: Point) -> NDArray[np
         delta = points[:, i] - value
         total += delta * delta
     return total
+
+
+def _scaler_params(scaler: Any) -> ScalerParams:
+    """A River StandardScaler's running statistics (River floats and ints, as kept)."""
+    return ScalerParams(
+        counts={name: int(n) for name, n in scaler.counts.items()},
+        means={name: float(value) for name, value in scaler.means.items()},
+        vars={name: float(value) for name, value in scaler.vars.items()},
+    )
+
+
+def _scaler_from(params: ScalerParams, known: Iterable[str], where: str) -> Any:
+    """A River StandardScaler holding exactly these statistics."""
+    names = set(known)
+    for field, stats in (("counts", params.counts), ("means", params.means), ("vars", params.vars)):
+        unknown = sorted(set(stats) - names)
+        if unknown:
+            raise SnapshotError(
+                f"model parameters: {where}.scaler.{field} has unknown feature(s) {unknown[:3]}"
+            )
+    scaler = preprocessing.StandardScaler()
+    scaler.counts = Counter(params.counts)
+    scaler.means = defaultdict(float, params.means)
+    scaler.vars = defaultdict(float, params.vars)
+    return scaler
+
+
+def _invalid(where: str, problem: str) -> SnapshotError:
+    return SnapshotError(f"model parameters: {where} {problem}")
 
 
 class OrderedKMeans(cluster.KMeans):  # type: ignore[misc]
@@ -403,6 +445,116 @@ class BehaviourClusters:
         rows.sort(key=lambda r: (-abs(r[2]), r[0]))
         return rows[:top]
 
+    # --- serialisation: a new learned attribute goes in ClusterParams, here and in from_params
+
+    def to_params(self) -> ClusterParams:
+        """Every learned number, as the model record carries it."""
+        k = self.kmeans.n_clusters
+        kept: dict[int, str] = self.__dict__.get("_names", {})
+        return ClusterParams(
+            scaler=_scaler_params(self.scaler),
+            centres=[
+                [float(self.kmeans.centers[cid][f]) for f in CLUSTER_FEATURES] for cid in range(k)
+            ],
+            sizes=[int(n) for n in self.sizes],
+            reservoir=None
+            if self.reservoir is None
+            else [[float(x[f]) for f in CLUSTER_FEATURES] for x in self.reservoir],
+            names=[kept[cid] for cid in sorted(kept)],
+            profiles=[
+                ProfileParams(
+                    name=profile.name,
+                    traits=[
+                        float(profile.traits[f]) for f in CLUSTER_FEATURES if f in profile.traits
+                    ],
+                )
+                for _, profile in sorted(self._profiles.items())
+            ],
+            profiled_at=self._profiled_at,
+            renames=[
+                RenameParams(observations=at, cluster=cid, old=old, new=new)
+                for at, cid, old, new in self.renames
+            ],
+            warmup_seen=self.warmup_seen,
+            first_seen_at=self.first_seen_at,
+            recent=[float(r) for r in self.recent],
+            spread=[[float(v) for v in row] for row in self.spread],
+            since_reseed=self.since_reseed,
+            forgotten=self.forgotten,
+            reseeds=[
+                ReseedParams(observations=n, cluster=dead, donor=donor)
+                for n, dead, donor in self.reseeds
+            ],
+        )
+
+    @classmethod
+    def from_params(
+        cls,
+        params: ClusterParams,
+        k: int,
+        min_step: float,
+        seed: int,
+        warmup: int,
+        warmup_seconds: float = 0.0,
+        min_share: float = 0.0,
+    ) -> BehaviourClusters:
+        """Clusters with these knobs and exactly these learned numbers (SnapshotError if they
+        do not fit the knobs)."""
+        width = len(CLUSTER_FEATURES)
+        if len(params.centres) != k or any(len(row) != width for row in params.centres):
+            raise _invalid("clusters.centres", f"must be {k} centres of {width} values")
+        if len(params.sizes) != k:
+            raise _invalid("clusters.sizes", f"must have {k} values")
+        if params.reservoir is not None:
+            if len(params.reservoir) > warmup:
+                raise _invalid("clusters.reservoir", f"must hold at most {warmup} rows")
+            if any(len(row) != width for row in params.reservoir):
+                raise _invalid("clusters.reservoir", f"rows must have {width} values")
+        if len(params.names) not in (0, k):
+            raise _invalid("clusters.names", f"must be empty or {k} names")
+        if len(params.profiles) not in (0, k) or any(
+            len(p.traits) not in (0, width) for p in params.profiles
+        ):
+            raise _invalid("clusters.profiles", f"must be empty or {k} of 0 or {width} traits")
+        if any(r.cluster >= k for r in params.renames):
+            raise _invalid("clusters.renames", f"must name clusters below {k}")
+        if any(r.cluster >= k or r.donor >= k for r in params.reseeds):
+            raise _invalid("clusters.reseeds", f"must name clusters below {k}")
+        if len(params.recent) != k:
+            raise _invalid("clusters.recent", f"must have {k} values")
+        if len(params.spread) != k or any(len(row) != width for row in params.spread):
+            raise _invalid("clusters.spread", f"must be {k} rows of {width} values")
+        clusters = cls(k, min_step, seed, warmup, warmup_seconds, min_share)
+        clusters.scaler = _scaler_from(params.scaler, CLUSTER_FEATURES, "clusters")
+        for cid, row in enumerate(params.centres):
+            centre = clusters.kmeans.centers[cid]
+            for f, value in zip(CLUSTER_FEATURES, row, strict=True):
+                centre[f] = value
+        clusters.sizes = list(params.sizes)
+        clusters.reservoir = (
+            None
+            if params.reservoir is None
+            else [dict(zip(CLUSTER_FEATURES, row, strict=True)) for row in params.reservoir]
+        )
+        if params.names:
+            clusters.__dict__["_names"] = dict(enumerate(params.names))
+        clusters._profiles = {
+            cid: ClusterProfile(
+                cid, p.name, dict(zip(CLUSTER_FEATURES[: len(p.traits)], p.traits, strict=True))
+            )
+            for cid, p in enumerate(params.profiles)
+        }
+        clusters._profiled_at = params.profiled_at
+        clusters.renames = [(r.observations, r.cluster, r.old, r.new) for r in params.renames]
+        clusters.warmup_seen = params.warmup_seen
+        clusters.first_seen_at = params.first_seen_at
+        clusters.recent = list(params.recent)
+        clusters.spread = [list(row) for row in params.spread]
+        clusters.since_reseed = params.since_reseed
+        clusters.forgotten = params.forgotten
+        clusters.reseeds = [(r.observations, r.cluster, r.donor) for r in params.reseeds]
+        return clusters
+
 
 def _draw(seed: int, n: int) -> int:
     """A seeded uniform draw from range(n), a pure function of (seed, n): no RNG state to keep."""
@@ -485,7 +637,7 @@ class TieAwareROCAUC:
     Constant memory, O(1) update, O(bins) read.
     """
 
-    BINS: Final = 10_000
+    BINS: Final = AUC_BINS  # 10,000 (the model record's bins)
 
     def __init__(self) -> None:
         self.positives = [0] * (self.BINS + 1)
@@ -504,6 +656,39 @@ class TieAwareROCAUC:
             wins += pos * (below + 0.5 * neg)
             below += neg
         return wins / (total_pos * total_neg)
+
+    def to_params(self) -> AucParams:
+        return AucParams(positives=_runs(self.positives), negatives=_runs(self.negatives))
+
+    @classmethod
+    def from_params(cls, params: AucParams, where: str) -> TieAwareROCAUC:
+        auc = cls()
+        for name, runs, bins in (
+            ("positives", params.positives, auc.positives),
+            ("negatives", params.negatives, auc.negatives),
+        ):
+            end = 0  # the first bin a next run may start at
+            for first, *counts in runs:
+                if first < end:
+                    raise _invalid(f"{where}.auc.{name}", "runs must be in bin order, apart")
+                bins[first : first + len(counts)] = counts
+                end = first + len(counts) + 1
+        return auc
+
+
+def _runs(bins: list[int]) -> list[list[int]]:
+    """The runs of consecutive non-empty bins, each as [first bin, count, count, ...]."""
+    runs: list[list[int]] = []
+    previous = -2
+    for index, count in enumerate(bins):
+        if not count:
+            continue
+        if index == previous + 1:
+            runs[-1].append(count)
+        else:
+            runs.append([index, count])
+        previous = index
+    return runs
 
 
 SCALED_INPUT_BOUND: Final = 10.0  # standard deviations; beyond it a value is out of range
@@ -604,6 +789,56 @@ class Propensity:
         rows.sort(key=_by_effect)
         return rows[:top]
 
+    # --- serialisation: a new learned attribute goes in PropensityParams, here and in from_params
+
+    def to_params(self) -> PropensityParams:
+        """Every learned number, as the model record carries it: the scaler, the logistic
+        regression's weights, intercept and SGD step count (its learning rates are constant
+        knobs, L1/L2 are off, so nothing else in River's model changes what it learns next),
+        and the quality measures."""
+        scaler, logreg = self.model.steps.values()
+        mean = self.log_loss._mean  # River's stats.Mean: weight n, value _mean
+        return PropensityParams(
+            scaler=_scaler_params(scaler),
+            weights={name: float(w) for name, w in logreg.weights.items()},
+            intercept=float(logreg.intercept),
+            iterations=int(logreg.optimizer.n_iterations),
+            auc=self.auc.to_params(),
+            log_loss=LogLossParams(n=float(mean.n), mean=float(mean._mean)),
+            labels=self.labels,
+            positives=self.positives,
+            largest_scaled_input=float(self.largest_scaled_input),
+        )
+
+    @classmethod
+    def from_params(cls, params: PropensityParams, learning_rate: float, where: str) -> Propensity:
+        if params.positives > params.labels:
+            raise _invalid(where, "has more positives than labels")
+        auc = TieAwareROCAUC.from_params(params.auc, where)
+        if (sum(auc.positives), sum(auc.negatives)) != (
+            params.positives,
+            params.labels - params.positives,
+        ):
+            raise _invalid(f"{where}.auc", "does not count the labels and positives")
+        unknown = sorted(set(params.weights) - set(FEATURES))
+        if unknown:
+            raise _invalid(f"{where}.weights", f"has unknown feature(s) {unknown[:3]}")
+        propensity = cls(learning_rate)
+        scaler = _scaler_from(params.scaler, FEATURES, where)
+        logreg = propensity.model["LogisticRegression"]
+        logreg._weights = utils.VectorDict(dict(params.weights))
+        logreg.intercept = params.intercept
+        logreg.optimizer.n_iterations = params.iterations
+        propensity.model = compose.Pipeline(scaler, logreg)
+        propensity.auc = auc
+        propensity.log_loss._mean.n = params.log_loss.n
+        propensity.log_loss._mean._mean = params.log_loss.mean
+        propensity.labels = params.labels
+        propensity.positives = params.positives
+        if params.largest_scaled_input:
+            propensity.largest_scaled_input = params.largest_scaled_input
+        return propensity
+
     def quality(self) -> dict[str, Any]:
         auc = self.auc.get()
         return {
@@ -618,6 +853,7 @@ class SegmentModels:
     """The model set of one worker: clusters, purchase propensity and churn risk."""
 
     def __init__(self, settings: SegmentationSettings) -> None:
+        self.settings = settings
         self.version = model_version(settings)
         self.clusters = BehaviourClusters(
             settings.cluster_count,
@@ -630,21 +866,42 @@ class SegmentModels:
         self.purchase = Propensity(settings.learning_rate)
         self.churn = Propensity(settings.learning_rate)
 
-    def snapshot(self) -> bytes:
-        """Every learned parameter as bytes: magic, version, sha256 of the body, body."""
-        body = pickle.dumps((self.version, self.clusters, self.purchase, self.churn), protocol=5)
-        header = SNAPSHOT_MAGIC + self.version.encode().ljust(64, b" ")
-        return header + hashlib.sha256(body).digest() + body
+    def to_params(self) -> ModelParams:
+        return ModelParams(
+            schema_version=MODEL_PARAMS_VERSION,
+            knobs=self.version,
+            clusters=self.clusters.to_params(),
+            purchase=self.purchase.to_params(),
+            churn=self.churn.to_params(),
+        )
 
-    def restore(self, data: bytes) -> None:
-        """Load a snapshot taken by the same model version; refuse anything else."""
-        head = len(SNAPSHOT_MAGIC) + 64
-        if len(data) < head + 32 or not data.startswith(SNAPSHOT_MAGIC):
-            raise SnapshotError("not a stream_app model snapshot")
-        version = data[len(SNAPSHOT_MAGIC) : head].decode("utf-8", "replace").strip()
-        if version != self.version:
-            raise SnapshotError(f"snapshot is model {version}, this worker runs {self.version}")
-        digest, body = data[head : head + 32], data[head + 32 :]
-        if hashlib.sha256(body).digest() != digest:
-            raise SnapshotError("snapshot checksum mismatch (corrupt or truncated)")
-        _, self.clusters, self.purchase, self.churn = pickle.loads(body)
+    def encoded(self) -> bytes:
+        """The canonical encoding of every learned parameter (what the content id hashes)."""
+        return model_format.encode_params(self.to_params())
+
+    def content_version(self) -> str:
+        """``<knob digest>.<first 12 hex of sha256(encoded)>``: equal models share it, models
+        with different learned numbers never do."""
+        return model_format.content_version(self.version, self.encoded())
+
+    def snapshot(self, signing_key: bytes | None = None) -> bytes:
+        """A model record of every learned parameter, signed (HMAC-SHA256) if given a key."""
+        return model_format.encode_record(self.to_params(), signing_key)
+
+    def restore(self, data: bytes, signing_keys: Sequence[bytes] = ()) -> None:
+        """Load a model record of the same knobs; refuse anything else (SnapshotError, one
+        line) and then change nothing. `signing_keys`: see model_format.decode_record."""
+        params = model_format.decode_record(data, self.version, signing_keys)
+        s = self.settings
+        clusters = BehaviourClusters.from_params(
+            params.clusters,
+            s.cluster_count,
+            s.cluster_min_step,
+            s.seed,
+            s.cluster_warmup,
+            s.cluster_warmup_days * DAY,
+            s.cluster_min_share,
+        )
+        purchase = Propensity.from_params(params.purchase, s.learning_rate, "purchase")
+        churn = Propensity.from_params(params.churn, s.learning_rate, "churn")
+        self.clusters, self.purchase, self.churn = clusters, purchase, churn

@@ -49,7 +49,6 @@ from stream_app.core.features import (
     feature_vector,
 )
 from stream_app.core.learning import (
-    CollectedLearning,
     ExampleKind,
     InProcessLearning,
     Learning,
@@ -257,8 +256,7 @@ class Processor:
     def use_models(self, models: SegmentModels) -> None:
         """Score with another model version from the next event on (a batch boundary live)."""
         self.models = models
-        if isinstance(self.learning, CollectedLearning):
-            self.learning.models = models
+        self.learning.models = models
         self._segments.clear()  # cached segments carry the old version's cluster names
 
     # -- watermark and due-time index ---------------------------------------------------------

@@ -22,7 +22,8 @@ import faust
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_app.contracts.events import MessageOrigin
-from stream_app.core.models import SegmentModels, SnapshotError
+from stream_app.core.model_format import SnapshotError, record_version
+from stream_app.core.models import SegmentModels
 from stream_app.errors import UserError
 from stream_app.kafka.topics import admin_client, wait_for_broker
 from stream_app.live import faust_internals
@@ -283,11 +284,19 @@ def _unread(app: Any, last_offsets: dict[tuple[str, int], int], topic: str, part
 def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
     snapshots = raw_topic(app, settings.model_snapshots_topic)
 
+    keys = settings.model_signing_keys
+    signing_key = keys[0] if keys else None  # the current key signs; a previous one never
+
     async def save() -> None:
-        data = pipeline.models.snapshot()
+        data = pipeline.models.snapshot(signing_key)
         await snapshots.send(key=settings.app_id.encode(), value=data, partition=0)
         pipeline.update_quality_metrics()
-        log.info("model snapshot written: %d bytes, %s", len(data), pipeline.models.version)
+        log.info(
+            "model snapshot written: %d bytes, %s%s",
+            len(data),
+            record_version(data),
+            "" if signing_key is None else ", signed",
+        )
 
     app.timer(settings.model_snapshot_interval_s, name="model-snapshot")(save)
 
@@ -443,11 +452,12 @@ def load_model_snapshot(settings: Settings, models: SegmentModels, timeout: floa
     if latest is None:
         return False
     try:
-        models.restore(latest)
+        models.restore(latest, settings.model_signing_keys)
     except SnapshotError as exc:
-        log.warning("ignoring the stored model snapshot: %s", exc)
+        # One line; the worker keeps the models it has (so far: fresh ones).
+        log.warning("refused the stored model snapshot, keeping the current models: %s", exc)
         return False
-    log.info("models restored from snapshot (%d bytes)", len(latest))
+    log.info("models restored from snapshot (%d bytes, %s)", len(latest), record_version(latest))
     return True
 
 

@@ -60,3 +60,38 @@ def test_the_rule_would_catch_a_forbidden_import(tmp_path: Path) -> None:
     )
     assert imports(bad) == {"stream_app.live.pipeline", "faust"}
     assert "live" not in ALLOWED["core"]
+
+
+UNSAFE_LOADERS = frozenset(
+    {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
+)
+
+
+def unsafe_loaders(path: Path) -> set[str]:
+    """Modules that turn bytes into code that `path` imports, also through ``__import__`` or
+    ``importlib.import_module`` with a literal name."""
+    found = {name for name in imports(path) if name.split(".")[0] in UNSAFE_LOADERS}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and node.value in UNSAFE_LOADERS:
+            found.add(node.value)
+    return found
+
+
+def test_nothing_in_the_package_imports_pickle() -> None:
+    """Model records are JSON (stream_app/contracts/model_record.py): a pickle read from a topic
+    runs its writer's code in the worker (issue 14). Nor any other loader of code."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    assert len(paths) > 30
+    for path in paths:
+        found = unsafe_loaders(path)
+        assert not found, f"{path.relative_to(PACKAGE)} imports {sorted(found)}"
+
+
+def test_the_pickle_rule_would_catch_one(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import importlib\n"
+        "def f(data):\n    import pickle\n    return pickle.loads(data)\n"
+        "def g():\n    return importlib.import_module('marshal')\n"
+    )
+    assert unsafe_loaders(bad) == {"pickle", "marshal"}

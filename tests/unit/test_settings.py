@@ -204,6 +204,60 @@ def test_log_level_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert LOG_LEVELS == ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+# --- model signing keys --------------------------------------------------------------------------
+
+SIGNING_KEY = "0123456789abcdef" * 4
+
+
+def test_no_signing_key_by_default() -> None:
+    s = Settings()
+    assert (s.model_signing_key, s.model_signing_previous_key, s.model_signing_keys) == (
+        None,
+        None,
+        (),
+    )
+    assert not any("SIGNING" in name for name in s.to_env())  # unset stays unset in a child
+
+
+def test_signing_keys_from_environment_are_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = "f" * 40
+    monkeypatch.setenv("STREAM_APP_MODEL_SIGNING_KEY", SIGNING_KEY)
+    monkeypatch.setenv("STREAM_APP_MODEL_SIGNING_PREVIOUS_KEY", previous)
+    s = load_settings()
+    assert s.model_signing_keys == (SIGNING_KEY.encode(), previous.encode())  # signing key first
+    assert SIGNING_KEY not in repr(s) and SIGNING_KEY.encode() not in s.to_json()
+    env = s.to_env()  # a worker process gets the real keys
+    assert env["STREAM_APP_MODEL_SIGNING_KEY"] == SIGNING_KEY
+    assert env["STREAM_APP_MODEL_SIGNING_PREVIOUS_KEY"] == previous
+    assert unknown_variables(env) == []
+    assert s.renamed("other").model_signing_keys == s.model_signing_keys
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"STREAM_APP_MODEL_SIGNING_KEY": "short"},
+            "invalid setting STREAM_APP_MODEL_SIGNING_KEY: must be at least 32 characters",
+        ),
+        (
+            {"STREAM_APP_MODEL_SIGNING_PREVIOUS_KEY": SIGNING_KEY},
+            "invalid settings: STREAM_APP_MODEL_SIGNING_PREVIOUS_KEY is set without "
+            "STREAM_APP_MODEL_SIGNING_KEY",
+        ),
+    ],
+    ids=["too-short", "previous-without-key"],
+)
+def test_invalid_signing_keys_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], message: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError) as raised:
+        load_settings()
+    assert str(raised.value) == message  # the value itself is never echoed
+
+
 # --- unknown variables ----------------------------------------------------------------------------
 
 
@@ -417,9 +471,11 @@ def test_cli_schemas_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixt
     assert written == [
         "click_event.v1.json",
         "dead_letter.v1.json",
+        "model_params.v1.json",
+        "model_record.v1.json",
         "segment_change.v2.json",
         "segment_membership.v1.json",
         "transaction_event.v1.json",
     ]
-    assert len(capsys.readouterr().out.splitlines()) == 5
+    assert len(capsys.readouterr().out.splitlines()) == 7
     assert main(["schemas", "--check", "--dir", str(target)]) == 0
