@@ -164,6 +164,17 @@ class PropensityParams(_Params):
     largest_scaled_input: NonNegativeReal
 
 
+class TrainerParams(_Params):
+    """How far the trainer that published this version had learned (issue 14): a trainer taking
+    over restores the version and continues at `next_offset` of the examples log, dropping any
+    batch a source sends again (its number is not above the source's newest learned)."""
+
+    next_offset: Count = Field(description="The examples log's next offset to learn.")
+    sources: dict[Name, Count] = Field(description="Each source's newest example batch learned.")
+    examples: Count = Field(description="Examples learned in all.")
+    duplicates: Count = Field(description="Example batches dropped as sent twice.")
+
+
 class ModelParams(_Params):
     """Every learned parameter of a SegmentModels set."""
 
@@ -175,6 +186,9 @@ class ModelParams(_Params):
     clusters: ClusterParams
     purchase: PropensityParams
     churn: PropensityParams
+    trainer: TrainerParams | None = Field(
+        None, description="Set by the shared trainer; null for models learned in one process."
+    )
 
 
 class ModelRecord(BaseModel):

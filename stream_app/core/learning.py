@@ -30,6 +30,7 @@ from typing import Any, Final, Protocol
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.features import FEATURES
 from stream_app.core.models import CLUSTER_FEATURES, SegmentModels
 
@@ -204,11 +205,20 @@ class TrainerProgress:
 
 
 class Trainer:
-    """Learns example batches from one ordered log (a one-partition topic), once each."""
+    """Learns example batches from one ordered log (a one-partition topic), once each.
+
+    Built from a model version, it continues where that version's trainer had got to."""
 
     def __init__(self, models: SegmentModels, progress: TrainerProgress | None = None) -> None:
         self.models = models
+        if progress is None and models.trainer is not None:
+            progress = TrainerProgress.from_record(models.trainer.model_dump())
         self.progress = progress or TrainerProgress()
+
+    def version(self, signing_key: bytes | None = None) -> bytes:
+        """A model record of everything learned so far, with how far the trainer got."""
+        self.models.trainer = TrainerParams(**self.progress.to_record())
+        return self.models.snapshot(signing_key)
 
     def learn(self, batch: ExampleBatch, offset: int) -> bool:
         """Learn the batch read at `offset` of the log; False (and nothing learned) when that

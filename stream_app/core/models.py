@@ -39,6 +39,7 @@ from stream_app.contracts.model_record import (
     RenameParams,
     ReseedParams,
     ScalerParams,
+    TrainerParams,
 )
 from stream_app.core import model_format
 from stream_app.core.features import DAY, FEATURES
@@ -865,6 +866,10 @@ class SegmentModels:
         )
         self.purchase = Propensity(settings.learning_rate)
         self.churn = Propensity(settings.learning_rate)
+        self.trainer: TrainerParams | None = None  # how far a shared trainer had learned
+        # What a change says scored it: the knob digest while one process learns as it scores;
+        # a shared version's content id (set by whoever follows the published versions).
+        self.stamp = self.version
 
     def to_params(self) -> ModelParams:
         return ModelParams(
@@ -873,6 +878,7 @@ class SegmentModels:
             clusters=self.clusters.to_params(),
             purchase=self.purchase.to_params(),
             churn=self.churn.to_params(),
+            trainer=self.trainer,
         )
 
     def encoded(self) -> bytes:
@@ -905,3 +911,4 @@ class SegmentModels:
         purchase = Propensity.from_params(params.purchase, s.learning_rate, "purchase")
         churn = Propensity.from_params(params.churn, s.learning_rate, "churn")
         self.clusters, self.purchase, self.churn = clusters, purchase, churn
+        self.trainer = params.trainer

@@ -157,3 +157,19 @@ def test_malformed_example_records_are_refused(raw: bytes) -> None:
 def test_example_kinds_are_what_the_models_learn() -> None:
     assert {k.value for k in ExampleKind} == {"cluster", "purchase", "churn"}
     assert Example(kind=ExampleKind.CLUSTER, at=0.0, features="").outcome is None
+
+
+def test_a_version_carries_the_trainers_progress_to_the_next_trainer() -> None:
+    settings = SegmentationSettings()
+    first = Trainer(SegmentModels(settings))
+    for offset, number in enumerate([1, 2, 2]):
+        first.learn(_batch("p0", number), offset)
+    record = first.version()
+    restored = SegmentModels(settings)
+    restored.restore(record)
+    second = Trainer(restored)
+    assert second.progress == first.progress
+    assert second.progress.to_record()["sources"] == {"p0": 2}
+    assert not second.learn(_batch("p0", 2), 3)  # sent again after the version: dropped
+    assert second.learn(_batch("p0", 3), 4)
+    assert restored.clusters.warmup_seen == 6
