@@ -155,6 +155,15 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1024, le=65535)
     max_event_bytes: int = Field(65536, ge=256, le=10 * 1024 * 1024)
     model_snapshot_interval_s: float = Field(30.0, gt=0)
+    # Where the models learn (docs/how-it-works.md, "One model for every worker"). "shared":
+    # workers score with the newest version one trainer publishes and send it what to learn
+    # from; "in_process": each worker learns as it scores (deterministic: one worker on one
+    # partition equals the offline replay; snapshots every model_snapshot_interval_s).
+    learning: Literal["shared", "in_process"] = "in_process"
+    # The shared trainer publishes a version after this many examples, or this long after the
+    # first example not yet in a version.
+    model_publish_examples: int = Field(5000, ge=1)
+    model_publish_interval_s: float = Field(5.0, gt=0)
     # With a key, model records (docs/operations.md, "Model records") are signed with
     # HMAC-SHA256 and a record without a valid signature is refused. The previous key only
     # verifies, so records written before a key rotation still load; it never signs.
@@ -232,8 +241,14 @@ class Settings(BaseSettings):
 
     @property
     def model_snapshots_topic(self) -> str:
-        """Compacted topic holding the latest model snapshot of each worker."""
+        """Compacted topic holding the newest model record (the shared trainer's versions, or
+        an in-process worker's snapshots)."""
         return f"{self.app_id}-model-snapshots"
+
+    @property
+    def learning_examples_topic(self) -> str:
+        """One partition: what the shared trainer learns from, in order."""
+        return f"{self.app_id}-learning-examples"
 
     @property
     def model_signing_keys(self) -> tuple[bytes, ...]:

@@ -611,7 +611,7 @@ class Processor:
                         for f, v, c in self._explain(component, moment)
                     ],
                 },
-                "model_version": self.models.version,
+                "model_version": self.models.stamp,
                 "segment_definition_version": self.s.version,
                 "event_time": trig.event_time,
                 "processed_at": trig.processed_at,

@@ -108,6 +108,7 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         # Internal: same partitions as the inputs (Faust co-partitions the table with them).
         spec(settings.customers_changelog_topic, COMPACTED),
         spec(settings.model_snapshots_topic, COMPACTED, partitions=1),
+        spec(settings.learning_examples_topic, partitions=1),
     ]
 
 

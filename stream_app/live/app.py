@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import faust
-from confluent_kafka import Consumer, TopicPartition
 
 from stream_app.contracts.events import MessageOrigin
 from stream_app.core.model_format import SnapshotError, record_version
@@ -30,6 +29,7 @@ from stream_app.live import faust_internals
 from stream_app.live.metrics import Metrics
 from stream_app.live.pipeline import LivePipeline, RawMessage
 from stream_app.live.store import TableStore
+from stream_app.live.trainer import ModelFollower, TrainerService, latest_model_record
 from stream_app.logs import logging_config
 from stream_app.settings import Settings
 
@@ -160,6 +160,10 @@ def create_app(
     def has_more(topic: str, partition: int) -> bool:
         return _unread(app, pipeline.last_offsets, topic, partition)
 
+    async def send_examples(key: bytes, value: bytes) -> asyncio.Future[Any]:
+        topic = settings.learning_examples_topic
+        return await faust_internals.send_raw(app, topic, key, value)
+
     pipeline = LivePipeline(
         settings,
         lambda partition: TableStore(
@@ -172,11 +176,15 @@ def create_app(
         as_current=faust_internals.as_current_event,
         merge_max_wait_s=settings.merge_max_wait_s,
         durable=durable.wait,
+        examples_sink=send_examples if settings.learning == "shared" else None,
     )
     app.pipeline = pipeline
     app.event_counts = pipeline.counts
     _add_agent(app, pipeline, settings)
     _add_model_snapshots(app, pipeline, settings)
+    app.trainer = None
+    if settings.learning == "shared":
+        _add_shared_learning(app, pipeline, settings)
     readiness = Readiness(settings)
     app.readiness = readiness
     _add_views(app, pipeline, readiness)
@@ -281,8 +289,27 @@ def _unread(app: Any, last_offsets: dict[tuple[str, int], int], topic: str, part
 # Makes an event Faust's current event while it is processed: table writes pick the RocksDB
 # instance and changelog partition from it (it may be held and released later, or by a timer).
 # Named here too for the load tests' Faust floor baseline.
+def _add_shared_learning(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
+    """Every worker runs a trainer candidate (the group gives the examples partition to one)
+    and follows the published versions."""
+    trainer = TrainerService(settings)
+    follower = ModelFollower(settings, pipeline.offer_models)
+    app.trainer, app.follower = trainer, follower
+
+    @app.on_startup.connect  # type: ignore[untyped-decorator]
+    async def start(app: Any, **kwargs: Any) -> None:
+        follower.start()
+        trainer.start()
+
+    @app.on_shutdown.connect  # type: ignore[untyped-decorator]
+    async def stop(app: Any, **kwargs: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, trainer.stop)
+        follower.stop()
+
+
 def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
     snapshots = raw_topic(app, settings.model_snapshots_topic)
+    in_process = settings.learning == "in_process"  # shared: the trainer publishes versions
 
     keys = settings.model_signing_keys
     signing_key = keys[0] if keys else None  # the current key signs; a previous one never
@@ -298,12 +325,14 @@ def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -
             "" if signing_key is None else ", signed",
         )
 
-    app.timer(settings.model_snapshot_interval_s, name="model-snapshot")(save)
+    if in_process:
+        app.timer(settings.model_snapshot_interval_s, name="model-snapshot")(save)
 
     @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
     async def on_shutdown(app: Any, **kwargs: Any) -> None:
         try:
-            await save()
+            if in_process:
+                await save()
             await app.producer.flush()
         except Exception:
             log.exception("could not write the model snapshot at shutdown")
@@ -385,7 +414,11 @@ def _add_broker_probe(app: Any, readiness: Readiness, settings: Settings) -> Non
 
 def _add_views(app: Any, pipeline: LivePipeline, readiness: Readiness) -> None:
     async def counts(web: Any, request: Any) -> Any:
-        return web.json(pipeline.counts.snapshot())
+        body = pipeline.counts.snapshot()
+        body["model_version"] = pipeline.models.stamp
+        if app.trainer is not None:
+            body["trainer"] = app.trainer.snapshot()
+        return web.json(body)
 
     async def health(web: Any, request: Any) -> Any:
         return web.json({"status": "ok"})
@@ -432,50 +465,27 @@ def _add_lag_timer(app: Any, pipeline: LivePipeline, settings: Settings) -> None
 
 
 def load_model_snapshot(settings: Settings, models: SegmentModels, timeout: float = 10.0) -> bool:
-    """Restore the newest snapshot of this app's models from the compacted topic, if any."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"{settings.app_id}-model-restore",
-            "enable.auto.commit": False,
-        }
-    )
-    try:
-        tp = TopicPartition(settings.model_snapshots_topic, 0)
-        low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-        if high <= low:
-            return False
-        consumer.assign([TopicPartition(settings.model_snapshots_topic, 0, low)])
-        latest = _read_latest(consumer, settings.app_id.encode(), high, timeout)
-    finally:
-        consumer.close()
+    """Restore the newest model record of this app from the compacted topic, if any; a record
+    that fails a check is refused with one log line and the models stay as they are."""
+    latest = latest_model_record(settings, timeout)
     if latest is None:
         return False
     try:
         models.restore(latest, settings.model_signing_keys)
     except SnapshotError as exc:
-        # One line; the worker keeps the models it has (so far: fresh ones).
         log.warning("refused the stored model snapshot, keeping the current models: %s", exc)
         return False
-    log.info("models restored from snapshot (%d bytes, %s)", len(latest), record_version(latest))
+    if settings.learning == "shared":
+        models.stamp = record_version(latest)
+    log.info("models restored from %s (%d bytes)", record_version(latest), len(latest))
     return True
-
-
-def _read_latest(consumer: Consumer, key: bytes, high: int, timeout: float) -> bytes | None:
-    latest: bytes | None = None
-    while True:
-        msg = consumer.poll(timeout)
-        if msg is None:
-            return latest
-        if msg.error() is None and msg.key() == key:
-            latest = msg.value()
-        if msg.offset() is not None and msg.offset() >= high - 1:
-            return latest
 
 
 def _require_topics(settings: Settings) -> None:
     """Fail fast and clearly, instead of a worker that silently consumes nothing."""
     needed = [*settings.input_topics, settings.dead_letters_topic, settings.model_snapshots_topic]
+    if settings.learning == "shared":
+        needed.append(settings.learning_examples_topic)
     metadata = admin_client(settings.bootstrap_servers).list_topics(timeout=10)
     missing = [topic for topic in needed if topic not in metadata.topics]
     if missing:

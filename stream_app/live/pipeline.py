@@ -49,6 +49,7 @@ from stream_app.contracts.events import (
     decode_event,
     encode,
 )
+from stream_app.core.learning import CollectedLearning, ExampleBatch
 from stream_app.core.models import SegmentModels
 from stream_app.core.processor import Position, Processor, Status
 from stream_app.live.metrics import Metrics
@@ -71,6 +72,10 @@ MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 # One raw input message: key, value, where it was read, and the token the caller acks.
 RawMessage = tuple[bytes | None, bytes | None, MessageOrigin, Any]
+
+
+# Shared learning's sink: (key, encoded example batch) -> the broker's acknowledgement.
+ExamplesSink = Callable[[bytes, bytes], Awaitable["asyncio.Future[Any] | None"]]
 
 
 class Sinks(Protocol):
@@ -98,6 +103,8 @@ class WorkerCounts:
     dead_letters: Counter[str] = field(default_factory=Counter)
     unsent_dead_letters: int = 0
     rerouted: int = 0
+    example_batches_sent: int = 0
+    model_switches: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         counts: dict[str, Any] = {
@@ -107,6 +114,9 @@ class WorkerCounts:
         }
         if self.rerouted:
             counts["rerouted"] = self.rerouted
+        if self.example_batches_sent or self.model_switches:
+            counts["example_batches_sent"] = self.example_batches_sent
+            counts["model_switches"] = self.model_switches
         return counts
 
 
@@ -246,9 +256,14 @@ class LivePipeline:
         merge_max_wait_s: float = 1.0,
         partitions: Callable[[str], int] | None = None,
         durable: Callable[[], Awaitable[None]] | None = None,
+        examples_sink: ExamplesSink | None = None,
     ) -> None:
         self.settings = settings
         self.models = models or SegmentModels(settings.segmentation)
+        # Shared learning: examples go to the trainer through this sink (None: in-process).
+        self._examples_sink = examples_sink
+        self._next_models: SegmentModels | None = None  # offered by the version follower
+        self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
         self.acks = AckTracker()
@@ -297,6 +312,7 @@ class LivePipeline:
                 self.models,
                 store,
                 ledger=LiveLedger(store, self.acks),
+                learning=None if self._examples_sink is None else CollectedLearning(self.models),
             )
             self.processors[partition] = proc
             self._recover(partition, proc, store)
@@ -325,6 +341,9 @@ class LivePipeline:
                 self.acks.sent[state.customer_id] = delivered
                 self.acks.on_ack(state.customer_id, delivered)
         proc.set_due_index(due)
+        for batch, encoded in marker.examples:  # the trainer drops those it has learned
+            if batch > marker.delivered:
+                self._example_sends.append((partition, batch, encoded))
         # Batches after the newest one seen, so a half-written batch's number is never reused.
         marker.written = newest
         store.batch = newest + 1
@@ -390,6 +409,7 @@ class LivePipeline:
         async with self._lock:
             started = time.monotonic()
             try:
+                self._switch_models()
                 done: list[Any] = []
                 for i, (key, value, origin, token) in enumerate(messages):
                     at = self.input_clock() if arrived is None else arrived[i]
@@ -490,6 +510,8 @@ class LivePipeline:
         processor = self.processor(partition)
         self._tokens[partition] = pending.token  # any event of the partition will do
         self._last_token[partition] = pending.token
+        learning = processor.learning
+        collected = len(learning.examples) if isinstance(learning, CollectedLearning) else 0
         try:
             self._events_in[decoded.event_type.value].inc()
             self.counts.events[decoded.event_type.value] += 1
@@ -512,6 +534,8 @@ class LivePipeline:
             buffered = self._stores.get(origin.partition)
             if buffered is not None:
                 buffered.discard_cached()  # a state may be half-updated in memory
+            if isinstance(processor.learning, CollectedLearning):
+                del processor.learning.examples[collected:]  # nothing learned from a failure
             await self._failed(key, pending.payload, origin, exc)
         finally:
             self.metrics.processing_seconds.observe(time.perf_counter() - started)
@@ -544,14 +568,69 @@ class LivePipeline:
                 tracker = self.delivery[partition]
                 tracker.marker.delivered = tracker.delivered()  # before this batch counts
                 tracker.marker.written = store.batch
+                self._collect_examples(partition, tracker.marker)
                 with self._as_current(token):
                     store.flush(tracker.marker)
                 store.batch += 1
         self._tokens.clear()
         await self._durable()
+        sends, self._example_sends = self._example_sends, []
+        for partition, batch, encoded in sends:
+            await self._send_examples(partition, batch, encoded)
         deliveries, self._deliveries = self._deliveries, []
         for delivery in deliveries:
             await self._deliver(delivery)
+
+    def _collect_examples(self, partition: int, marker: DeliveryMarker) -> None:
+        """Shared learning: the batch's examples of this partition join its marker (written
+        with the batch's states, so they survive a crash) and are sent once those are durable;
+        entries of batches known delivered are dropped from the marker."""
+        processor = self.processors.get(partition)
+        learning = None if processor is None else processor.learning
+        if not isinstance(learning, CollectedLearning):
+            return
+        kept = [(batch, encoded) for batch, encoded in marker.examples if batch > marker.delivered]
+        examples = learning.drain()
+        if examples:
+            batch = ExampleBatch(source=f"p{partition}", batch=marker.written, examples=examples)
+            encoded = batch.to_bytes().decode()
+            kept.append((marker.written, encoded))
+            self._example_sends.append((partition, marker.written, encoded))
+        marker.examples = kept
+
+    async def _send_examples(self, partition: int, batch: int, encoded: str) -> None:
+        assert self._examples_sink is not None
+        acked = await self._examples_sink(f"p{partition}".encode(), encoded.encode())
+        self.counts.example_batches_sent += 1
+        tracker = self.delivery.get(partition)
+        if not isinstance(acked, asyncio.Future) or tracker is None:
+            return
+        tracker.unacked[batch] += 1
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                log.error(
+                    "example batch p%d#%d was not acknowledged by the broker", partition, batch
+                )
+                return  # the batch stays undelivered: after a restart it is sent again
+            tracker.unacked[batch] -= 1
+            if tracker.unacked[batch] <= 0:
+                del tracker.unacked[batch]
+
+        acked.add_done_callback(done)
+
+    def offer_models(self, models: SegmentModels) -> None:
+        """A newer model version to score with, from the next batch on (any thread may call)."""
+        self._next_models = models
+
+    def _switch_models(self) -> None:
+        models, self._next_models = self._next_models, None
+        if models is None:
+            return
+        self.models = models
+        for processor in self.processors.values():
+            processor.use_models(models)
+        self.counts.model_switches += 1
 
     async def _failed(
         self, key: bytes | None, payload: bytes, origin: MessageOrigin, exc: Exception

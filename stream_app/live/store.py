@@ -99,16 +99,22 @@ class DeliveryMarker:
 
     written: int = 0
     delivered: int = 0
+    # Shared learning: the example batches (encoded, with their batch numbers) of batches
+    # written but not known delivered, sent again after a crash; the trainer drops repeats.
+    examples: list[tuple[int, str]] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({"written": self.written, "delivered": self.delivered})
+        return orjson.dumps(
+            {"written": self.written, "delivered": self.delivered, "examples": self.examples}
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> DeliveryMarker:
         if raw is None:
             return cls()
         v = orjson.loads(raw)
-        return cls(written=int(v["written"]), delivered=int(v["delivered"]))
+        examples = [(int(batch), str(value)) for batch, value in v.get("examples", [])]
+        return cls(written=int(v["written"]), delivered=int(v["delivered"]), examples=examples)
 
 
 class TableStore:
