@@ -49,7 +49,13 @@ from stream_app.progress import Progress
 from stream_app.settings import Settings
 from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
 from stream_app.tools.publish import POLL_EVERY, make_producer, send
-from stream_app.tools.replay import OUTSIDE_WINDOW, Window, cold_start, replay_offline
+from stream_app.tools.replay import (
+    OUTSIDE_WINDOW,
+    Window,
+    as_replay,
+    cold_start,
+    replay_offline,
+)
 
 BROKER_WAIT_S: Final = 10.0
 FLUSH_TIMEOUT_S: Final = 120.0
@@ -88,9 +94,11 @@ class BootstrapSummary:
 def history(
     path: Path, fmt: DatasetFormat, until: datetime | None, outside: Counter[str]
 ) -> Iterator[Event | RowError]:
-    """The file's events before ``until`` (all without it), in event-time order, as replay
-    events; RowErrors pass through, and the events left out are counted in ``outside``."""
-    yield from Window(None, until).select(read_dataset(path, fmt, origin=Origin.REPLAY), outside)
+    """The file's events before ``until`` (all without it), in event-time order, each marked
+    replay whatever the file says; RowErrors pass through, and the events left out are counted
+    in ``outside``."""
+    for item in Window(None, until).select(read_dataset(path, fmt), outside):
+        yield item if isinstance(item, RowError) else as_replay(item)
 
 
 def changelog_record(state: CustomerState, partitions: int) -> tuple[int, bytes, bytes]:
