@@ -283,6 +283,7 @@ def render_summary(summary: BootstrapSummary, settings: Settings, request: Boots
     if invalid:
         notes.append(f"{invalid:,} invalid rows skipped")
     noted = f" ({'; '.join(notes)})" if notes else ""
+    plural = "partition" if settings.partitions == 1 else "partitions"
     overwrote = (
         f" (over {summary.overwrote:,} records already there: --force)" if summary.overwrote else ""
     )
@@ -302,7 +303,7 @@ def render_summary(summary: BootstrapSummary, settings: Settings, request: Boots
         f"Bootstrapped {summary.customers:,} customers in {summary.replay_s:.1f}s from "
         f"{summary.events:,} events of {request.path.name}{until}{noted}, and wrote "
         f"{summary.records_written:,} customer states to {settings.customers_changelog_topic} "
-        f"({settings.partitions} partitions){overwrote} and model {summary.model_version} "
+        f"({settings.partitions} {plural}){overwrote} and model {summary.model_version} "
         f"({summary.snapshot_bytes:,} bytes) to {settings.model_snapshots_topic} in "
         f"{summary.write_s:.1f}s. Labels learned: {summary.purchase_labels:,} purchase, "
         f"{summary.churn_labels:,} churn. {warm} {emitted} Start the workers now: they restore "
