@@ -285,7 +285,7 @@ def render_summary(summary: BootstrapSummary, settings: Settings, request: Boots
     noted = f" ({'; '.join(notes)})" if notes else ""
     plural = "partition" if settings.partitions == 1 else "partitions"
     overwrote = (
-        f" (over {summary.overwrote:,} records already there: --force)" if summary.overwrote else ""
+        f"; over {summary.overwrote:,} records already there, --force" if summary.overwrote else ""
     )
     warm = (
         "The models are warm: scores and named clusters from the first live event."

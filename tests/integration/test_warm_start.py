@@ -267,7 +267,7 @@ def test_refusals_force_and_emit(
 
     forced = bootstrap_cli(settings, path, "--format", "events", "--force", "--emit")
     assert forced.returncode == 0, forced.stderr
-    assert "over 3 records already there" in forced.stdout
+    assert "over 3 records already there, --force" in forced.stdout
     reader = TopicReader(settings, settings.segment_changes_topic)
     try:
         read_all(reader)
