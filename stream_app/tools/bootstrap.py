@@ -56,6 +56,7 @@ from stream_app.tools.replay import (
     cold_start,
     replay_offline,
 )
+from stream_app.tools.rewind import active_members
 
 BROKER_WAIT_S: Final = 10.0
 FLUSH_TIMEOUT_S: Final = 120.0
@@ -109,13 +110,23 @@ def changelog_record(state: CustomerState, partitions: int) -> tuple[int, bytes,
 
 
 def check_target(settings: Settings, request: BootstrapRequest) -> int:
-    """Before any work: the broker answers, the topics exist, the changelog has the settings'
-    partition count and holds no state (unless ``force``). Returns the records it holds."""
+    """Before any work: the broker answers, the topics exist, no worker runs, the changelog has
+    the settings' partition count and holds no state (unless ``force``). Returns the records it
+    holds."""
     changelog = settings.customers_changelog_topic
     needed = [changelog, settings.model_snapshots_topic]
     if request.emit:
         needed += [settings.segment_changes_topic, settings.segment_membership_topic]
     require_topics(settings, needed, BROKER_WAIT_S)
+    members = active_members(settings, settings.app_id)
+    if members:
+        # Even with --force: a running worker reads neither these records nor the snapshot
+        # until it restarts (an active partition's changelog is read only at assignment), and
+        # its snapshot timer overwrites the bootstrapped models.
+        raise UserError(
+            f"consumer group {settings.app_id!r} has {members} active member(s): stop the "
+            "workers first (a running worker would not see the bootstrap)"
+        )
     consumer = range_consumer(settings, f"{settings.app_id}-bootstrap-check")
     try:
         partitions = partitions_of(consumer, changelog)

@@ -13,18 +13,21 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
+from confluent_kafka import Consumer
 from conftest import TopicReader, final_segments
 
 from load_tests.systems import child_env, processed_count
 from stream_app.contracts.events import Event, Origin
 from stream_app.live.store import decode_record, partition_of
+from stream_app.live.workerproc import wait_until
 from stream_app.settings import Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.publish import publish
@@ -242,6 +245,23 @@ def history_file(tmp_path: Path) -> Path:
     return path
 
 
+@contextmanager
+def group_member(settings: Settings) -> Iterator[None]:
+    """A member of the app's consumer group (as a running worker is) while the block runs."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.app_id}
+    )
+    assigned: list[bool] = []
+    consumer.subscribe(
+        [settings.customers_changelog_topic], on_assign=lambda *_: assigned.append(True)
+    )
+    try:
+        assert wait_until(lambda: bool(assigned), 30, 0.1, lambda _: consumer.poll(0.1))
+        yield
+    finally:
+        consumer.close()
+
+
 def test_refusals_force_and_emit(
     settings_factory: Callable[..., Settings],
     topics_factory: Callable[[Settings], dict[str, str]],
@@ -264,6 +284,10 @@ def test_refusals_force_and_emit(
     assert "The models are NOT warm" in first.stdout  # six events teach nothing, and it says so
     again = refused(bootstrap_cli(settings, path, "--format", "events"))
     assert "already holds 3 records" in again and "--force" in again
+
+    with group_member(settings):  # a running worker would not see the bootstrap
+        running = refused(bootstrap_cli(settings, path, "--format", "events", "--force"))
+    assert f"consumer group '{settings.app_id}' has 1 active member(s)" in running
 
     forced = bootstrap_cli(settings, path, "--format", "events", "--force", "--emit")
     assert forced.returncode == 0, forced.stderr
