@@ -81,6 +81,23 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return run_replay_command(args, settings)
 
 
+def _bootstrap(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_app.tools.bootstrap import BootstrapRequest, render_summary, run_bootstrap
+    from stream_app.tools.replay import parse_instant
+
+    request = BootstrapRequest(
+        path=args.file,
+        fmt=args.format,
+        until=parse_instant(args.until, "--until") if args.until else None,
+        emit=args.emit,
+        force=args.force,
+        show_progress=not args.no_progress,
+    )
+    summary = run_bootstrap(settings, request)
+    print(render_summary(summary, settings, request))
+    return 0
+
+
 def _shadow(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
 
@@ -254,6 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--limit", type=int, default=None, help="stop after N events")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(handler=_replay)
+
+    bootstrap = sub.add_parser(
+        "bootstrap",
+        help="warm start: run history through the models and write the customers' states to "
+        "the state changelog (before the workers start)",
+    )
+    bootstrap.add_argument("file", type=Path)
+    bootstrap.add_argument("--format", choices=["events", "online-retail", "rees46"], required=True)
+    bootstrap.add_argument(
+        "--until", metavar="TIME", help="only events before this time (ISO 8601)"
+    )
+    bootstrap.add_argument(
+        "--emit", action="store_true", help="also send the history's changes (origin replay)"
+    )
+    bootstrap.add_argument(
+        "--force", action="store_true", help="write even if the state changelog holds state"
+    )
+    bootstrap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bootstrap.set_defaults(handler=_bootstrap)
 
     subscribe = sub.add_parser(
         "subscribe", help="example email/push subscriber: print entries into chosen segments"

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,10 +97,12 @@ def replay_offline(
     settings: SegmentationSettings,
     out: IO[bytes] | None = None,
     progress: Progress | None = None,
+    on_change: Callable[[SegmentChange], object] | None = None,
 ) -> tuple[ReplayResult, Processor, Meters]:
-    """Run every event through a fresh Processor; write each change as one JSON line to `out`."""
+    """Run every event through a fresh Processor; write each change as one JSON line to `out`
+    (and hand it to `on_change`)."""
     processor = Processor(settings, SegmentModels(settings), MemoryStore())
-    result = ResultSink(settings, out)
+    result = ResultSink(settings, out, on_change)
     clock = time.perf_counter
     for item in items:
         if isinstance(item, RowError):
@@ -143,9 +145,15 @@ class Meters:
 
 
 class ResultSink:
-    def __init__(self, settings: SegmentationSettings, out: IO[bytes] | None) -> None:
+    def __init__(
+        self,
+        settings: SegmentationSettings,
+        out: IO[bytes] | None,
+        on_change: Callable[[SegmentChange], object] | None = None,
+    ) -> None:
         self.data = ReplayResult()
         self.out = out
+        self.on_change = on_change
         self.meters = Meters(
             FlapMeter(settings.cluster_min_dwell_hours * 3600), ScoreAudit(settings)
         )
@@ -157,9 +165,11 @@ class ResultSink:
             self.meters.scores.change(change)
             if self.out is not None:
                 self.out.write(encode(change) + b"\n")
+            if self.on_change is not None:
+                self.on_change(change)
 
 
-def _cold_start(processor: Processor) -> str | None:
+def cold_start(processor: Processor) -> str | None:
     """Plain sentences when a propensity model or the clusters never warmed up, and what to
     change."""
     s, models = processor.s, processor.models
@@ -259,7 +269,7 @@ def build_report(result: ReplayResult, processor: Processor, meters: Meters) -> 
             "purchase": round(models.purchase.largest_scaled_input, 2),
             "churn": round(models.churn.largest_scaled_input, 2),
         },
-        "cold_start": _cold_start(processor),
+        "cold_start": cold_start(processor),
         "state_bytes_per_customer": {
             "mean": round(sum(sizes) / len(sizes), 1) if sizes else 0,
             "max": max(sizes, default=0),

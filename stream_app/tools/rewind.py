@@ -66,7 +66,8 @@ def plan(settings: Settings, group: str, to: datetime | None) -> list[Move]:
         consumer.close()
 
 
-def _members(settings: Settings, group: str) -> int:
+def active_members(settings: Settings, group: str) -> int:
+    """How many members the consumer group has now (0 for a group the broker does not know)."""
     admin = admin_client(settings.bootstrap_servers)
     future = admin.describe_consumer_groups([group], request_timeout=TIMEOUT_S)[group]
     try:
@@ -80,7 +81,7 @@ def run_rewind(
     settings: Settings, group: str, to: datetime | None, execute: bool
 ) -> dict[str, Any]:
     wait_for_broker(settings.bootstrap_servers, TIMEOUT_S)
-    members = _members(settings, group)
+    members = active_members(settings, group)
     if members:
         raise UserError(
             f"consumer group {group!r} has {members} active member(s): stop its workers first"

@@ -239,9 +239,9 @@ def test_rewind_refuses_while_workers_run(
 
 
 def _has_members(settings: Settings) -> bool:
-    from stream_app.tools.rewind import _members
+    from stream_app.tools.rewind import active_members
 
-    return _members(settings, settings.app_id) > 0
+    return active_members(settings, settings.app_id) > 0
 
 
 def test_speed_60_plays_three_minutes_of_history_in_about_three_seconds(
