@@ -296,15 +296,17 @@ def _add_shared_learning(app: Any, pipeline: LivePipeline, settings: Settings) -
     follower = ModelFollower(settings, pipeline.offer_models)
     app.trainer, app.follower = trainer, follower
 
-    @app.on_startup.connect  # type: ignore[untyped-decorator]
-    async def start(app: Any, **kwargs: Any) -> None:
+    async def start() -> None:
         follower.start()
         trainer.start()
 
-    @app.on_shutdown.connect  # type: ignore[untyped-decorator]
+    app.task(start)
+
+    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
     async def stop(app: Any, **kwargs: Any) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, trainer.stop)
-        follower.stop()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, trainer.stop)  # publishes what it learned, hands over
+        await loop.run_in_executor(None, follower.stop)
 
 
 def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -> None:

@@ -424,6 +424,7 @@ class LivePipeline:
         async with self._lock:
             started = time.monotonic()
             try:
+                self._switch_models()  # an idle worker follows a new version too
                 done: list[Any] = []
                 now = self.input_clock()
                 for merge in list(self.merges.values()):

@@ -195,6 +195,8 @@ class TrainerService(_Thread):
         )
 
         def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            if not partitions:  # a member without the partition: another worker trains
+                return
             trainer = self._restore()
             for tp in partitions:
                 tp.offset = trainer.progress.next_offset
@@ -208,6 +210,8 @@ class TrainerService(_Thread):
             )
 
         def revoked(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            if not partitions:
+                return
             if self.trainer is not None:
                 self._publish(producer)
             self.trainer = None
