@@ -133,6 +133,30 @@ class InProcessLearning:
         model.learn(unpack_label(packed), outcome, predicted)
 
 
+class RecordingLearning(InProcessLearning):
+    """Learn at once (deterministic mode) and also record what was learned: the live layer
+    makes the records durable, so a restarted worker can re-learn, in the same order, what its
+    newest snapshot lacks (issue 14: crash loops used to lose the learning for good)."""
+
+    def __init__(self, models: SegmentModels) -> None:
+        super().__init__(models)
+        self.examples: list[Example] = []
+
+    def observe(self, x: dict[str, float], at: float) -> int:
+        self.examples.append(cluster_example(x, at))
+        return super().observe(x, at)
+
+    def label(
+        self, kind: ExampleKind, packed: str, at: float, outcome: bool, predicted: float
+    ) -> None:
+        self.examples.append(label_example(kind, packed, at, outcome, predicted))
+        super().label(kind, packed, at, outcome, predicted)
+
+    def drain(self) -> list[Example]:
+        out, self.examples = self.examples, []
+        return out
+
+
 @dataclass(slots=True)
 class CollectedLearning:
     """Score with a model version, learn nothing here: collect the examples for the trainer."""

@@ -267,7 +267,7 @@ class BehaviourClusters:
         self.sizes = counts
         self.recent = [float(n) for n in counts]
         self.spread = _spreads(points, closest, centres, k)
-        self._profiles.clear()
+        self._refresh_profiles()
 
     def _lloyd(
         self, points: NDArray[np.float64], centres: list[Point]
@@ -321,6 +321,8 @@ class BehaviourClusters:
             centre[f] += step * delta
             spread[i] += step * (delta * delta - spread[i])
         self._count_recent(cid)
+        if self.learned - self._profiled_at >= PROFILE_REFRESH:
+            self._refresh_profiles()
         return cid
 
     def _warm_up(self, features: dict[str, float], at: float) -> int:
@@ -374,7 +376,7 @@ class BehaviourClusters:
         self.forgotten -= self.sizes[dead]
         self.recent[dead] = 0.0
         self.since_reseed = 0
-        self._profiles.clear()
+        self._refresh_profiles()
 
     def assign(self, features: dict[str, float]) -> int:
         """Closest cluster without learning (for probes and time-driven re-scoring)."""
@@ -384,14 +386,18 @@ class BehaviourClusters:
         return cid
 
     def profile(self, cid: int) -> ClusterProfile:
-        """Readable profile of a cluster; recomputed every PROFILE_REFRESH observations."""
-        learned = self.learned
-        if learned - self._profiled_at >= PROFILE_REFRESH:
-            self._profiles.clear()
-            self._profiled_at = learned
+        """Readable profile of a cluster (named at seeding, at a re-seed and every
+        PROFILE_REFRESH observations as it learns)."""
         if not self._profiles:
             self._profiles = self._describe_all()
         return self._profiles[cid]
+
+    def _refresh_profiles(self) -> None:
+        """Names are part of what the model learned, at fixed points of its input: computed
+        when a change first needed one, they depended on when changes happened, so a model
+        re-learned after a crash named its clusters differently (issue 14)."""
+        self._profiles = self._describe_all()
+        self._profiled_at = self.learned
 
     def _describe_all(self) -> dict[int, ClusterProfile]:
         """Every cluster's profile at once, so names are unique at any time (a move between two

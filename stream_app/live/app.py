@@ -29,7 +29,12 @@ from stream_app.live import faust_internals
 from stream_app.live.metrics import Metrics
 from stream_app.live.pipeline import LivePipeline, RawMessage
 from stream_app.live.store import TableStore
-from stream_app.live.trainer import ModelFollower, TrainerService, latest_model_record
+from stream_app.live.trainer import (
+    ModelFollower,
+    TrainerService,
+    latest_model_record,
+    relearn_examples,
+)
 from stream_app.logs import logging_config
 from stream_app.settings import Settings
 
@@ -176,7 +181,7 @@ def create_app(
         as_current=faust_internals.as_current_event,
         merge_max_wait_s=settings.merge_max_wait_s,
         durable=durable.wait,
-        examples_sink=send_examples if settings.learning == "shared" else None,
+        examples_sink=send_examples,  # shared: for the trainer; in-process: for restarts
     )
     app.pipeline = pipeline
     app.event_counts = pipeline.counts
@@ -317,7 +322,7 @@ def _add_model_snapshots(app: Any, pipeline: LivePipeline, settings: Settings) -
     signing_key = keys[0] if keys else None  # the current key signs; a previous one never
 
     async def save() -> None:
-        data = pipeline.models.snapshot(signing_key)
+        data = await pipeline.snapshot_models(signing_key)
         await snapshots.send(key=settings.app_id.encode(), value=data, partition=0)
         pipeline.update_quality_metrics()
         log.info(
@@ -485,9 +490,12 @@ def load_model_snapshot(settings: Settings, models: SegmentModels, timeout: floa
 
 def _require_topics(settings: Settings) -> None:
     """Fail fast and clearly, instead of a worker that silently consumes nothing."""
-    needed = [*settings.input_topics, settings.dead_letters_topic, settings.model_snapshots_topic]
-    if settings.learning == "shared":
-        needed.append(settings.learning_examples_topic)
+    needed = [
+        *settings.input_topics,
+        settings.dead_letters_topic,
+        settings.model_snapshots_topic,
+        settings.learning_examples_topic,
+    ]
     metadata = admin_client(settings.bootstrap_servers).list_topics(timeout=10)
     missing = [topic for topic in needed if topic not in metadata.topics]
     if missing:
@@ -504,6 +512,10 @@ def run_worker(settings: Settings) -> int:
     _require_topics(settings)
     models = SegmentModels(settings.segmentation)
     load_model_snapshot(settings, models)
+    if settings.learning == "in_process":
+        relearned = relearn_examples(settings, models)
+        if relearned:
+            log.info("re-learned %d examples the stored snapshot lacked", relearned)
     app = create_app(settings, models)
     worker = faust.Worker(
         app,

@@ -49,7 +49,14 @@ from stream_app.contracts.events import (
     decode_event,
     encode,
 )
-from stream_app.core.learning import CollectedLearning, ExampleBatch
+from stream_app.contracts.model_record import TrainerParams
+from stream_app.core.learning import (
+    CollectedLearning,
+    ExampleBatch,
+    RecordingLearning,
+    TrainerProgress,
+    learn_example,
+)
 from stream_app.core.models import SegmentModels
 from stream_app.core.processor import Position, Processor, Status
 from stream_app.live.metrics import Metrics
@@ -262,6 +269,15 @@ class LivePipeline:
         self.models = models or SegmentModels(settings.segmentation)
         # Shared learning: examples go to the trainer through this sink (None: in-process).
         self._examples_sink = examples_sink
+        self._shared = settings.learning == "shared"
+        # Deterministic mode: how far this worker's own models have learned (each partition's
+        # newest batch, and the examples log's offset after the newest acknowledged batch).
+        trained = self.models.trainer
+        self.progress = (
+            TrainerProgress()
+            if trained is None
+            else TrainerProgress.from_record(trained.model_dump())
+        )
         self._next_models: SegmentModels | None = None  # offered by the version follower
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
@@ -312,11 +328,38 @@ class LivePipeline:
                 self.models,
                 store,
                 ledger=LiveLedger(store, self.acks),
-                learning=None if self._examples_sink is None else CollectedLearning(self.models),
+                learning=self._learning(),
             )
             self.processors[partition] = proc
             self._recover(partition, proc, store)
         return proc
+
+    def _learning(self) -> CollectedLearning | RecordingLearning | None:
+        if self._examples_sink is None:
+            return None  # in-process learning, nothing recorded
+        if self._shared:
+            return CollectedLearning(self.models)
+        return RecordingLearning(self.models)
+
+    def _relearn_pending(self, partition: int, marker: DeliveryMarker) -> None:
+        """Deterministic mode, at recovery: example batches durable in the marker but not in
+        the restored models (a crash before they reached the examples log) are learned now,
+        before any new event, in batch order: the models are again exactly as they were."""
+        if self._shared or self._examples_sink is None:
+            return
+        source = f"p{partition}"
+        for batch, encoded in sorted(marker.examples):
+            if batch > self.progress.sources.get(source, -1):
+                for example in ExampleBatch.from_bytes(encoded.encode()).examples:
+                    learn_example(self.models, example)
+                self.progress.sources[source] = batch
+
+    async def snapshot_models(self, signing_key: bytes | None) -> bytes:
+        """A model record between batches (every durable batch learned, nothing else), with
+        how far it has learned, so a restart re-learns exactly what it lacks."""
+        async with self._lock:
+            self.models.trainer = TrainerParams(**self.progress.to_record())
+            return self.models.snapshot(signing_key)
 
     def _recover(self, partition: int, proc: Processor, store: TableStore) -> None:
         """A partition (re)assigned: rebuild its due-time index and queue, for sending after this
@@ -341,6 +384,7 @@ class LivePipeline:
                 self.acks.sent[state.customer_id] = delivered
                 self.acks.on_ack(state.customer_id, delivered)
         proc.set_due_index(due)
+        self._relearn_pending(partition, marker)
         for batch, encoded in marker.examples:  # the trainer drops those it has learned
             if batch > marker.delivered:
                 self._example_sends.append((partition, batch, encoded))
@@ -513,6 +557,7 @@ class LivePipeline:
         self._last_token[partition] = pending.token
         learning = processor.learning
         collected = len(learning.examples) if isinstance(learning, CollectedLearning) else 0
+        # (Deterministic mode keeps a failed event's examples: its models learned them.)
         try:
             self._events_in[decoded.event_type.value].inc()
             self.counts.events[decoded.event_type.value] += 1
@@ -588,15 +633,18 @@ class LivePipeline:
         entries of batches known delivered are dropped from the marker."""
         processor = self.processors.get(partition)
         learning = None if processor is None else processor.learning
-        if not isinstance(learning, CollectedLearning):
+        if not isinstance(learning, CollectedLearning | RecordingLearning):
             return
         kept = [(batch, encoded) for batch, encoded in marker.examples if batch > marker.delivered]
         examples = learning.drain()
         if examples:
-            batch = ExampleBatch(source=f"p{partition}", batch=marker.written, examples=examples)
+            source = f"p{partition}"
+            batch = ExampleBatch(source=source, batch=marker.written, examples=examples)
             encoded = batch.to_bytes().decode()
             kept.append((marker.written, encoded))
             self._example_sends.append((partition, marker.written, encoded))
+            if not self._shared:
+                self.progress.sources[source] = marker.written
         marker.examples = kept
 
     async def _send_examples(self, partition: int, batch: int, encoded: str) -> None:
@@ -617,6 +665,9 @@ class LivePipeline:
             tracker.unacked[batch] -= 1
             if tracker.unacked[batch] <= 0:
                 del tracker.unacked[batch]
+            offset = getattr(fut.result(), "offset", None)  # Kafka's RecordMetadata
+            if isinstance(offset, int) and offset >= self.progress.next_offset:
+                self.progress.next_offset = offset + 1  # where a restart re-learns from
 
         acked.add_done_callback(done)
 

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import ExampleBatch, Trainer
 from stream_app.core.model_format import SnapshotError, record_version
 from stream_app.core.models import SegmentModels
@@ -64,6 +65,47 @@ def latest_model_record(settings: Settings, timeout: float = 10.0) -> bytes | No
                 return latest
     finally:
         consumer.close()
+
+
+def relearn_examples(settings: Settings, models: SegmentModels, timeout: float = 10.0) -> int:
+    """Deterministic mode, at start: learn, in log order, the example batches after the
+    restored snapshot's position (each source's batches it already holds are skipped), so the
+    models are exactly those of the last durable batch. Returns the examples learned."""
+    trainer = Trainer(models)
+    before = trainer.progress.examples
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"{settings.app_id}-relearn",
+            "enable.auto.commit": False,
+        }
+    )
+    topic = settings.learning_examples_topic
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+        start = max(low, trainer.progress.next_offset)
+        log.info("examples log %s: offsets %d..%d, re-learning from %d", topic, low, high, start)
+        if high <= start:
+            return 0
+        consumer.assign([TopicPartition(topic, 0, start)])
+        trainer.progress.next_offset = start
+        while trainer.progress.next_offset < high:
+            msg = consumer.poll(timeout)
+            if msg is None:
+                raise RuntimeError(f"examples log ended at {trainer.progress.next_offset} < {high}")
+            if msg.error() is not None:
+                continue
+            try:
+                batch = ExampleBatch.from_bytes(msg.value() or b"")
+            except ValueError as exc:
+                log.warning("skipped a malformed example batch at %d: %s", msg.offset(), exc)
+                trainer.progress.next_offset = msg.offset() + 1
+                continue
+            trainer.learn(batch, msg.offset())
+    finally:
+        consumer.close()
+    models.trainer = TrainerParams(**trainer.progress.to_record())
+    return trainer.progress.examples - before
 
 
 def decode_version(settings: Settings, data: bytes) -> SegmentModels:

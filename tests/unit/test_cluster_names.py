@@ -46,10 +46,12 @@ def test_a_name_stays_while_its_traits_hold_and_changes_when_they_do_not() -> No
     # The centre drifts: spend now leads, but both named traits still hold: the name stays.
     clusters.kmeans.centers[0]["total_spend"] = 3.0
     clusters.sizes[0] += PROFILE_REFRESH
+    clusters._refresh_profiles()  # as learning does every PROFILE_REFRESH observations
     assert names(clusters)[0] == "frequent buyers, highly active"
     # Activity falls below a quarter of a standard deviation: "highly active" no longer holds.
     clusters.kmeans.centers[0]["activity_last_month"] = 0.1
     clusters.sizes[0] += PROFILE_REFRESH
+    clusters._refresh_profiles()  # as learning does every PROFILE_REFRESH observations
     assert names(clusters)[0] == "high spenders, frequent buyers"
     # ... and the rename is recorded, for the report to say so.
     learned = sum(clusters.sizes)

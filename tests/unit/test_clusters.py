@@ -151,3 +151,20 @@ def test_names_are_unique_in_meaning(
     names: dict[int, str], words: dict[int, list[str]], sticky: set[int], expected: dict[int, str]
 ) -> None:
     assert _unique(names, words, sticky) == expected
+
+
+def test_names_do_not_depend_on_when_a_change_asks_for_them() -> None:
+    """Named at fixed points of the learning, not when a change first needs a name: a model
+    re-learned after a crash (nobody asking) names its clusters as the original did."""
+    asked = BehaviourClusters(3, 0.01, seed=1, warmup=100)
+    silent = BehaviourClusters(3, 0.01, seed=1, warmup=100)
+    rng_a, rng_b = random.Random(9), random.Random(9)
+    for i in range(2500):
+        level = (0.0, 4.0, 8.0)[i % 3] + (i / 2500) * 3  # drifting: names change on the way
+        asked.learn_assign(_row(level, rng_a), float(i))
+        silent.learn_assign(_row(level, rng_b), float(i))
+        if i % 7 == 0:
+            asked.profile(i % 3)
+    names = [asked.profile(c).name for c in range(3)]
+    assert names == [silent.profile(c).name for c in range(3)]
+    assert asked.renames == silent.renames

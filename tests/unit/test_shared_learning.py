@@ -10,12 +10,14 @@ the pipeline sent ends with exactly the models an in-process replay of the same 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from stream_app.contracts.events import DeadLetter, Event, MessageOrigin, decode_event
+from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import ExampleBatch, Trainer
 from stream_app.core.models import SegmentModels
 from stream_app.core.processor import MemoryStore, Processor
@@ -54,12 +56,17 @@ class ExampleLog:
         self.ack = ack
         self.sent: list[bytes] = []
 
-    async def __call__(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+    async def __call__(self, key: bytes, value: bytes) -> asyncio.Future[Any]:
         self.sent.append(value)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.ack:
-            fut.set_result(None)
+            fut.set_result(Acked(len(self.sent) - 1))
         return fut
+
+
+@dataclass(frozen=True)
+class Acked:
+    offset: int  # as Kafka's RecordMetadata says where the record landed
 
 
 def events(n: int) -> list[tuple[str, bytes]]:
@@ -91,9 +98,9 @@ def events(n: int) -> list[tuple[str, bytes]]:
 
 
 def shared_pipeline(
-    table: dict[bytes, bytes], log: ExampleLog, models: SegmentModels
+    table: dict[bytes, bytes], log: ExampleLog, models: SegmentModels, learning: str = "shared"
 ) -> LivePipeline:
-    settings = Settings(state_dir="/nonexistent", partitions=1, segmentation=SEG, learning="shared")
+    settings = Settings(state_dir="/nonexistent", partitions=1, segmentation=SEG, learning=learning)
     return LivePipeline(
         settings,
         lambda partition: TableStore(table, partition, 1, cache_size=0),
@@ -143,6 +150,7 @@ def learned(models: SegmentModels) -> dict[str, Any]:
             scaler[what] = {f: v for f, v in scaler[what].items() if f in scaler["counts"]}
     for what in ("profiles", "names", "renames", "profiled_at"):  # named when changes need it
         params["clusters"].pop(what)
+    params.pop("trainer")  # bookkeeping of how far, not what was learned
     return params
 
 
@@ -202,3 +210,32 @@ async def test_the_pipeline_switches_versions_at_a_batch_boundary_and_stamps_the
     assert isinstance(sinks, Sinks)
     stamps = {c["model_version"] for c in sinks.changes}
     assert newer.stamp in stamps and len(stamps) == 2
+
+
+async def test_deterministic_mode_restarts_with_exactly_the_models_it_had() -> None:
+    """learning=in_process: the worker learns as it scores and records what it learned. After
+    a crash it restores its last snapshot, re-learns from the examples log what the snapshot
+    lacks, and from its markers what never reached the log; then it goes on exactly as the
+    offline replay does (the crash-loop of issue 14 lost that learning for good)."""
+    items = events(400)
+    table: dict[bytes, bytes] = {}
+    log = ExampleLog()
+    first = shared_pipeline(table, log, SegmentModels(SEG), learning="in_process")
+    await run(first, items[:150], 0, batch=25)
+    await asyncio.sleep(0)  # the broker's acknowledgements arrive
+    snapshot = await first.snapshot_models(None)
+    await run(first, items[:250], 150, batch=25)  # learned after the snapshot, then SIGKILL
+    lost = log.sent.pop()  # the last batch's examples never reached the log
+    # The restart: the snapshot, then the log after its position (relearn_examples), ...
+    models = SegmentModels(SEG)
+    models.restore(snapshot)
+    trainer = Trainer(models)
+    assert trainer.progress.next_offset > 0
+    for offset, raw in enumerate(log.sent):
+        trainer.learn(ExampleBatch.from_bytes(raw), offset)
+    models.trainer = TrainerParams(**trainer.progress.to_record())
+    assert ExampleBatch.from_bytes(lost).batch > trainer.progress.sources["p0"]
+    # ... then the marker's batches, as the partition is recovered, before any new event.
+    second = shared_pipeline(table, ExampleLog(), models, learning="in_process")
+    await run(second, items, 250, batch=25)
+    assert learned(models) == learned(in_process_models(items))
