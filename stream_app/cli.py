@@ -98,6 +98,18 @@ def _bootstrap(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_app.tools.models_cli import run_models_command
+
+    if args.action in ("show", "pin") and not args.version:
+        raise UserError(f"models {args.action} needs a VERSION (see `stream-app models list`)")
+    if args.action in ("list", "unpin") and args.version:
+        raise UserError(f"models {args.action} takes no VERSION")
+    if args.force and args.action != "pin":
+        raise UserError("--force is for models pin only")
+    return run_models_command(args.action, args.version, args.json, settings, args.force)
+
+
 def _shadow(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
 
@@ -227,6 +239,23 @@ def _add_replay_tools(sub: Any) -> None:
     rewind.set_defaults(handler=_rewind)
 
 
+def _add_models(sub: Any) -> None:
+    """Model operations (shared learning): the versions on the models topic, and a pin."""
+    models = sub.add_parser(
+        "models",
+        help="model versions on the models topic: list, show one, pin scoring to one, unpin",
+    )
+    models.add_argument("action", choices=["list", "show", "pin", "unpin"])
+    models.add_argument("version", nargs="?", help="a version id (or its end) for show and pin")
+    models.add_argument("--json", action="store_true", help="list and show: JSON")
+    models.add_argument(
+        "--force",
+        action="store_true",
+        help="pin: also a version before the tier or cluster warm-up (every customer changes)",
+    )
+    models.set_defaults(handler=_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stream-app", description="Real-time behavioural customer segmentation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -302,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--idle-timeout", type=float, default=10.0, help="stop after N idle s")
     subscribe.set_defaults(handler=_subscribe)
 
+    _add_models(sub)
     _add_replay_tools(sub)
 
     demo = sub.add_parser("demo", help="broker + worker + a replayed stream, end to end")

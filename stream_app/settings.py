@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     # first example not yet in a version.
     model_publish_examples: int = Field(5000, ge=1)
     model_publish_interval_s: float = Field(5.0, gt=0)
+    # Besides the newest version (under the app id key, which compaction replaces), the trainer
+    # keeps a history for `stream-app models`: the first version, then at most one version per
+    # this many seconds, each under its own key `<app_id>/history/<version>` (compaction keeps
+    # them), the newest `model_history_keep` of them (older ones get tombstones).
+    model_history_interval_s: float = Field(3600.0, gt=0)
+    model_history_keep: int = Field(168, ge=1)
     # With a key, model records (docs/operations.md, "Model records") are signed with
     # HMAC-SHA256 and a record without a valid signature is refused. The previous key only
     # verifies, so records written before a key rotation still load; it never signs.

@@ -11,7 +11,8 @@
   (not Faust's GlobalTable: faust-streaming #283) that checks each record
   (``core.model_format``) and offers the newest good version to the pipeline, which switches at
   its next batch. A record that fails any check is refused with one log line; the worker keeps
-  scoring with the version it has.
+  scoring with the version it has. While ``stream-app models pin`` has set a pin, it offers the
+  pinned version instead and ignores newer ones until ``models unpin`` (``live.model_log``).
 
 Both are threads with their own confluent-kafka clients, so learning never runs on the event
 loop that serves the partitions.
@@ -32,6 +33,7 @@ from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import ExampleBatch, Trainer
 from stream_app.core.model_format import SnapshotError, record_version
 from stream_app.core.models import SegmentModels
+from stream_app.live.model_log import ModelHistory, newest_key, pin_key
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,14 +145,19 @@ class _Thread:
 
 
 class ModelFollower(_Thread):
-    """Offers every newer good version on the models topic to `offer`."""
+    """Offers the version to score with to `offer`: the pinned one while a pin is set
+    (``stream-app models pin``; key ``<app_id>/pin``), else the newest under the app key.
+    History keys (``<app_id>/history/...``) and anything else on the topic are never followed."""
 
     def __init__(self, settings: Settings, offer: Callable[[SegmentModels], None]) -> None:
         super().__init__("model-follower")
         self.settings = settings
         self.offer = offer
         self.current: str | None = None
+        self.pinned: str | None = None  # the pinned version while a good pin is set
         self.refused = 0
+        self._newest: bytes | None = None
+        self._pin: bytes | None = None
 
     def run(self) -> None:
         s = self.settings
@@ -162,36 +169,68 @@ class ModelFollower(_Thread):
             }
         )
         consumer.assign([TopicPartition(s.model_snapshots_topic, 0, OFFSET_BEGINNING)])
-        key = s.app_id.encode()
         try:
             while not self._stop.is_set():
-                latest = None
+                changed = False
                 msg = consumer.poll(POLL_S)
-                while msg is not None:  # a burst: only the newest matters
-                    if msg.error() is None and msg.key() == key and msg.value() is not None:
-                        latest = msg.value()
+                while msg is not None:  # a burst: only the newest per key matters
+                    if msg.error() is None:
+                        changed = self.take(msg.key(), msg.value()) or changed
                     msg = consumer.poll(0)
-                if latest is not None:
-                    self._consider(latest)
+                if changed:
+                    self.follow()
         finally:
             consumer.close()
 
-    def _consider(self, data: bytes) -> None:
+    def take(self, key: bytes | None, value: bytes | None) -> bool:
+        """Note one record of the models topic; True if it may change what to follow."""
+        app = self.settings.app_id
+        if key == newest_key(app) and value is not None:
+            self._newest = value
+            return True
+        if key == pin_key(app):
+            self._pin = value  # None: a tombstone, unpinned
+            return True
+        return False  # a history key, or another app's: never followed
+
+    def follow(self) -> None:
+        """Offer the pinned version, or the newest, unless it is the current one already."""
+        if self._pin is not None:
+            if self._consider(self._pin, pinned=True):
+                return
+            self._pin = None  # a refused pin is dropped: follow the newest
+        if self.pinned is not None:
+            log.info("model pin removed: following the newest version again")
+            self.pinned = None
+        if self._newest is not None:
+            self._consider(self._newest, pinned=False)
+
+    def _consider(self, data: bytes, pinned: bool) -> bool:
+        """True when `data` is the version scored with now (offered, or already current)."""
         try:
             version = record_version(data)
         except Exception:
             version = "?"
         if version == self.current:
-            return
+            self.pinned = version if pinned else None
+            return True
         try:
             models = decode_version(self.settings, data)
         except SnapshotError as exc:
             self.refused += 1
-            log.warning("refused model record %s, keeping %s: %s", version, self.current, exc)
-            return
+            if pinned:
+                log.warning("refused the pinned record %s, following the newest: %s", version, exc)
+            else:
+                log.warning("refused model record %s, keeping %s: %s", version, self.current, exc)
+            return False
         self.current = models.stamp
+        self.pinned = models.stamp if pinned else None
         self.offer(models)
-        log.info("following model version %s", models.stamp)
+        if pinned:
+            log.info("model version %s pinned: scoring with it until unpinned", models.stamp)
+        else:
+            log.info("following model version %s", models.stamp)
+        return True
 
 
 class TrainerService(_Thread):
@@ -208,6 +247,7 @@ class TrainerService(_Thread):
         self._published_at = time.monotonic()
         keys = settings.model_signing_keys
         self._signing_key = keys[0] if keys else None
+        self._history = ModelHistory(settings)  # `stream-app models`: a bounded history
 
     def snapshot(self) -> dict[str, Any]:
         """For /counts: whether this worker trains now, and how far."""
@@ -245,6 +285,7 @@ class TrainerService(_Thread):
             consumer.assign(partitions)
             self.trainer = trainer
             self._since_publish, self._published_at = 0, time.monotonic()
+            self._history.forget()
             log.info(
                 "trainer active on this worker: from offset %d, %d examples learned so far",
                 trainer.progress.next_offset,
@@ -331,3 +372,4 @@ class TrainerService(_Thread):
             trainer.progress.examples,
             len(data),
         )
+        self._history.after_publish(producer, data, self.published)
