@@ -425,6 +425,7 @@ def _add_views(app: Any, pipeline: LivePipeline, readiness: Readiness) -> None:
         body["model_version"] = pipeline.models.stamp
         if app.trainer is not None:
             body["trainer"] = app.trainer.snapshot()
+            body["model_pinned"] = app.follower.pinned is not None
         return web.json(body)
 
     async def health(web: Any, request: Any) -> Any:
