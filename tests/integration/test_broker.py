@@ -80,14 +80,16 @@ def test_topics_create_is_idempotent_and_membership_is_compacted(
         settings.dead_letters_topic,
     ]
     internal = [settings.customers_changelog_topic, settings.model_snapshots_topic]
-    assert first == dict.fromkeys(names + internal, CREATED)
-    assert second == dict.fromkeys(names + internal, EXISTS)
+    examples = settings.learning_examples_topic  # what the models learn from, in order
+    assert first == dict.fromkeys([*names, *internal, examples], CREATED)
+    assert second == dict.fromkeys([*names, *internal, examples], EXISTS)
     admin = admin_client(settings.bootstrap_servers)
     metadata = admin.list_topics(timeout=10)
     assert {len(metadata.topics[name].partitions) for name in names} == {3}
     assert len(metadata.topics[settings.customers_changelog_topic].partitions) == 3
     assert len(metadata.topics[settings.model_snapshots_topic].partitions) == 1
-    policies = {name: _cleanup_policy(admin, name) for name in names + internal}
+    assert len(metadata.topics[examples].partitions) == 1  # one trainer reads it in order
+    policies = {name: _cleanup_policy(admin, name) for name in [*names, *internal, examples]}
     for compacted in (settings.segment_membership_topic, *internal):
         assert policies.pop(compacted) == "compact"
     assert set(policies.values()) == {"delete"}
