@@ -485,7 +485,7 @@ def load_model_snapshot(settings: Settings, models: SegmentModels, timeout: floa
         return False
     if settings.learning == "shared":
         models.stamp = record_version(latest)
-    log.info("models restored from %s (%d bytes)", record_version(latest), len(latest))
+    log.info("models restored from snapshot %s (%d bytes)", record_version(latest), len(latest))
     return True
 
 

@@ -21,6 +21,7 @@ from confluent_kafka import Producer
 from conftest import TopicReader
 
 from stream_app.contracts.events import DeadLetter, DeadLetterReason, MessageOrigin
+from stream_app.core.models import SegmentModels
 from stream_app.live import pipeline as pipeline_module
 from stream_app.live.app import COUNTS_PATH, create_app
 from stream_app.live.pipeline import LivePipeline, WorkerCounts
@@ -152,6 +153,11 @@ def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
     }
     if rerouted:
         expected["rerouted"] = rerouted
+    # What scored them, and the example batches sent for the models to learn from (one per
+    # batch that learned anything; the invalid events taught nothing).
+    assert counts.pop("model_version") == SegmentModels(settings.segmentation).version
+    assert counts.pop("model_switches") == 0
+    assert 1 <= counts.pop("example_batches_sent") <= 5
     assert counts == expected
 
     letters = read_topic(settings, settings.dead_letters_topic, len(bad))
