@@ -38,7 +38,14 @@ class DiscardingSinks:
         return None
 
 
-async def run(events: int, batch: int = 0) -> float:
+async def discard_examples(key: bytes, value: bytes) -> None:
+    return None
+
+
+async def run(events: int, batch: int = 0, learning: str = "") -> float:
+    """`learning`: "" learns in process and records nothing (the worker before issue 14);
+    "in_process" also records the examples (deterministic mode); "shared" scores with a fixed
+    version and only collects them (the trainer learns elsewhere)."""
     stream = generate(
         events, events // 10, seed=7, start=datetime(2024, 1, 1, tzinfo=UTC), step_s=0.05
     )
@@ -48,10 +55,11 @@ async def run(events: int, batch: int = 0) -> float:
     ]
     table: dict[bytes, bytes] = {}
     pipeline = LivePipeline(
-        Settings(partitions=1),
+        Settings(partitions=1, learning="shared" if learning == "shared" else "in_process"),
         # Per event (batch 0): no state cache, a table write per event, as before batching.
         lambda partition: TableStore(table, partition, 1, cache_size=100_000 if batch else 0),
         DiscardingSinks(),
+        examples_sink=discard_examples if learning else None,
     )
     offsets = {"clickstream": 0, "transactions": 0}
     raw: list[RawMessage] = []
@@ -81,6 +89,19 @@ def main() -> None:
         f"LivePipeline without Faust/Kafka, batches of {args.batch}: "
         f"{rates[1]:,.0f} events/s (median of 3)"
     )
+    # Where learning happens (issue 14), paired: the three modes take turns, five rounds.
+    modes = ("", "in_process", "shared")
+    paired: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(5):
+        for mode in modes:
+            paired[mode].append(asyncio.run(run(args.events, args.batch, mode)))
+    base = sorted(paired[""])[2]
+    for mode in modes:
+        rate = sorted(paired[mode])[2]
+        print(
+            f"learning {mode or 'in process, unrecorded'}: {rate:,.0f} events/s "
+            f"(median of 5, {rate / base:.2f}x the unrecorded)"
+        )
 
 
 if __name__ == "__main__":

@@ -106,8 +106,11 @@ def test_list_pin_and_unpin_a_model_version_on_two_workers(
         model_history_interval_s=1.0,
         batch_max_events=200,
         consumer_session_timeout_s=6,
-        # Clusters seeded early: the versions kept after it are pinned without a step back.
-        segmentation=SegmentationSettings(cluster_warmup=500, cluster_warmup_days=0),
+        # Clusters seeded and tiers scored early: the versions kept after that are pinned
+        # without a step back (under load the history keeps fewer versions, 1 s apart).
+        segmentation=SegmentationSettings(
+            cluster_warmup=500, cluster_warmup_days=0, tier_warm_up_labels=300
+        ),
     )
     topics_factory(settings)
     events = retail_events()
