@@ -22,6 +22,7 @@ twice or lost.
 from __future__ import annotations
 
 import base64
+import operator
 import struct
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -79,7 +80,24 @@ class ExampleBatch(BaseModel):
     examples: list[Example]
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
+        return orjson.dumps(
+            {
+                "format": self.format,
+                "version": self.version,
+                "source": self.source,
+                "batch": self.batch,
+                "examples": [
+                    {
+                        "kind": e.kind.value,
+                        "at": e.at,
+                        "features": e.features,
+                        "outcome": e.outcome,
+                        "predicted": e.predicted,
+                    }
+                    for e in self.examples
+                ],
+            }
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ExampleBatch:
@@ -89,16 +107,25 @@ class ExampleBatch(BaseModel):
         return batch
 
 
+_CLUSTER_VALUES: Final = operator.itemgetter(*CLUSTER_FEATURES)
+
+
 def cluster_example(x: dict[str, float], at: float) -> Example:
-    packed = _CLUSTER_PACK.pack(*(x[f] for f in CLUSTER_FEATURES))
-    return Example(kind=ExampleKind.CLUSTER, at=at, features=base64.b64encode(packed).decode())
+    """Built on the per-event path from values the processor computed: not validated again
+    (a test checks it equals the validated construction; the trainer validates what it reads)."""
+    packed = base64.b64encode(_CLUSTER_PACK.pack(*_CLUSTER_VALUES(x))).decode()
+    return Example.model_construct(
+        kind=ExampleKind.CLUSTER, at=at, features=packed, outcome=None, predicted=None
+    )
 
 
 def label_example(
     kind: ExampleKind, packed: str, at: float, outcome: bool, predicted: float
 ) -> Example:
     """A matured label; `packed` is the snapshot's own packed float32 features."""
-    return Example(kind=kind, at=at, features=packed, outcome=outcome, predicted=predicted)
+    return Example.model_construct(
+        kind=kind, at=at, features=packed, outcome=outcome, predicted=predicted
+    )
 
 
 class Learning(Protocol):

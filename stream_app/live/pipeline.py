@@ -51,6 +51,8 @@ from stream_app.contracts.events import (
 )
 from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import (
+    EXAMPLES_FORMAT,
+    EXAMPLES_VERSION,
     CollectedLearning,
     ExampleBatch,
     RecordingLearning,
@@ -639,7 +641,13 @@ class LivePipeline:
         examples = learning.drain()
         if examples:
             source = f"p{partition}"
-            batch = ExampleBatch(source=source, batch=marker.written, examples=examples)
+            batch = ExampleBatch.model_construct(
+                format=EXAMPLES_FORMAT,
+                version=EXAMPLES_VERSION,
+                source=source,
+                batch=marker.written,
+                examples=examples,
+            )
             encoded = batch.to_bytes().decode()
             kept.append((marker.written, encoded))
             self._example_sends.append((partition, marker.written, encoded))

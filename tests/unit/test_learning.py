@@ -173,3 +173,18 @@ def test_a_version_carries_the_trainers_progress_to_the_next_trainer() -> None:
     assert not second.learn(_batch("p0", 2), 3)  # sent again after the version: dropped
     assert second.learn(_batch("p0", 3), 4)
     assert restored.clusters.warmup_seen == 6
+
+
+def test_examples_built_on_the_hot_path_equal_validated_ones() -> None:
+    x = {f: 0.5 + i for i, f in enumerate(CLUSTER_FEATURES)}
+    fast = cluster_example(x, 7.0)
+    assert Example.model_validate(fast.model_dump()) == fast
+    packed = base64.b64encode(struct.pack(f"<{len(FEATURES)}f", *range(len(FEATURES)))).decode()
+    label = label_example(ExampleKind.PURCHASE, packed, 2.0, False, 0.75)
+    assert Example.model_validate(label.model_dump()) == label
+    batch = ExampleBatch.model_construct(
+        format="stream_app.examples", version=1, source="p1", batch=3, examples=[fast, label]
+    )
+    assert ExampleBatch.from_bytes(batch.to_bytes()) == ExampleBatch(
+        source="p1", batch=3, examples=[fast, label]
+    )
