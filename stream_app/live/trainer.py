@@ -33,7 +33,7 @@ from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import ExampleBatch, Trainer
 from stream_app.core.model_format import SnapshotError, record_version
 from stream_app.core.models import SegmentModels
-from stream_app.live.model_log import ModelHistory, newest_key, pin_key
+from stream_app.live.model_log import ModelHistory, newest_key, pin_key, read_model_log
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,31 +42,11 @@ POLL_S: Final = 0.2
 
 
 def latest_model_record(settings: Settings, timeout: float = 10.0) -> bytes | None:
-    """The newest record under this app's key on the models topic, or None."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"{settings.app_id}-model-restore",
-            "enable.auto.commit": False,
-        }
-    )
-    try:
-        tp = TopicPartition(settings.model_snapshots_topic, 0)
-        low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-        if high <= low:
-            return None
-        consumer.assign([TopicPartition(settings.model_snapshots_topic, 0, low)])
-        key, latest = settings.app_id.encode(), None
-        while True:
-            msg = consumer.poll(timeout)
-            if msg is None:
-                return latest
-            if msg.error() is None and msg.key() == key:
-                latest = msg.value()
-            if msg.offset() is not None and msg.offset() >= high - 1:
-                return latest
-    finally:
-        consumer.close()
+    """The newest record under this app's exact key on the models topic, or None (history and
+    pin keys are never "the newest")."""
+    key = settings.app_id.encode()
+    latest = [r.value for r in read_model_log(settings, timeout) if r.key == key and r.value]
+    return latest[-1] if latest else None
 
 
 def relearn_examples(settings: Settings, models: SegmentModels, timeout: float = 10.0) -> int:

@@ -144,15 +144,12 @@ def settle(settings: Settings, workers: list[WorkerProcess], total: int | None) 
     )
 
 
-def test_two_workers_score_with_one_shared_model(
-    settings_factory: Callable[..., Settings],
-    topics_factory: Callable[[Settings], dict[str, str]],
-    worker_factory: Callable[[Settings], WorkerProcess],
-) -> None:
-    settings = shared_settings(settings_factory)
-    topics_factory(settings)
+def run_shared(
+    settings: Settings, workers: list[WorkerProcess]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Online Retail's first events through these workers, until settled: the newest version
+    and every change, read from outside."""
     events = retail_events()
-    workers = start_workers(settings, worker_factory, 2)
     reader = TopicReader(settings, settings.segment_changes_topic)
     try:
         publish(events, settings, producer=make_producer(settings), flush=True)
@@ -160,11 +157,22 @@ def test_two_workers_score_with_one_shared_model(
         reader.poll(2.0)
     finally:
         reader.close()
+    return newest, reader.unique()
+
+
+def test_two_workers_score_with_one_shared_model(
+    settings_factory: Callable[..., Settings],
+    topics_factory: Callable[[Settings], dict[str, str]],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    settings = shared_settings(settings_factory)
+    topics_factory(settings)
+    workers = start_workers(settings, worker_factory, 2)
+    newest, changes = run_shared(settings, workers)
     trainers = [w.wait_for(lambda c: True, 10)["trainer"] for w in workers]
     assert sorted(t["active"] for t in trainers) == [False, True]  # exactly one trainer
     versions = {v["version"] for v in published(settings)}
     assert len(versions) >= 3  # the model evolved, as one
-    changes = reader.unique()
     stamps = {c["model_version"] for c in changes.values()}
     # Every change was scored by a published version (or the untrained start, by knob digest).
     assert stamps - versions <= {next(iter(stamps - versions), None)}
@@ -218,18 +226,11 @@ def shared_run(
     settings: Settings, worker_factory: Callable[[Settings], WorkerProcess], n: int
 ) -> dict[str, tuple[int, dict[str, Any]]]:
     """Final segments of Online Retail's first events through `n` shared-learning workers."""
-    events = retail_events()
     workers = start_workers(settings, worker_factory, n)
-    reader = TopicReader(settings, settings.segment_changes_topic)
-    try:
-        publish(events, settings, producer=make_producer(settings), flush=True)
-        settle(settings, workers, len(events))
-        reader.poll(2.0)
-    finally:
-        reader.close()
+    _, changes = run_shared(settings, workers)
     for worker in workers:
         worker.stop()
-    return final_segments(reader.unique().values())
+    return final_segments(changes.values())
 
 
 def test_one_and_three_workers_end_with_the_same_segments(

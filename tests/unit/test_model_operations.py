@@ -19,7 +19,7 @@ from stream_app.core.learning import Trainer
 from stream_app.core.model_format import record_version
 from stream_app.core.models import SegmentModels
 from stream_app.errors import UserError
-from stream_app.live import model_log, trainer
+from stream_app.live import model_log
 from stream_app.live.model_log import (
     PUBLISHED_HEADER,
     LogRecord,
@@ -166,7 +166,7 @@ def test_the_trainers_restore_reads_the_app_key_only(monkeypatch: pytest.MonkeyP
         (pin_key(APP), v2),  # written after the newest: still not the newest
         (history_key(APP, record_version(v3)), v3),
     ]
-    monkeypatch.setattr(trainer, "Consumer", FakeConsumer)
+    monkeypatch.setattr(model_log, "Consumer", FakeConsumer)  # what latest_model_record reads
     assert latest_model_record(SETTINGS) == v1
 
 
