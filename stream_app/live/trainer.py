@@ -66,6 +66,13 @@ def relearn_examples(settings: Settings, models: SegmentModels, timeout: float =
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
         start = max(low, trainer.progress.next_offset)
+        if low > trainer.progress.next_offset:
+            log.warning(
+                "examples %d..%d after the stored snapshot are gone (retention): the models "
+                "lack what they taught; raise the examples topic's retention.ms",
+                trainer.progress.next_offset,
+                low - 1,
+            )
         log.info("examples log %s: offsets %d..%d, re-learning from %d", topic, low, high, start)
         if high <= start:
             return 0
