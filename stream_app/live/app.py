@@ -475,7 +475,7 @@ def _add_lag_timer(app: Any, pipeline: LivePipeline, settings: Settings) -> None
 def load_model_snapshot(settings: Settings, models: SegmentModels, timeout: float = 10.0) -> bool:
     """Restore the newest model record of this app from the compacted topic, if any; a record
     that fails a check is refused with one log line and the models stay as they are."""
-    latest = latest_model_record(settings, timeout)
+    latest = latest_model_record(settings, timeout, honour_pin=settings.learning == "shared")
     if latest is None:
         return False
     try:

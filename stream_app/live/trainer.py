@@ -41,11 +41,19 @@ log = logging.getLogger(__name__)
 POLL_S: Final = 0.2
 
 
-def latest_model_record(settings: Settings, timeout: float = 10.0) -> bytes | None:
+def latest_model_record(
+    settings: Settings, timeout: float = 10.0, *, honour_pin: bool = False
+) -> bytes | None:
     """The newest record under this app's exact key on the models topic, or None (history and
-    pin keys are never "the newest")."""
+    pin keys are never "the newest"). With `honour_pin`, a pin set (and not unpinned since)
+    wins: a worker starting during an incident scores with the pinned version from the start."""
+    records = read_model_log(settings, timeout)
+    if honour_pin:
+        pins = [r.value for r in records if r.key == pin_key(settings.app_id)]
+        if pins and pins[-1]:  # a tombstone (None) is an unpin
+            return pins[-1]
     key = settings.app_id.encode()
-    latest = [r.value for r in read_model_log(settings, timeout) if r.key == key and r.value]
+    latest = [r.value for r in records if r.key == key and r.value]
     return latest[-1] if latest else None
 
 

@@ -170,6 +170,16 @@ def test_the_trainers_restore_reads_the_app_key_only(monkeypatch: pytest.MonkeyP
     assert latest_model_record(SETTINGS) == v1
 
 
+def test_a_worker_starting_while_pinned_restores_the_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    v1, v2, v3 = versions(3)
+    monkeypatch.setattr(model_log, "Consumer", FakeConsumer)
+    FakeConsumer.topic = [(newest_key(APP), v1), (pin_key(APP), v2), (newest_key(APP), v3)]
+    assert latest_model_record(SETTINGS, honour_pin=True) == v2  # the pin beats the newest
+    assert latest_model_record(SETTINGS) == v3  # the trainer continues from the newest
+    FakeConsumer.topic.append((pin_key(APP), None))  # unpinned: a tombstone
+    assert latest_model_record(SETTINGS, honour_pin=True) == v3
+
+
 # --- the trainer's history -------------------------------------------------------------------
 
 
