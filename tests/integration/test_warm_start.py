@@ -127,10 +127,16 @@ def assert_continued(
         start = boot[customer].sequence + 1  # continues the stored state: no fork
         assert [c["sequence"] for c in trail] == list(range(start, start + len(trail))), customer
         assert all(c["component"] != "entry" for c in trail), customer
-        for change in trail:
-            if change["reason"]["trigger_event_id"] == first_event.get(customer):
-                assert change["current"]["propensity_tier"] != "unscored", change
-                assert not change["current"]["cluster_profile"].startswith(WARMING_UP), change
+        at_first = [
+            c for c in trail if c["reason"]["trigger_event_id"] == first_event.get(customer)
+        ]
+        for change in at_first:
+            assert not change["current"]["cluster_profile"].startswith(WARMING_UP), change
+        # Where the first live event moved the customer, the segment it ends in is scored. (A
+        # lifecycle move comes first and still shows the tier before the event's re-scoring;
+        # a refund never lifts a tier, not even out of `unscored`: issue 13.)
+        if at_first and at_first[-1]["reason"]["trigger_event_type"] != "refund":
+            assert at_first[-1]["current"]["propensity_tier"] != "unscored", at_first[-1]
     for customer in set(by_customer) - set(boot):  # new in the live window
         trail = sorted(by_customer[customer], key=lambda c: c["sequence"])
         assert trail[0]["component"] == "entry"
