@@ -176,7 +176,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     preflight.require_worker_can_start(settings)  # before the broker starts
     from stream_app.tools.demo import run_demo
 
-    return run_demo(settings, dataset=args.dataset, limit=args.limit)
+    return run_demo(settings, dataset=args.dataset, limit=args.limit, fmt=args.format)
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
@@ -254,6 +254,19 @@ def _add_models(sub: Any) -> None:
         help="pin: also a version before the tier or cluster warm-up (every customer changes)",
     )
     models.set_defaults(handler=_models)
+
+
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="broker + worker + a replayed stream, end to end")
+    demo.add_argument("--dataset", type=Path, default=None)
+    demo.add_argument(
+        "--format",
+        choices=["online-retail", "rees46", "events"],
+        default="online-retail",
+        help="the dataset's format (online-retail: bootstrapped up to 2011-11-01 first)",
+    )
+    demo.add_argument("--limit", type=int, default=3000)
+    demo.set_defaults(handler=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,10 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_replay_tools(sub)
 
-    demo = sub.add_parser("demo", help="broker + worker + a replayed stream, end to end")
-    demo.add_argument("--dataset", type=Path, default=None)
-    demo.add_argument("--limit", type=int, default=3000)
-    demo.set_defaults(handler=_demo)
+    _add_demo(sub)
     return parser
 
 
