@@ -245,6 +245,15 @@ class TrainerProgress:
             "duplicates": self.duplicates,
         }
 
+    def to_params(self) -> TrainerParams:
+        """As a model version carries it."""
+        return TrainerParams(**self.to_record())
+
+    @classmethod
+    def of(cls, models: SegmentModels) -> TrainerProgress:
+        """How far the trainer that published `models` had got (nothing yet: from the start)."""
+        return cls() if models.trainer is None else cls.from_record(models.trainer.model_dump())
+
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> TrainerProgress:
         return cls(
@@ -262,13 +271,11 @@ class Trainer:
 
     def __init__(self, models: SegmentModels, progress: TrainerProgress | None = None) -> None:
         self.models = models
-        if progress is None and models.trainer is not None:
-            progress = TrainerProgress.from_record(models.trainer.model_dump())
-        self.progress = progress or TrainerProgress()
+        self.progress = progress or TrainerProgress.of(models)
 
     def version(self, signing_key: bytes | None = None) -> bytes:
         """A model record of everything learned so far, with how far the trainer got."""
-        self.models.trainer = TrainerParams(**self.progress.to_record())
+        self.models.trainer = self.progress.to_params()
         return self.models.snapshot(signing_key)
 
     def learn(self, batch: ExampleBatch, offset: int) -> bool:

@@ -49,7 +49,6 @@ from stream_app.contracts.events import (
     decode_event,
     encode,
 )
-from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import (
     EXAMPLES_FORMAT,
     EXAMPLES_VERSION,
@@ -274,12 +273,7 @@ class LivePipeline:
         self._shared = settings.learning == "shared"
         # Deterministic mode: how far this worker's own models have learned (each partition's
         # newest batch, and the examples log's offset after the newest acknowledged batch).
-        trained = self.models.trainer
-        self.progress = (
-            TrainerProgress()
-            if trained is None
-            else TrainerProgress.from_record(trained.model_dump())
-        )
+        self.progress = TrainerProgress.of(self.models)
         self._next_models: SegmentModels | None = None  # offered by the version follower
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
@@ -360,7 +354,7 @@ class LivePipeline:
         """A model record between batches (every durable batch learned, nothing else), with
         how far it has learned, so a restart re-learns exactly what it lacks."""
         async with self._lock:
-            self.models.trainer = TrainerParams(**self.progress.to_record())
+            self.models.trainer = self.progress.to_params()
             return self.models.snapshot(signing_key)
 
     def _recover(self, partition: int, proc: Processor, store: TableStore) -> None:

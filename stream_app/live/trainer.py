@@ -29,7 +29,6 @@ from typing import Any, Final
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import ExampleBatch, Trainer
 from stream_app.core.model_format import SnapshotError, record_version
 from stream_app.core.models import SegmentModels
@@ -101,7 +100,7 @@ def relearn_examples(settings: Settings, models: SegmentModels, timeout: float =
             trainer.learn(batch, msg.offset())
     finally:
         consumer.close()
-    models.trainer = TrainerParams(**trainer.progress.to_record())
+    models.trainer = trainer.progress.to_params()
     return trainer.progress.examples - before
 
 

@@ -13,21 +13,19 @@ warm-up would turn everyone `unscored`, which is why `models pin` refuses it wit
 from __future__ import annotations
 
 import random
-from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from test_shared_learning import CLICKS, SALES, T0, ExampleLog, Sinks
+from test_shared_learning import CLICKS, SALES, T0, ExampleLog, Sinks, run, shared_pipeline
 
-from stream_app.contracts.events import MessageOrigin, PropensityTier
+from stream_app.contracts.events import PropensityTier
 from stream_app.core.learning import ExampleBatch, Trainer
 from stream_app.core.model_format import record_version
 from stream_app.core.models import SegmentModels
 from stream_app.core.segmentation import next_tier
 from stream_app.live.model_log import LogRecord, history_key, newest_key
 from stream_app.live.pipeline import LivePipeline
-from stream_app.live.store import TableStore
 from stream_app.live.trainer import decode_version
 from stream_app.settings import SegmentationSettings, Settings
 from stream_app.tools.models_cli import catalogue, step_back
@@ -63,27 +61,11 @@ def settings_for(seg: SegmentationSettings) -> Settings:
 
 
 def pipeline(settings: Settings, log: ExampleLog, models: SegmentModels) -> LivePipeline:
-    table: dict[bytes, bytes] = {}
-    return LivePipeline(
-        settings,
-        lambda partition: TableStore(table, partition, 1, cache_size=0),
-        Sinks(),
-        models=models,
-        clock=lambda: T0 + timedelta(days=3650),
-        examples_sink=log,
-    )
+    return shared_pipeline({}, log, models, settings=settings)
 
 
 async def feed(p: LivePipeline, events: list[tuple[str, bytes]], lo: int, hi: int) -> None:
-    offsets = Counter(topic for topic, _ in events[:lo])
-    for first in range(lo, hi, BATCH):
-        chunk = []
-        for topic, value in events[first : min(first + BATCH, hi)]:
-            chunk.append(
-                (b"k", value, MessageOrigin(topic=topic, partition=0, offset=offsets[topic]), None)
-            )
-            offsets[topic] += 1
-        await p.handle_batch(chunk)
+    await run(p, events[:hi], lo, BATCH)
 
 
 async def published_versions(settings: Settings, events: list[tuple[str, bytes]]) -> list[bytes]:

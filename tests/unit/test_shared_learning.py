@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 
 from stream_app.contracts.events import DeadLetter, Event, MessageOrigin, decode_event
-from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import ExampleBatch, Trainer
 from stream_app.core.models import SegmentModels
 from stream_app.core.processor import MemoryStore, Processor
@@ -98,9 +97,16 @@ def events(n: int) -> list[tuple[str, bytes]]:
 
 
 def shared_pipeline(
-    table: dict[bytes, bytes], log: ExampleLog, models: SegmentModels, learning: str = "shared"
+    table: dict[bytes, bytes],
+    log: ExampleLog,
+    models: SegmentModels,
+    learning: str = "shared",
+    settings: Settings | None = None,
 ) -> LivePipeline:
-    settings = Settings(state_dir="/nonexistent", partitions=1, segmentation=SEG, learning=learning)
+    if settings is None:
+        settings = Settings(
+            state_dir="/nonexistent", partitions=1, segmentation=SEG, learning=learning
+        )
     return LivePipeline(
         settings,
         lambda partition: TableStore(table, partition, 1, cache_size=0),
@@ -233,7 +239,7 @@ async def test_deterministic_mode_restarts_with_exactly_the_models_it_had() -> N
     assert trainer.progress.next_offset > 0
     for offset, raw in enumerate(log.sent):
         trainer.learn(ExampleBatch.from_bytes(raw), offset)
-    models.trainer = TrainerParams(**trainer.progress.to_record())
+    models.trainer = trainer.progress.to_params()
     assert ExampleBatch.from_bytes(lost).batch > trainer.progress.sources["p0"]
     # ... then the marker's batches, as the partition is recovered, before any new event.
     second = shared_pipeline(table, ExampleLog(), models, learning="in_process")
