@@ -29,10 +29,10 @@ from typing import Any
 
 import orjson
 
-from load_tests.systems import child_env
 from stream_app.contracts.events import Event, encode
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics
+from stream_app.live.workerproc import child_env
 from stream_app.settings import Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.publish import make_producer, topic_for

@@ -5,36 +5,27 @@ Every system serves the same small HTTP interface on its web port: ``/ready`` (2
 its partitions), ``/counts`` (events and dead letters it has processed, the worker's format) and,
 where it has one, ``/metrics`` (Prometheus text).
 
-The integration tests (tests/conftest.py) and the benchmarks start their workers with the same
-pieces: :class:`SystemProcess` (with ``Settings.renamed`` and ``stream_app.live.workerproc``'s
-:func:`http_get` and :func:`wait_until`).
+Every system runs in the runner the integration tests (tests/conftest.py), ``demo`` and
+``shadow`` start their workers with: ``stream_app.live.workerproc.WorkerProcess``;
+:class:`SystemProcess` only chooses which system's command it launches.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
-import orjson
-
-from stream_app.errors import UserError
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import admin_client, create_topics, topic_specs, wait_for_broker
-from stream_app.live.workerproc import http_get, wait_until
-from stream_app.settings import Settings, is_prefixed
+from stream_app.live.workerproc import WorkerProcess
+from stream_app.settings import Settings
 
-READY_TIMEOUT_S: Final = 120.0
-STOP_TIMEOUT_S: Final = 30.0
 ROOT: Final = Path(__file__).resolve().parent.parent  # `load_tests` is importable from here
 
 
@@ -148,13 +139,6 @@ def delete_topics(settings: Settings) -> None:
             future.result()
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """A child's whole environment: ours without any ``STREAM_APP_*`` variable, plus exactly
-    those of ``settings``."""
-    inherited = {k: v for k, v in os.environ.items() if not is_prefixed(k)}
-    return {**inherited, **settings.to_env()}
-
-
 def processed_count(counts: dict[str, Any]) -> int:
     """Input messages completely handled: valid events plus dead letters. A late event is counted
     in both (it is read as an event, then refused), so it is subtracted once."""
@@ -163,144 +147,30 @@ def processed_count(counts: dict[str, Any]) -> int:
     return int(events + sum(letters.values()) - letters.get("late_event", 0))
 
 
-class SystemProcess:
-    """A system under test in a subprocess (`start` it), configured only by its Settings' variables;
-    stopped with SIGTERM (then SIGKILL) by :meth:`stop`. A mistake it reports (exited, never
-    ready) goes through :meth:`fail`, a UserError here (a test's pytest.fail in conftest)."""
+class SystemProcess(WorkerProcess):
+    """A system under test in a subprocess: the shared runner (``stream_app.live.workerproc``),
+    launching the command of its ``kind`` with this checkout first on its PYTHONPATH (the
+    baselines are modules of ``load_tests``) and in its log's folder (what it writes there stays
+    with the run). :meth:`start` creates its topics first unless told not to."""
 
     def __init__(self, kind: SystemKind, settings: Settings, log_path: Path) -> None:
+        super().__init__(
+            settings,
+            log_path,
+            command=COMMANDS[kind],
+            name=str(kind),
+            pythonpath=[ROOT],
+            workdir=log_path.parent,
+        )
         self.kind = kind
-        self.settings = settings
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-        self.exit_code: int | None = None
-        self.ignored_sigterm = False  # the last stop() had to SIGKILL it
-
-    @property
-    def group_id(self) -> str:
-        return self.settings.app_id
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
 
     def start(self, create: bool = True) -> None:
         """Create its topics (unless ``create`` is False) and start it, its output appended to
-        ``log_path``, in the log's folder (what it writes there stays with the run)."""
+        ``log_path``."""
         if create:
             create_topics(self.settings)
-        env = child_env(self.settings)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, *COMMANDS[self.kind]],
-                env=env,
-                cwd=self.log_path.parent,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def fail(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (log {self.log_path})")
-
-    def _exited(self) -> str:
-        code = self.exit_code if self.process is None else self.process.returncode
-        return f"{self.kind} exited with {code}"
-
-    def get_json(self, path: str) -> Any:
-        """The decoded JSON of a 2xx answer to ``path``; None if it is not up, not ready (an
-        error status) or not JSON."""
-        answer = http_get(self.url + path)
-        if answer is None or not 200 <= answer[0] < 300:
-            return None
-        try:
-            return orjson.loads(answer[1])
-        except orjson.JSONDecodeError:
-            return None
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        """Block until ``/ready`` answers 200; returns the seconds it took."""
-        started = time.monotonic()
-
-        def ready() -> bool:
-            if not self.alive():
-                self.fail(f"{self._exited()} before it was ready: {self.log_tail(3, ' | ')}")
-            return self.get_json("/ready") is not None
-
-        if not wait_until(ready, timeout):
-            self.fail(f"{self.kind} was not ready after {timeout:g}s")
-        return time.monotonic() - started
-
-    def wait_for(
-        self,
-        predicate: Callable[[dict[str, Any]], bool],
-        timeout: float = 60.0,
-        every: float = 0.2,
-    ) -> dict[str, Any]:
-        """Poll ``/counts`` until ``predicate`` holds; fail if it exits or never does."""
-        last: dict[str, Any] | None = None
-
-        def matched() -> bool:
-            nonlocal last
-            if not self.alive():
-                self.fail(self._exited())
-            last = self.counts()
-            return last is not None and predicate(last)
-
-        if not wait_until(matched, timeout, every) or last is None:
-            self.fail(f"{self.kind} counts never matched (last {last}) in {timeout}s")
-        return last
-
-    def counts(self) -> dict[str, Any] | None:
-        """``/counts`` (events and dead letters processed), or None while it is not serving."""
-        found = self.get_json("/counts")
-        return found if isinstance(found, dict) else None
+        super().start()
 
     def processed(self) -> int | None:
         counts = self.counts()
         return None if counts is None else processed_count(counts)
-
-    def metrics_text(self) -> str | None:
-        answer = http_get(self.url + "/metrics")
-        if answer is None or not 200 <= answer[0] < 300:
-            return None
-        return answer[1].decode(errors="replace")
-
-    def log_tail(self, lines: int = 20, separator: str = "\n") -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return separator.join(text.splitlines()[-lines:])
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, wait, SIGKILL if it ignores it. Idempotent. Returns the exit code."""
-        self.ignored_sigterm = False
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.ignored_sigterm = True
-        self.kill()
-        return self.exit_code
-
-    def kill(self) -> None:
-        """SIGKILL (the crash path) unless it has exited; then it is reaped. Idempotent."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.exit_code = self.process.returncode
-        self.process = None

@@ -8,8 +8,8 @@ see each other's messages or consumer groups.
 
 Hermetic: every test runs without the developer's ``STREAM_APP_*`` settings (only the test
 command's own variables, ``NOT_SETTINGS``, are kept), and a worker subprocess gets exactly the
-variables of its Settings (``load_tests.systems.child_env``: the load harness starts its workers
-the same way).
+variables of its Settings (``stream_app.live.workerproc``: the one runner of a worker subprocess,
+which the load harness, ``demo`` and ``shadow`` use too).
 
 Processes this session starts are recorded in ``$STREAM_APP_TEST_RUN_DIR`` when it is set
 (`scripts/test.sh` sets it), so the test command can stop exactly those if the session is killed,
@@ -34,9 +34,10 @@ import orjson
 import pytest
 from confluent_kafka import Consumer
 
-from load_tests.systems import SystemKind, SystemProcess, delete_topics
+from load_tests.systems import delete_topics
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics, wait_for_broker
+from stream_app.live import workerproc
 from stream_app.live.workerproc import wait_until
 from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
 
@@ -53,6 +54,7 @@ TEST_BOOTSTRAP_ENV = "STREAM_APP_TEST_BOOTSTRAP"
 RUN_DIR_ENV = "STREAM_APP_TEST_RUN_DIR"
 assert {TEST_BOOTSTRAP_ENV, RUN_DIR_ENV} <= NOT_SETTINGS
 WORKER_READY_TIMEOUT_S = 60.0
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose code the workers run
 
 SettingsFactory = Callable[..., Settings]
 TopicsFactory = Callable[[Settings], dict[str, str]]
@@ -199,8 +201,10 @@ def topics_factory() -> Iterator[TopicsFactory]:
         delete_topics(settings)
 
 
-class WorkerProcess(SystemProcess):
-    """`python -m stream_app.cli worker` in a subprocess, configured only through the environment.
+class WorkerProcess(workerproc.WorkerProcess):
+    """`python -m stream_app.cli worker` in a subprocess, configured only through the environment
+    (the runner of ``stream_app.live.workerproc``, started at once, in its log's folder, running
+    this checkout's code).
 
     That is how it runs in production, so the tests exercise the real entry point, its signal
     handling and its shutdown, not an in-process imitation. Whatever goes wrong fails the test
@@ -210,9 +214,9 @@ class WorkerProcess(SystemProcess):
     def __init__(
         self, settings: Settings, log_path: Path, records: RunRecords | None = None
     ) -> None:
-        super().__init__(SystemKind.WORKER, settings, log_path)
+        super().__init__(settings, log_path, pythonpath=[ROOT], workdir=log_path.parent)
         self.records = records or RunRecords(None)
-        self.start(create=False)  # the test creates the topics it wants
+        self.start()  # the test creates the topics it wants
         assert self.pid is not None
         self.record = self.records.process(self.pid, group=False)
 

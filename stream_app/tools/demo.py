@@ -21,7 +21,7 @@ from stream_app.contracts.events import Event
 from stream_app.errors import UserError
 from stream_app.kafka.local import LocalKafka
 from stream_app.kafka.topics import admin_client, create_topics, topic_specs
-from stream_app.live.workerproc import get, wait_ready, worker_process
+from stream_app.live.workerproc import TOOL_READY_TIMEOUT_S, worker_process
 from stream_app.settings import Settings
 from stream_app.tools.bootstrap import BootstrapRequest, render_summary, run_bootstrap
 from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
@@ -109,8 +109,8 @@ def run_demo(
         summary = publish(_limited(read_dataset(path, fmt), limit, after), settings)
         print(f"  published {summary.published} events in {summary.elapsed_s:.2f}s")
         _say("starting the worker (stream-app worker)")
-        with worker_process(settings, log_path) as proc:
-            wait_ready(settings, proc)
+        with worker_process(settings, log_path) as worker:
+            worker.wait_ready(TOOL_READY_TIMEOUT_S)
             _say(f"the example subscriber (first {SHOWN_CHANGES} segment changes)")
             shown: list[str] = []
 
@@ -127,8 +127,8 @@ def run_demo(
                 f"dropped, {state.gaps} sequence gaps"
             )
             _say("worker counts (GET /counts) and a few metrics (GET /metrics)")
-            print("  " + (get(settings, "/counts") or b"unavailable").decode())
-            metrics = (get(settings, "/metrics") or b"").decode().splitlines()
+            print("  " + (worker.get("/counts") or b"unavailable").decode())
+            metrics = (worker.get("/metrics") or b"").decode().splitlines()
             for line in metrics:
                 if line.startswith(
                     ("stream_app_segment_changes_total", "stream_app_dead_letters_total")

@@ -41,7 +41,7 @@ from stream_app.kafka.ranges import (
     watermarks,
 )
 from stream_app.kafka.topics import CREATED, admin_client, create_topics
-from stream_app.live.workerproc import wait_ready, worker_process
+from stream_app.live.workerproc import TOOL_READY_TIMEOUT_S, worker_process
 from stream_app.progress import Progress
 from stream_app.settings import Settings
 from stream_app.tools.publish import POLL_EVERY, make_producer, send
@@ -232,9 +232,9 @@ def _process(shadow: Settings, request: ShadowRequest, total: int) -> dict[str, 
     log_path = shadow.state_dir / "worker.log"
     started = time.monotonic()
     progress = Progress(sys.stderr, enabled=request.show_progress, verb="processed", total=total)
-    with worker_process(shadow, log_path, echo=lambda line: print(line, file=sys.stderr)) as proc:
-        wait_ready(shadow, proc)
-        wait_until_committed(shadow, lambda: proc.poll() is None, request.timeout_s, progress)
+    with worker_process(shadow, log_path, echo=lambda line: print(line, file=sys.stderr)) as worker:
+        worker.wait_ready(TOOL_READY_TIMEOUT_S)
+        wait_until_committed(shadow, worker.alive, request.timeout_s, progress)
     progress.finish(total)
     probe = range_consumer(shadow, f"{shadow.app_id}-summary")
     try:

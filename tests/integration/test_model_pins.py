@@ -19,9 +19,9 @@ import pytest
 from conftest import TopicReader
 from test_shared_model import RETAIL, published, retail_events, settle, start_workers
 
-from load_tests.systems import child_env
 from stream_app.core.model_format import record_version
 from stream_app.live.trainer import latest_model_record
+from stream_app.live.workerproc import child_env
 from stream_app.settings import SegmentationSettings, Settings
 from stream_app.tools.publish import make_producer, publish
 

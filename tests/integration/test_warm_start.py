@@ -24,10 +24,10 @@ import pytest
 from confluent_kafka import Consumer
 from conftest import TopicReader, final_segments
 
-from load_tests.systems import child_env, processed_count
+from load_tests.systems import processed_count
 from stream_app.contracts.events import Event, Origin
 from stream_app.live.store import decode_record, partition_of
-from stream_app.live.workerproc import wait_until
+from stream_app.live.workerproc import child_env, wait_until
 from stream_app.settings import Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.publish import publish

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from load_tests.systems import child_env
+from stream_app.live.workerproc import child_env
 from stream_app.settings import NOT_SETTINGS, Settings, is_prefixed
 
 ROOT = Path(__file__).resolve().parents[2]
