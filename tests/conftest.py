@@ -250,6 +250,28 @@ class WorkerProcess(workerproc.WorkerProcess):
 WorkerFactory = Callable[[Settings], WorkerProcess]
 
 
+def assert_one_history(
+    received: Iterable[dict[str, Any]], stored: Mapping[str, int] | None = None
+) -> dict[str, dict[str, Any]]:
+    """No fork: one content per change_id, one change_id per (customer, sequence), and no gaps:
+    each customer's sequences run on from 1 (or from the one after ``stored[customer]``, the
+    sequence its bootstrapped state ends at). Returns the changes by change_id."""
+    by_id: dict[str, dict[str, Any]] = {}
+    by_sequence: dict[tuple[str, int], str] = {}
+    for change in received:
+        first = by_id.setdefault(change["change_id"], change)
+        assert change == first, f"change {change['change_id']} came back with other content"
+        slot = (change["customer_id"], change["sequence"])
+        assert by_sequence.setdefault(slot, change["change_id"]) == change["change_id"], slot
+    sequences: dict[str, list[int]] = {}
+    for customer, sequence in by_sequence:
+        sequences.setdefault(customer, []).append(sequence)
+    for customer, seen in sequences.items():
+        start = (stored or {}).get(customer, 0) + 1
+        assert sorted(seen) == list(range(start, start + len(seen))), f"gap for {customer}: {seen}"
+    return by_id
+
+
 def final_segments(changes: Iterable[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:
     """Each customer's last (highest-sequence) change: its sequence and current segment."""
     final: dict[str, tuple[int, dict[str, Any]]] = {}

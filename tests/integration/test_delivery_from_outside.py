@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
-from conftest import TopicReader, final_segments
+from conftest import TopicReader, assert_one_history, final_segments
 
 from stream_app.contracts.events import Event
 from stream_app.settings import SegmentationSettings, Settings
@@ -78,23 +78,6 @@ def offline(events: Iterable[Event], settings: Settings) -> list[Change]:
 
 def unique_ids(changes: list[Change]) -> set[str]:
     return {c["change_id"] for c in changes}
-
-
-def assert_one_history(received: list[Change]) -> dict[str, Change]:
-    """No fork: one content per change_id, one change_id per (customer, sequence), no gaps."""
-    by_id: dict[str, Change] = {}
-    by_sequence: dict[tuple[str, int], str] = {}
-    for change in received:
-        first = by_id.setdefault(change["change_id"], change)
-        assert change == first, f"change {change['change_id']} came back with other content"
-        slot = (change["customer_id"], change["sequence"])
-        assert by_sequence.setdefault(slot, change["change_id"]) == change["change_id"], slot
-    sequences: dict[str, list[int]] = {}
-    for customer, sequence in by_sequence:
-        sequences.setdefault(customer, []).append(sequence)
-    for customer, seen in sequences.items():
-        assert sorted(seen) == list(range(1, len(seen) + 1)), f"gap for {customer}: {seen}"
-    return by_id
 
 
 @pytest.mark.parametrize(
