@@ -115,7 +115,7 @@ class KafkaSinks:
     def __init__(self, producer: Producer, settings: Settings) -> None:
         self.producer, self.settings = producer, settings
 
-    async def change(self, customer_id: str, value: bytes) -> Any:
+    async def change(self, customer_id: str, value: bytes) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
