@@ -8,6 +8,7 @@ from typing import Any
 
 import faust
 
+from stream_app.live import faust_internals
 from stream_app.logs import logging_config
 from stream_app.settings import Settings
 
@@ -20,8 +21,8 @@ def add_harness_pages(app: Any, counts: Callable[[], dict[str, Any]]) -> None:
         return web.json(counts())
 
     async def ready(web: Any, request: Any) -> Any:
-        assigned = bool(app.consumer.assignment()) if app.consumer else False
-        recovered = app.tables.recovery.completed.is_set()
+        assigned = bool(faust_internals.assigned_partitions(app))
+        recovered = faust_internals.tables_recovered(app)
         body = {"assigned": assigned, "recovered": recovered}
         return web.json(body, status=200 if assigned and recovered else 503)
 
