@@ -14,15 +14,18 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from load_tests.objectives import Findings, Objectives, evaluate
 from load_tests.report import machine, overall, verdict_rows, write_report
 from load_tests.scenarios import (
+    SCENARIO_DEFAULTS,
+    Flag,
     Progress,
     RunLoop,
     RunOptions,
@@ -61,6 +64,55 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"load_tests: {message} (see python -m load_tests run --help)\n")
 
 
+def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """An option per field of ``model``: ``--field-name`` or its :class:`Flag`'s spelling, the
+    field's type (an enum: its values to choose from; a bool: a switch, ``--no-...`` when on by
+    default) and its description as help, with its default (and the scenarios' own). The
+    option's value is None when it is not given, so the field's default stands."""
+    for name, field in model.model_fields.items():
+        flag = next((m for m in field.metadata if isinstance(m, Flag)), Flag())
+        kind = _value_type(field.annotation)
+        switch_off = kind is bool and field.default is True
+        spelled = flag.name or f"--{'no-' if switch_off else ''}{name.replace('_', '-')}"
+        about = field.description or ""
+        options: dict[str, Any] = {"dest": name, "default": None}
+        if kind is bool:
+            options["action"] = "store_false" if switch_off else "store_true"
+            about = f"without {about}" if switch_off else about
+        elif isinstance(kind, type) and issubclass(kind, Enum):
+            options["choices"] = [member.value for member in kind]
+        else:
+            options["type"] = kind
+            options["metavar"] = (
+                flag.metavar or spelled.removeprefix("--").replace("-", "_").upper()
+            )
+        if flag.required:
+            options["required"] = True
+        elif kind is not bool:
+            about = _with_defaults(about, name, field.default)
+        parser.add_argument(spelled, help=about.replace("%", "%%"), **options)
+
+
+def _value_type(annotation: Any) -> Any:
+    """``float`` of ``float | None``; the annotation itself otherwise."""
+    kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 else annotation
+
+
+def _with_defaults(about: str, name: str, default: Any) -> str:
+    if default is None:
+        return about
+    shown = [_shown(default)]
+    shown += [f"{s} {_shown(d[name])}" for s, d in SCENARIO_DEFAULTS.items() if name in d]
+    return f"{about} (default {', '.join(shown)})"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m load_tests", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -71,97 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SCENARIO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = RunOptions()
-    run.add_argument("--scenario", choices=[s.value for s in ScenarioName], default="steady")
-    run.add_argument(
-        "--rate",
-        type=float,
-        default=None,
-        help="events/s (ramp: start rate; default 1000, smoke 200)",
-    )
-    run.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        help="seconds of traffic (default 60; soak 1800; smoke 8)",
-    )
-    run.add_argument(
-        "--report",
-        type=Path,
-        required=True,
-        metavar="DIR",
-        help="directory for report.json, report.md and the PNG charts",
-    )
-    run.add_argument(
-        "--baseline",
-        action="store_true",
-        help="also run the plain confluent-kafka loop and the naive Faust agent "
-        "(same traffic), and measure all three from a backlog, for the ratios",
-    )
-    run.add_argument(
-        "--seed", type=int, default=defaults.seed, help="traffic seed (same seed, same traffic)"
-    )
-    run.add_argument(
-        "--partitions",
-        type=int,
-        default=defaults.partitions,
-        help=f"input partitions (default {defaults.partitions})",
-    )
-    run.add_argument(
-        "--customers",
-        type=int,
-        default=defaults.customers,
-        help="returning customers in the pool (new ones are added on top)",
-    )
-    run.add_argument(
-        "--malformed-rate",
-        type=float,
-        default=defaults.malformed_rate,
-        help="share of malformed messages (default 0.005)",
-    )
-    run.add_argument(
-        "--warmup",
-        type=float,
-        default=None,
-        help="seconds left out of the steady-state figures (default min(10, 20%%))",
-    )
-    run.add_argument(
-        "--spike-factor", type=float, default=defaults.spike_factor, help="spike: x --rate (10)"
-    )
-    run.add_argument(
-        "--spike-s", type=float, default=defaults.spike_s, help="spike: seconds of burst (10)"
-    )
-    run.add_argument(
-        "--step-rate", type=float, default=None, help="ramp increment (default the start rate)"
-    )
-    run.add_argument(
-        "--step-s", type=float, default=defaults.step_s, help="ramp: seconds per step (20)"
-    )
-    run.add_argument(
-        "--max-rate", type=float, default=defaults.max_rate, help="ramp: last step (30000)"
-    )
-    run.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=defaults.drain_timeout_s,
-        help="seconds to wait after the traffic for the backlog to drain",
-    )
-    run.add_argument(
-        "--capacity-events",
-        type=int,
-        default=defaults.capacity_events,
-        help="backlog size for the side-by-side capacity (with --baseline)",
-    )
-    run.add_argument(
-        "--capacity-repeats",
-        type=int,
-        default=defaults.capacity_repeats,
-        help="capacity measurements per system, interleaved; the median counts (default 1)",
-    )
-    run.add_argument(
-        "--bootstrap", default=None, help="use this running broker instead of starting a local one"
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress line")
+    add_options(run, RunOptions)
     run.add_argument(
         "--fail-on-miss",
         action="store_true",
@@ -175,35 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args: argparse.Namespace) -> RunOptions:
-    scenario = ScenarioName(args.scenario)
-    rate = (
-        args.rate
-        if args.rate is not None
-        else (200.0 if scenario is ScenarioName.SMOKE else 1000.0)
-    )
-    default_duration = {ScenarioName.SOAK: 1800.0, ScenarioName.SMOKE: 8.0}.get(scenario, 60.0)
-    return RunOptions(
-        scenario=scenario,
-        rate=rate,
-        duration_s=args.duration if args.duration is not None else default_duration,
-        warmup_s=args.warmup,
-        seed=args.seed,
-        partitions=args.partitions,
-        customers=args.customers,
-        malformed_rate=args.malformed_rate,
-        spike_factor=args.spike_factor,
-        spike_s=args.spike_s,
-        step_rate=args.step_rate,
-        step_s=args.step_s,
-        max_rate=args.max_rate,
-        drain_timeout_s=args.drain_timeout,
-        baseline=args.baseline,
-        capacity_events=args.capacity_events,
-        capacity_repeats=args.capacity_repeats,
-        bootstrap=args.bootstrap,
-        report_dir=args.report,
-        progress=not args.no_progress,
-    )
+    """RunOptions of the options given (every option left out is None: the default stands)."""
+    given = {name: getattr(args, name) for name in RunOptions.model_fields}
+    return RunOptions.for_scenario(**{k: v for k, v in given.items() if v is not None})
 
 
 def run_load(options: RunOptions, objectives: Objectives, command: str = "") -> dict[str, Any]:

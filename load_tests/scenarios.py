@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -70,31 +70,86 @@ class ScenarioName(StrEnum):
     SMOKE = "smoke"
 
 
+# Where a scenario's defaults differ from RunOptions' (a smoke run is short and slow, a soak long).
+SCENARIO_DEFAULTS: Final[dict[ScenarioName, dict[str, Any]]] = {
+    ScenarioName.SMOKE: {"rate": 200.0, "duration_s": 8.0},
+    ScenarioName.SOAK: {"duration_s": 1800.0},
+}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a :class:`RunOptions` field is spelled on the command line, where not
+    ``--field-name`` (``--no-field-name`` for a switch that is on by default)."""
+
+    name: str | None = None
+    metavar: str | None = None
+    required: bool = False
+
+
 class RunOptions(BaseModel):
-    """Everything a load run is parameterised by (the CLI fills it; tests build it directly)."""
+    """Everything a load run is parameterised by (tests build it directly). The command line is
+    made from these fields (``load_tests.__main__``): each is an option with this type, default
+    and description, so a new field needs no parser edit."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    scenario: ScenarioName = ScenarioName.STEADY
-    rate: float = Field(1000.0, gt=0, le=1_000_000)
-    duration_s: float = Field(60.0, gt=0, le=7 * 24 * 3600)
-    warmup_s: float | None = Field(None, ge=0)
-    seed: int = 7
-    partitions: int = Field(4, ge=1, le=256)
-    customers: int = Field(20_000, ge=1)
-    malformed_rate: float = Field(0.005, ge=0, le=1)
-    spike_factor: float = Field(SPIKE_FACTOR, gt=1)
-    spike_s: float = Field(10.0, gt=0)
-    step_rate: float | None = Field(None, gt=0)
-    step_s: float = Field(20.0, gt=0)
-    max_rate: float = Field(30_000.0, gt=0)
-    drain_timeout_s: float = Field(60.0, ge=0)
-    baseline: bool = False
-    capacity_events: int = Field(40_000, ge=1000)
-    capacity_repeats: int = Field(1, ge=1, le=9)
-    bootstrap: str | None = None
-    report_dir: Path = Path("load-report")
-    progress: bool = True
+    scenario: ScenarioName = Field(
+        ScenarioName.STEADY, description="what to run: see the scenarios below"
+    )
+    rate: float = Field(1000.0, gt=0, le=1_000_000, description="events/s; ramp: the start rate")
+    duration_s: Annotated[float, Flag("--duration")] = Field(
+        60.0, gt=0, le=7 * 24 * 3600, description="seconds of traffic"
+    )
+    warmup_s: Annotated[float | None, Flag("--warmup")] = Field(
+        None,
+        ge=0,
+        description="seconds left out of the steady-state figures (default min(10, 20%))",
+    )
+    seed: int = Field(7, description="traffic seed: same seed, same traffic")
+    partitions: int = Field(4, ge=1, le=256, description="input partitions")
+    customers: int = Field(
+        20_000, ge=1, description="returning customers in the pool; new ones are added on top"
+    )
+    malformed_rate: float = Field(0.005, ge=0, le=1, description="share of malformed messages")
+    spike_factor: float = Field(SPIKE_FACTOR, gt=1, description="spike: x --rate")
+    spike_s: float = Field(10.0, gt=0, description="spike: seconds of burst")
+    step_rate: float | None = Field(
+        None, gt=0, description="ramp increment (default the start rate)"
+    )
+    step_s: float = Field(20.0, gt=0, description="ramp: seconds per step")
+    max_rate: float = Field(30_000.0, gt=0, description="ramp: last step")
+    drain_timeout_s: Annotated[float, Flag("--drain-timeout")] = Field(
+        60.0, ge=0, description="seconds to wait after the traffic for the backlog to drain"
+    )
+    baseline: bool = Field(
+        False,
+        description="also run the plain confluent-kafka loop and the naive Faust agent (same "
+        "traffic), and measure all three from a backlog, for the ratios",
+    )
+    capacity_events: int = Field(
+        40_000, ge=1000, description="backlog size for the side-by-side capacity, with --baseline"
+    )
+    capacity_repeats: int = Field(
+        1,
+        ge=1,
+        le=9,
+        description="capacity measurements per system, interleaved; the median counts",
+    )
+    bootstrap: str | None = Field(
+        None, description="use this running broker instead of starting a local one"
+    )
+    report_dir: Annotated[Path, Flag("--report", metavar="DIR", required=True)] = Field(
+        Path("load-report"), description="directory for report.json, report.md and the PNG charts"
+    )
+    progress: bool = Field(True, description="a progress line")
+
+    @classmethod
+    def for_scenario(cls, **given: Any) -> RunOptions:
+        """The options of a command line: what is given, over the scenario's own defaults
+        (:data:`SCENARIO_DEFAULTS`), over the fields' defaults."""
+        scenario = given.get("scenario", cls.model_fields["scenario"].default)
+        return cls(**{**SCENARIO_DEFAULTS.get(scenario, {}), **given})
 
     @model_validator(mode="after")
     def _check(self) -> RunOptions:

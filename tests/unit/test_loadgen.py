@@ -519,6 +519,43 @@ def test_cli_defaults_per_scenario() -> None:
     assert (steady.rate, steady.warmup, steady.baseline) == (5000.0, 10.0, False)
 
 
+# Every flag `python -m load_tests run` has taken: their spellings are the CLI's contract.
+EVERY_FLAG = [
+    *("--scenario", "ramp", "--rate", "500", "--duration", "30", "--warmup", "5"),
+    *("--seed", "3", "--partitions", "2", "--customers", "10", "--malformed-rate", "0.1"),
+    *("--spike-factor", "4", "--spike-s", "7", "--step-rate", "100", "--step-s", "5"),
+    *("--max-rate", "900", "--drain-timeout", "9", "--baseline", "--capacity-events", "2000"),
+    *("--capacity-repeats", "3", "--bootstrap", "h:1", "--report", "r", "--no-progress"),
+]
+
+
+def test_every_run_option_is_a_flag_spelled_as_before() -> None:
+    options = options_from(build_parser().parse_args(["run", *EVERY_FLAG]))
+    assert options == RunOptions.model_validate(
+        {"scenario": "ramp", "rate": 500, "duration_s": 30, "warmup_s": 5, "seed": 3}
+        | {"partitions": 2, "customers": 10, "malformed_rate": 0.1, "spike_factor": 4}
+        | {"spike_s": 7, "step_rate": 100, "step_s": 5, "max_rate": 900, "drain_timeout_s": 9}
+        | {"baseline": True, "capacity_events": 2000, "capacity_repeats": 3}
+        | {"bootstrap": "h:1", "report_dir": "r", "progress": False}
+    )
+    assert set(options.model_fields_set) == set(RunOptions.model_fields)  # each one a flag
+
+
+def test_the_parser_is_made_from_run_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """A field's type, default and description reach the CLI without a parser edit; an option
+    left out leaves the field's default (or its scenario's)."""
+    assert all(field.description for field in RunOptions.model_fields.values())
+    args = build_parser().parse_args(["run", "--report", "r"])
+    assert set(RunOptions.model_fields) <= set(vars(args))
+    assert options_from(args) == RunOptions(report_dir=Path("r"))
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--malformed-rate MALFORMED_RATE share of malformed messages (default 0.005)" in shown
+    assert "--duration DURATION seconds of traffic (default 60, smoke 8, soak 1800)" in shown
+    assert "(default min(10, 20%))" in shown and "--no-progress without a progress line" in shown
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
