@@ -60,6 +60,10 @@ async def run(events: int, batch: int = 0, learning: str = "") -> float:
         DiscardingSinks(),
         examples_sink=discard_examples if learning else None,
     )
+    if learning == "shared":
+        # No trainer here: score with one version alone (as `models pin` does), or every event
+        # would wait for the versions of its time.
+        pipeline.offer_models(pipeline.models, pinned=True)
     offsets = {"clickstream": 0, "transactions": 0}
     raw: list[RawMessage] = []
     for topic, encoded, customer in messages:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 from pydantic import (
@@ -31,6 +31,9 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from stream_app.errors import UserError
+
+if TYPE_CHECKING:
+    from stream_app.core.learning import Epochs
 
 ENV_PREFIX: Final = "STREAM_APP_"
 NESTED_DELIMITER: Final = "__"
@@ -160,10 +163,15 @@ class Settings(BaseSettings):
     # from; "in_process": each worker learns as it scores (deterministic: one worker on one
     # partition equals the offline replay; snapshots every model_snapshot_interval_s).
     learning: Literal["shared", "in_process"] = "in_process"
-    # The shared trainer publishes a version after this many examples, or this long after the
-    # first example not yet in a version.
-    model_publish_examples: int = Field(5000, ge=1)
-    model_publish_interval_s: float = Field(5.0, gt=0)
+    # Shared learning in event-time epochs (docs/how-it-works.md): the trainer cuts a version
+    # at every multiple of `model_epoch_s` of event time (all examples before it, none after),
+    # and an event at time t is scored by the newest version cut at least `model_lag_s` before
+    # t. A worker whose partitions run ahead of the slowest one holds their events until that
+    # version is final (at most `model_wait_max_s`, then it scores with what it has and counts
+    # it in `model_waits_expired`), so the segments do not depend on the number of workers.
+    model_epoch_s: float = Field(86400.0, gt=0)
+    model_lag_s: float = Field(86400.0, ge=0)
+    model_wait_max_s: float = Field(30.0, gt=0)
     # Besides the newest version (under the app id key, which compaction replaces), the trainer
     # keeps a history for `stream-app models`: the first version, then at most one version per
     # this many seconds, each under its own key `<app_id>/history/<version>` (compaction keeps
@@ -229,6 +237,29 @@ class Settings(BaseSettings):
             previous, key = env_name("model_signing_previous_key"), env_name("model_signing_key")
             raise ValueError(f"{previous} is set without {key}")
         return self
+
+    @model_validator(mode="after")
+    def _lag_covers_lateness(self) -> Settings:
+        # The slowest partition must always be able to go on: its next event's version is
+        # final once its own watermark (event time minus the lateness) has passed the boundary.
+        if self.model_lag_s < self.segmentation.allowed_lateness_seconds:
+            raise ValueError(
+                f"{env_name('model_lag_s')} ({self.model_lag_s:g}) must be at least the allowed "
+                f"lateness ({self.segmentation.allowed_lateness_seconds:g} s)"
+            )
+        return self
+
+    def epochs(self) -> Epochs:
+        """Where the shared trainer cuts versions and which one scores what."""
+        from stream_app.core.learning import Epochs  # the core imports settings, not back
+
+        s = self.segmentation
+        return Epochs(
+            epoch_s=self.model_epoch_s,
+            lag_s=self.model_lag_s,
+            purchase_horizon_s=s.purchase_horizon_days * 86400.0,
+            churn_horizon_s=s.churn_horizon_days * 86400.0,
+        )
 
     @model_validator(mode="after")
     def _default_bootstrap(self) -> Settings:

@@ -173,6 +173,30 @@ class TrainerParams(_Params):
     sources: dict[Name, Count] = Field(description="Each source's newest example batch learned.")
     examples: Count = Field(description="Examples learned in all.")
     duplicates: Count = Field(description="Example batches dropped as sent twice.")
+    # Shared learning in event-time epochs (core.learning.SharedTrainer); absent in versions
+    # of the deterministic mode and in those written before epochs existed.
+    promises: dict[Name, Real] = Field(
+        default_factory=dict,
+        description="Per source (input partition), the event time below which it sends no more "
+        "examples, as of `next_offset`.",
+    )
+    closed_until: Real | None = Field(
+        None, description="Every example before this event time is learned, none after it."
+    )
+    valid_from: Real | None = Field(
+        None,
+        description="The epoch boundary this version was completed at: it scores events from "
+        "one model lag after it.",
+    )
+    dirty_until: Real | None = Field(
+        None,
+        description="The boundary at which the next version is due: something was learned "
+        "after `valid_from` (None: nothing was).",
+    )
+    read_to: Count | None = Field(
+        None, description="The examples log's offset read when this version was made."
+    )
+    late: Count = Field(0, description="Examples dropped as older than `closed_until`.")
 
 
 class ModelParams(_Params):

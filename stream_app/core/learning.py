@@ -22,8 +22,12 @@ twice or lost.
 from __future__ import annotations
 
 import base64
+import bisect
+import heapq
+import math
 import operator
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Protocol
@@ -39,7 +43,8 @@ _CLUSTER_PACK: Final = struct.Struct(f"<{len(CLUSTER_FEATURES)}d")
 _LABEL_PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
 _LABEL_PACK_V1: Final = struct.Struct(f"<{len(FEATURES) - 1}f")  # before the gap input existed
 EXAMPLES_FORMAT: Final = "stream_app.examples"
-EXAMPLES_VERSION: Final = 1
+EXAMPLES_VERSION: Final = 2  # 2: a batch says how far its source has got (`promise`)
+EXAMPLES_VERSIONS_READ: Final = (1, 2)
 
 
 class ExampleKind(StrEnum):
@@ -78,6 +83,9 @@ class ExampleBatch(BaseModel):
     source: str = Field(min_length=1, max_length=200)
     batch: int = Field(ge=0)
     examples: list[Example]
+    # Shared learning: the source sends no example with an event time (`learned_at`) below this
+    # any more (its watermark, or less while time-driven work below it waits for a version).
+    promise: float | None = Field(None, allow_inf_nan=False)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -96,13 +104,14 @@ class ExampleBatch(BaseModel):
                     }
                     for e in self.examples
                 ],
+                "promise": self.promise,
             }
         )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ExampleBatch:
         batch = cls.model_validate_json(raw)
-        if batch.format != EXAMPLES_FORMAT or batch.version != EXAMPLES_VERSION:
+        if batch.format != EXAMPLES_FORMAT or batch.version not in EXAMPLES_VERSIONS_READ:
             raise ValueError(f"not an examples record this version reads: {batch.format}")
         return batch
 
@@ -293,3 +302,302 @@ class Trainer:
         p.sources[batch.source] = batch.batch
         p.examples += len(batch.examples)
         return True
+
+
+# -- shared learning in event-time epochs -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Epochs:
+    """The grid model versions are cut on, and which version scores what (issue 14: the final
+    segments must not depend on how partitions are spread over workers).
+
+    Version ``b`` (a multiple of `epoch_s`) has learned every example whose `learned_at` is
+    before ``b`` and none after, in one canonical order; an event (or a time-driven change) at
+    event time ``t`` is scored by the newest version ``b <= floor((t - lag_s) / epoch_s) *
+    epoch_s``. Both depend only on the stream, never on timing, so any number of workers
+    emits what one would."""
+
+    epoch_s: float
+    lag_s: float
+    purchase_horizon_s: float
+    churn_horizon_s: float
+
+    def boundary_for(self, t: float) -> float:
+        """The version boundary that scores event time `t`."""
+        return math.floor((t - self.lag_s) / self.epoch_s) * self.epoch_s
+
+    def end_of(self, t: float) -> float:
+        """The first boundary after event time `t`: the version that first includes it."""
+        return math.floor(t / self.epoch_s) * self.epoch_s + self.epoch_s
+
+    def scoreable_until(self, known: float) -> float:
+        """The latest event time whose version is final once every boundary up to `known` is."""
+        return math.nextafter(
+            math.floor(known / self.epoch_s) * self.epoch_s + self.epoch_s + self.lag_s, -math.inf
+        )
+
+    def learned_at(self, example: Example) -> float:
+        """When the stream learned it: a cluster observation at its event, a label when its
+        horizon ended (both the same on every worker)."""
+        if example.kind is ExampleKind.CLUSTER:
+            return example.at
+        horizon = (
+            self.purchase_horizon_s
+            if example.kind is ExampleKind.PURCHASE
+            else (self.churn_horizon_s)
+        )
+        return example.at + horizon
+
+
+def _canonical(example: Example, learned_at: float) -> tuple[Any, ...]:
+    """The learning order: by when it was learned, ties broken by content (identical examples
+    are interchangeable), never by which worker or batch sent it."""
+    return (
+        learned_at,
+        example.kind.value,
+        example.features,
+        example.outcome is True,
+        -1.0 if example.predicted is None else example.predicted,
+    )
+
+
+@dataclass(slots=True)
+class _Read:
+    """What reading one batch changed, so the progress as of any earlier offset can be told."""
+
+    offset: int
+    source: str
+    hwm: int | None
+    promise: float | None
+    duplicate: bool
+
+
+class SharedTrainer:
+    """One trainer for every worker: learns the examples log in canonical event-time order.
+
+    Each source (input partition ``p0..p{n-1}``) promises with every batch how far it has got;
+    examples wait in `pending` until every source has promised past them, then are learned in
+    canonical order; at each epoch boundary crossed a version is cut (:meth:`read` returns the
+    records to publish). A version records the examples log's offset of the first batch still
+    pending then, with each source's newest batch and promise as of that offset, so a trainer
+    restored from it re-reads from there and ends with exactly the same versions."""
+
+    def __init__(
+        self,
+        models: SegmentModels,
+        epochs: Epochs,
+        sources: int,
+        signing_key: bytes | None = None,
+    ) -> None:
+        self.models = models
+        self.epochs = epochs
+        self.required = [f"p{n}" for n in range(sources)]
+        self._key = signing_key
+        r = models.trainer
+        self.next_offset = 0 if r is None else r.next_offset
+        self.hwm: dict[str, int] = {} if r is None else dict(r.sources)
+        self.promises: dict[str, float] = {} if r is None else dict(r.promises)
+        self.examples = 0 if r is None else r.examples
+        self.duplicates = 0 if r is None else r.duplicates
+        self.late = 0 if r is None else r.late
+        self.closed_until = -math.inf
+        if r is not None and r.closed_until is not None:
+            self.closed_until = r.closed_until
+        self.valid_from = None if r is None else r.valid_from
+        self._reread_to = self.next_offset if r is None or r.read_to is None else r.read_to
+        self.read_to = self.next_offset
+        self._pending: list[tuple[tuple[Any, ...], int, int, Example]] = []
+        self._held: dict[int, int] = {}  # offset -> its examples still pending
+        self._held_order: deque[int] = deque()
+        self._reads: deque[_Read] = deque()
+        # The boundary that completes what was learned last (None: nothing since the last cut).
+        self._dirty: float | None = None if r is None else r.dirty_until
+        self._announced = self.closed_until  # in the newest record made
+        self._seq = 0
+        self.last_late: tuple[str, int, float, float] | None = None  # source, batch, at, closed
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def frontier(self) -> float:
+        """Every source has promised no more examples before this event time (-inf until each
+        required source has said anything)."""
+        known = set(self.required) | set(self.promises)
+        if any(source not in self.promises for source in known):
+            return -math.inf
+        return min(self.promises[source] for source in known)
+
+    def read(self, batch: ExampleBatch, offset: int) -> list[bytes]:
+        """Take the batch read at `offset`; return the model records it completes, in order."""
+        if offset < self.read_to:
+            return []  # before the restored position: in the model already
+        self.read_to = offset + 1
+        source = batch.source
+        before_hwm, before_promise = self.hwm.get(source), self.promises.get(source)
+        duplicate = batch.batch <= (-1 if before_hwm is None else before_hwm)
+        self._reads.append(_Read(offset, source, before_hwm, before_promise, duplicate))
+        if duplicate:
+            self.duplicates += 1
+            return self._advance()
+        self.hwm[source] = batch.batch
+        if batch.promise is not None:
+            self.promises[source] = max(batch.promise, before_promise or -math.inf)
+        held = 0
+        rereading = offset < self._reread_to
+        for example in batch.examples:
+            at = self.epochs.learned_at(example)
+            if at < self.closed_until:
+                if not rereading:
+                    self.late += 1  # a source broke its promise: not learned (counted)
+                    self.last_late = (source, batch.batch, at, self.closed_until)
+                continue
+            self._seq += 1
+            heapq.heappush(self._pending, (_canonical(example, at), self._seq, offset, example))
+            held += 1
+        if held:
+            self._held[offset] = held
+            self._held_order.append(offset)
+        return self._advance()
+
+    def skip(self, offset: int) -> None:
+        """The record at `offset` is not a batch (malformed): nothing to learn from it."""
+        self.read_to = max(self.read_to, offset + 1)
+
+    def progress_record(self) -> bytes:
+        """A record of everything learned so far (at a handover: the next trainer re-reads
+        only what is still pending)."""
+        return self._record()
+
+    def _advance(self) -> list[bytes]:
+        frontier = self.frontier()
+        records: list[bytes] = []
+        while self._pending and self._pending[0][0][0] < frontier:
+            key, _, offset, example = heapq.heappop(self._pending)
+            end = self.epochs.end_of(key[0])
+            if self._dirty is not None and end > self._dirty:
+                records.append(self._cut(self._dirty))
+            learn_example(self.models, example)
+            self.examples += 1
+            self._dirty = end
+            self._release(offset)
+        if self._dirty is not None and self._dirty <= frontier:
+            records.append(self._cut(self._dirty))
+        if frontier > self.closed_until:
+            self.closed_until = frontier
+            crossed = math.floor(frontier / self.epochs.epoch_s) * self.epochs.epoch_s
+            if crossed > self._announced:
+                # Versions up to `crossed` are final now, and the workers wait on that: say so
+                # (a progress record: what is learned up to the frontier, not a version).
+                records.append(self._record())
+        return records
+
+    def _release(self, offset: int) -> None:
+        self._held[offset] -= 1
+        while self._held_order and self._held[self._held_order[0]] == 0:
+            del self._held[self._held_order.popleft()]
+
+    def _cut(self, boundary: float) -> bytes:
+        """A version: everything before `boundary` learned, nothing after it."""
+        self.closed_until = boundary
+        self.valid_from = boundary
+        self._dirty = None
+        return self._record()
+
+    def _record(self) -> bytes:
+        """A model record of what is learned, with the progress as of the first pending batch.
+        It is a version when `valid_from == closed_until`; otherwise a progress record (a
+        trainer may restore it; workers only learn from it how far versions are final)."""
+        self._announced = self.closed_until
+        start = self._held_order[0] if self._held_order else self.read_to
+        while self._reads and self._reads[0].offset < start:
+            self._reads.popleft()
+        hwm, promises, duplicates = dict(self.hwm), dict(self.promises), self.duplicates
+        for read in reversed(self._reads):  # undo what the batches from `start` on changed
+            for values, value in ((hwm, read.hwm), (promises, read.promise)):
+                if value is None:
+                    values.pop(read.source, None)
+                else:
+                    values[read.source] = value  # type: ignore[assignment]
+            duplicates -= read.duplicate
+        self.models.trainer = TrainerParams(
+            next_offset=start,
+            sources=dict(sorted(hwm.items())),
+            examples=self.examples,
+            duplicates=duplicates,
+            promises=dict(sorted(promises.items())),
+            closed_until=None if self.closed_until == -math.inf else self.closed_until,
+            valid_from=self.valid_from,
+            dirty_until=self._dirty,
+            read_to=self.read_to,
+            late=self.late,
+        )
+        return self.models.snapshot(self._key)
+
+
+class ModelShelf:
+    """A worker's versions of a shared trainer, by the epoch boundary each was cut at.
+
+    :meth:`at` is the version that scores event time t (the newest cut at or before
+    ``Epochs.boundary_for(t)``; before any, the `base`: the version the worker started with);
+    :meth:`ready` says whether that choice is final (the trainer has closed that boundary).
+    While a version is pinned, it scores everything and nothing waits."""
+
+    def __init__(self, base: SegmentModels, epochs: Epochs) -> None:
+        self.epochs = epochs
+        self.base = SegmentModels(base.settings)  # untrained: what scores before a bootstrap
+        self.known_until = -math.inf
+        self.pinned: SegmentModels | None = None
+        self._boundaries: list[float] = []
+        self._versions: dict[float, SegmentModels] = {}
+        self.offer(base)
+
+    def offer(self, models: SegmentModels) -> None:
+        """Take a record the models topic holds: a version, a progress record, or a version
+        made without epochs (a bootstrap: it scores what comes before the first version)."""
+        t = models.trainer
+        if t is None or t.closed_until is None:
+            self.base = models
+            return
+        self.known_until = max(self.known_until, t.closed_until)
+        if t.valid_from is None or t.valid_from != t.closed_until:
+            return  # a progress record: learned past its last version, scores nothing
+        if t.valid_from not in self._versions:
+            bisect.insort(self._boundaries, t.valid_from)
+        self._versions[t.valid_from] = models
+
+    @property
+    def newest(self) -> SegmentModels:
+        if self.pinned is not None:
+            return self.pinned
+        return self._versions[self._boundaries[-1]] if self._boundaries else self.base
+
+    def at(self, t: float) -> SegmentModels:
+        if self.pinned is not None:
+            return self.pinned
+        i = bisect.bisect_right(self._boundaries, self.epochs.boundary_for(t))
+        return self._versions[self._boundaries[i - 1]] if i else self.base
+
+    def ready(self, t: float) -> bool:
+        return self.pinned is not None or self.epochs.boundary_for(t) <= self.known_until
+
+    def scoreable_until(self) -> float:
+        """The latest event time whose version is final (time-driven work up to it may fire)."""
+        if self.pinned is not None:
+            return math.inf
+        if self.known_until == -math.inf:
+            return -math.inf
+        return self.epochs.scoreable_until(self.known_until)
+
+    def forget_before(self, t: float) -> None:
+        """Drop versions no event at or after `t` can need (the newest before it stays)."""
+        i = bisect.bisect_right(self._boundaries, self.epochs.boundary_for(t)) - 1
+        for boundary in self._boundaries[: max(i, 0)]:
+            del self._versions[boundary]
+        del self._boundaries[: max(i, 0)]
+
+
+def _closed_until(models: SegmentModels) -> float:
+    t = models.trainer
+    return -math.inf if t is None or t.closed_until is None else t.closed_until

@@ -76,6 +76,18 @@ def record_version(data: bytes) -> str:
     return str(version)
 
 
+def is_progress_record(data: bytes) -> bool:
+    """A shared trainer's progress record (learned past its newest version: workers score
+    nothing with it, they only learn from it how far versions are final), not a version. For
+    listings; nothing is checked (see decode_record)."""
+    try:
+        trainer = orjson.loads(orjson.loads(data)["params"]).get("trainer") or {}
+    except Exception:
+        return False
+    closed = trainer.get("closed_until")
+    return closed is not None and trainer.get("valid_from") != closed
+
+
 def _first_problem(error: ValidationError) -> str:
     detail = error.errors(include_url=False)[0]
     where = ".".join(str(part) for part in detail["loc"]) or "(top level)"

@@ -252,12 +252,34 @@ class Processor:
         self.progress = progress or StreamProgress()
         self.counts: dict[str, int] = {}
         self._segments: dict[tuple[int, str, PropensityTier, Lifecycle], Segment] = {}
+        # Shared learning: which model version scores event time t (core.learning.Epochs);
+        # None: `models`, whatever the time (in-process learning, a pinned version).
+        self.model_at: Callable[[float], SegmentModels] | None = None
 
     def use_models(self, models: SegmentModels) -> None:
         """Score with another model version from the next event on (a batch boundary live)."""
         self.models = models
         self.learning.models = models
         self._segments.clear()  # cached segments carry the old version's cluster names
+
+    def _score_at(self, t: float) -> None:
+        if self.model_at is not None:
+            models = self.model_at(t)
+            if models is not self.models:
+                self.use_models(models)
+
+    def declare(self, t: float) -> None:
+        """The next event is at `t` (shared learning, before it is scored): the stream's clock
+        moves there now, so events before its watermark are late from here on, and the
+        time-driven work up to it can fire (:meth:`advance`) before the event itself."""
+        self.progress.max_event_time = max(self.progress.max_event_time, t)
+
+    @property
+    def promise(self) -> float:
+        """No example this processor emits from now on is learned before this event time: its
+        events are at or after the watermark, and labels mature at due times not fired yet."""
+        pending = self._due[0][0] if self._due else math.inf
+        return min(self.watermark, pending)
 
     # -- watermark and due-time index ---------------------------------------------------------
 
@@ -302,6 +324,7 @@ class Processor:
             state = self.store.get(customer_id)
             if state is None or state.due_at != due:
                 continue  # superseded by a later event or erased
+            self._score_at(due)
             fired = self._on_time(state, due)
             self._schedule(state, due)
             self._record(state, fired, None)
@@ -359,6 +382,7 @@ class Processor:
             return self._count(Outcome(Status.DUPLICATE, [], st))
         trigger = _Trigger(event.event_id, event.event_type.value, at, event.origin, processed_at)
         changes = [] if st is None else self._catch_up(st, at)
+        self._score_at(at)
         if st is None:
             st = CustomerState(event.customer_id, Behaviour.first(at))
         st.recent_ids.append(digest)
@@ -378,6 +402,7 @@ class Processor:
         changes: list[SegmentChange] = []
         while st.due_at is not None and st.due_at <= until:
             due = st.due_at
+            self._score_at(due)
             changes.extend(self._on_time(st, due))
             self._schedule(st, due)
         return changes

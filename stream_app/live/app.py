@@ -200,6 +200,11 @@ def create_app(
     async def on_revoked(app: Any, revoked: set[Any], **kwargs: Any) -> None:
         await pipeline.revoke({tp.partition for tp in revoked})
 
+    @app.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
+    async def on_assigned(app: Any, assigned: set[Any], **kwargs: Any) -> None:
+        inputs = set(settings.input_topics)
+        pipeline.assign({tp.partition for tp in assigned if tp.topic in inputs})
+
     return app
 
 
@@ -285,7 +290,10 @@ def _current(
 def _unread(app: Any, last_offsets: dict[tuple[str, int], int], topic: str, partition: int) -> bool:
     """True while a topic partition has messages this worker has not read yet (or we cannot
     tell yet): then the ordered merge waits for them instead of guessing."""
-    end = faust_internals.highwater(app, topic, partition)
+    try:
+        end = faust_internals.highwater(app, topic, partition)
+    except AssertionError:
+        return True  # not assigned now (a rebalance is revoking it): release nothing of it
     if end is None:
         return True
     return last_offsets.get((topic, partition), -1) + 1 < end
@@ -422,6 +430,8 @@ def _add_broker_probe(app: Any, readiness: Readiness, settings: Settings) -> Non
 def _add_views(app: Any, pipeline: LivePipeline, readiness: Readiness) -> None:
     async def counts(web: Any, request: Any) -> Any:
         body = pipeline.counts.snapshot()
+        body["held"] = pipeline.held()
+        body["unread"] = _lag(app, pipeline, readiness.settings)
         body["model_version"] = pipeline.models.stamp
         if app.trainer is not None:
             body["trainer"] = app.trainer.snapshot()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,6 +55,7 @@ from stream_app.core.learning import (
     EXAMPLES_VERSION,
     CollectedLearning,
     ExampleBatch,
+    ModelShelf,
     RecordingLearning,
     TrainerProgress,
     learn_example,
@@ -78,6 +80,7 @@ DEAD_LETTER_RETRY_MAX_S: Final = 5.0
 # itself then carries the key's start, size and sha256); then it is the key's sha256.
 MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
+VERSIONS_KEPT_EPOCHS: Final = 32  # shared learning: versions kept behind the slowest partition
 # One raw input message: key, value, where it was read, and the token the caller acks.
 RawMessage = tuple[bytes | None, bytes | None, MessageOrigin, Any]
 
@@ -113,6 +116,10 @@ class WorkerCounts:
     rerouted: int = 0
     example_batches_sent: int = 0
     model_switches: int = 0
+    # Shared learning: events held until the version that scores them was final, and those
+    # released after `model_wait_max_s` without it (scored with the newest version at hand).
+    model_waits: int = 0
+    model_waits_expired: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         counts: dict[str, Any] = {
@@ -125,6 +132,8 @@ class WorkerCounts:
         if self.example_batches_sent or self.model_switches:
             counts["example_batches_sent"] = self.example_batches_sent
             counts["model_switches"] = self.model_switches
+            counts["model_waits"] = self.model_waits
+            counts["model_waits_expired"] = self.model_waits_expired
         return counts
 
 
@@ -193,15 +202,21 @@ class OrderedMerge:
 
     def pop_ready(self, now: float) -> list[Any]:
         released: list[Any] = []
-        while True:
-            heads = [(queue[0], topic) for topic, queue in self.queues.items() if queue]
-            if not heads:
-                return released
-            if self._must_wait(now):
-                return released
-            head, topic = min(heads)
-            self.queues[topic].popleft()
-            released.append(head.item)
+        while self.ready_head(now) is not None:
+            released.append(self.pop_head().item)
+        return released
+
+    def ready_head(self, now: float) -> _Held | None:
+        """The next event in order, if it may go now."""
+        heads = [queue[0] for queue in self.queues.values() if queue]
+        if not heads or self._must_wait(now):
+            return None
+        return min(heads)
+
+    def pop_head(self) -> _Held:
+        head, topic = min((queue[0], topic) for topic, queue in self.queues.items() if queue)
+        self.queues[topic].popleft()
+        return head
 
     def _must_wait(self, now: float) -> bool:
         """Wait while a topic with nothing buffered still has unread messages, unless it has
@@ -274,7 +289,16 @@ class LivePipeline:
         # Deterministic mode: how far this worker's own models have learned (each partition's
         # newest batch, and the examples log's offset after the newest acknowledged batch).
         self.progress = TrainerProgress.of(self.models)
-        self._next_models: SegmentModels | None = None  # offered by the version follower
+        # Offered by the version follower's thread (list.append is atomic), taken at the next
+        # batch: (version, pinned).
+        self._offered: list[tuple[SegmentModels | None, bool]] = []
+        # Shared learning: every version by its epoch boundary; an event waits in its
+        # partition's merge until the version that scores it is final (issue 14).
+        self._shelf = ModelShelf(self.models, settings.epochs()) if self._shared else None
+        self._promised: dict[int, float] = {}  # per partition, the promise the trainer has
+        self._waiting: dict[int, float] = {}  # per partition, when its head began to wait
+        self._unaligned: dict[int, float] = {}  # partitions that waited too long: no waiting
+        self._revoked: set[int] = set()  # revoked by a rebalance, not assigned again yet
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -302,6 +326,9 @@ class LivePipeline:
         self._tokens: dict[int, Any] = {}
         self._stores: dict[int, TableStore] = {}
         self._since_yield = 0
+        # Events a batch may still release from the merges: held events released together
+        # would make one batch (and one example batch) of any size.
+        self._budget = 0
         self._busy_s = 0.0  # time spent processing, excluded from the input clock
         # The agent and the merge timer both process; a batch is processed and delivered whole.
         self._lock = asyncio.Lock()
@@ -326,6 +353,9 @@ class LivePipeline:
                 ledger=LiveLedger(store, self.acks),
                 learning=self._learning(),
             )
+            if self._shelf is not None:
+                proc.model_at = self._shelf.at
+                proc.use_models(self._shelf.newest)
             self.processors[partition] = proc
             self._recover(partition, proc, store)
         return proc
@@ -380,6 +410,8 @@ class LivePipeline:
                 self.acks.sent[state.customer_id] = delivered
                 self.acks.on_ack(state.customer_id, delivered)
         proc.set_due_index(due)
+        if self._shelf is not None and marker.max_event_time is not None:
+            proc.progress.max_event_time = marker.max_event_time  # what it promised from
         self._relearn_pending(partition, marker)
         for batch, encoded in marker.examples:  # the trainer drops those it has learned
             if batch > marker.delivered:
@@ -388,6 +420,13 @@ class LivePipeline:
         marker.written = newest
         store.batch = newest + 1
         self.delivery[partition] = _PartitionDelivery(marker)
+        log.info(
+            "partition %d recovered: %d customers due, batches written to %d, delivered to %d",
+            partition,
+            len(due),
+            newest,
+            marker.delivered,
+        )
 
     async def seal(self, outputs_flushed: Callable[[], Awaitable[None]]) -> int:
         """At a graceful stop: once every change sent is acknowledged (`outputs_flushed`), mark
@@ -415,6 +454,20 @@ class LivePipeline:
         partitions' next owner reads it again."""
         async with self._lock:
             self.forget_partitions(partitions)
+            # Until the rebalance hands them back, messages of these partitions read before it
+            # (Faust's generation changes only at the assignment) are not processed: their next
+            # owner reads them again. Processing them made a second owner of the partition.
+            self._revoked |= partitions
+        log.info("partitions %s revoked", sorted(partitions))
+
+    def held(self) -> int:
+        """Events read but not processed yet (in the ordered merges: waiting for the other
+        topic, or for the version that scores them)."""
+        return sum(len(merge) for merge in self.merges.values())
+
+    def assign(self, partitions: set[int]) -> None:
+        """On assignment: these partitions are this worker's (again)."""
+        self._revoked -= partitions
 
     def forget_partitions(self, partitions: set[int]) -> None:
         """On revocation: another worker owns these customers (and their held events) now."""
@@ -425,6 +478,8 @@ class LivePipeline:
             self._tokens.pop(partition, None)
             self.delivery.pop(partition, None)
             self._last_token.pop(partition, None)
+            for waits in (self._promised, self._waiting, self._unaligned):
+                waits.pop(partition, None)
 
     async def handle(
         self, key: bytes | None, value: bytes | None, origin: MessageOrigin, token: Any = None
@@ -451,6 +506,7 @@ class LivePipeline:
             try:
                 self._switch_models()
                 done: list[Any] = []
+                self._budget = max(len(messages), self.settings.batch_max_events)
                 for i, (key, value, origin, token) in enumerate(messages):
                     at = self.input_clock() if arrived is None else arrived[i]
                     await self._admit(key, value, origin, token, at, done)
@@ -467,10 +523,13 @@ class LivePipeline:
                 self._switch_models()  # an idle worker follows a new version too
                 done: list[Any] = []
                 now = self.input_clock()
-                for merge in list(self.merges.values()):
-                    await self._release(merge, done, now)
-                await self._complete()
-                return done
+                while True:  # in batches of at most batch_max_events
+                    self._budget = self.settings.batch_max_events
+                    for merge in list(self.merges.values()):
+                        await self._release(merge, done, now)
+                    await self._complete()
+                    if self._budget > 0:
+                        return done
             finally:
                 self._busy_s += time.monotonic() - started
 
@@ -490,6 +549,8 @@ class LivePipeline:
         arrived: float,
         done: list[Any],
     ) -> None:
+        if origin.partition in self._revoked:
+            return  # read before a rebalance took the partition: its next owner reads it again
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
         # A tombstone (None) is not an event; it dead-letters as empty, invalid JSON.
         payload = value if isinstance(value, bytes) else b""
@@ -533,7 +594,15 @@ class LivePipeline:
         return merge
 
     async def _release(self, merge: OrderedMerge, done: list[Any], now: float) -> None:
-        for pending in merge.pop_ready(now):
+        while self._budget > 0 and (head := merge.ready_head(now)) is not None:
+            if self._shelf is not None:
+                # Table reads and writes pick the partition's store by Faust's current event.
+                with self._as_current(head.item.token):
+                    if not self._may_score(merge.partition, head, now):
+                        return
+            merge.pop_head()
+            self._budget -= 1
+            pending = head.item
             with self._as_current(pending.token):
                 await self._process(pending)
             done.append(pending.token)
@@ -543,6 +612,50 @@ class LivePipeline:
                 # and the web server run in between (nothing else can touch the pipeline: lock).
                 self._since_yield = 0
                 await asyncio.sleep(0)
+
+    def _may_score(self, partition: int, head: _Held, now: float) -> bool:
+        """Shared learning: may the partition's next event (`head`) be scored now? Its time
+        becomes the partition's clock, and the time-driven work before it fires as far as the
+        versions that score it are final; the event itself waits until its own version is (at
+        most `model_wait_max_s`). While it waits, the partition's promise goes to the trainer
+        with the batch, so the versions it waits for get cut."""
+        shelf, proc, t = self._shelf, self.processor(partition), head.order[0]
+        assert shelf is not None
+        if t < proc.watermark:
+            return True  # late: refused without scoring
+        proc.declare(t)
+        fired = proc.advance(min(proc.watermark, shelf.scoreable_until()))
+        self._tokens[partition] = head.item.token
+        self._last_token[partition] = head.item.token
+        if fired:
+            self._deliveries.append(_Delivery("", None, fired, self._clock(), partition))
+        if shelf.ready(t) and proc.promise >= proc.watermark:
+            self._waiting.pop(partition, None)
+            if self._unaligned.pop(partition, None) is not None:
+                log.info("partition %d: scoring with final versions again", partition)
+            return True
+        if partition not in self._unaligned:
+            since = self._waiting.setdefault(partition, now)
+            if since == now:
+                self.counts.model_waits += 1
+            if now - since < self.settings.model_wait_max_s:
+                return False
+            self._waiting.pop(partition, None)
+            self._unaligned[partition] = t
+            log.warning(
+                "partition %d: the version for %s was not final after %.0f s (is the trainer "
+                "running, does every partition get events?); scoring with the newest at hand "
+                "until it is (segments may then differ from a run with another number of "
+                "workers; counted in model_waits_expired)",
+                partition,
+                datetime.fromtimestamp(t, UTC).isoformat(),
+                self.settings.model_wait_max_s,
+            )
+        self.counts.model_waits_expired += 1
+        fired = proc.advance(proc.watermark)
+        if fired:
+            self._deliveries.append(_Delivery("", None, fired, self._clock(), partition))
+        return True
 
     async def _process(self, pending: _Pending) -> None:
         started = time.perf_counter()
@@ -610,6 +723,10 @@ class LivePipeline:
                 tracker = self.delivery[partition]
                 tracker.marker.delivered = tracker.delivered()  # before this batch counts
                 tracker.marker.written = store.batch
+                processor = self.processors.get(partition)
+                if self._shelf is not None and processor is not None:
+                    clock = processor.progress.max_event_time
+                    tracker.marker.max_event_time = None if clock == -math.inf else clock
                 self._collect_examples(partition, tracker.marker)
                 with self._as_current(token):
                     store.flush(tracker.marker)
@@ -633,14 +750,22 @@ class LivePipeline:
             return
         kept = [(batch, encoded) for batch, encoded in marker.examples if batch > marker.delivered]
         examples = learning.drain()
-        if examples:
+        promise = None
+        if self._shelf is not None and processor is not None:
+            promise = processor.promise
+            if promise == -math.inf or promise <= self._promised.get(partition, -math.inf):
+                promise = None  # nothing new to promise
+        if examples or promise is not None:
             source = f"p{partition}"
+            if promise is not None:
+                self._promised[partition] = promise
             batch = ExampleBatch.model_construct(
                 format=EXAMPLES_FORMAT,
                 version=EXAMPLES_VERSION,
                 source=source,
                 batch=marker.written,
                 examples=examples,
+                promise=promise,
             )
             encoded = batch.to_bytes().decode()
             kept.append((marker.written, encoded))
@@ -673,18 +798,36 @@ class LivePipeline:
 
         acked.add_done_callback(done)
 
-    def offer_models(self, models: SegmentModels) -> None:
-        """A newer model version to score with, from the next batch on (any thread may call)."""
-        self._next_models = models
+    def offer_models(self, models: SegmentModels | None, pinned: bool = False) -> None:
+        """A model record to score with from the next batch on (any thread may call): with
+        shared learning every version the trainer publishes, in order; `pinned`: score with
+        this one alone, until ``offer_models(None)`` unpins."""
+        self._offered.append((models, pinned))
 
     def _switch_models(self) -> None:
-        models, self._next_models = self._next_models, None
-        if models is None:
+        offered, self._offered = self._offered[:], []
+        if not offered:
             return
-        self.models = models
+        shelf = self._shelf
+        for models, pinned in offered:
+            if shelf is None:
+                self.models = models or self.models
+            elif pinned or models is None:
+                shelf.pinned = models
+            else:
+                shelf.offer(models)
+        if shelf is not None:
+            self.models = shelf.newest
+            self._forget_old_versions(shelf)
         for processor in self.processors.values():
-            processor.use_models(models)
+            processor.use_models(self.models)  # shared: `model_at` picks per event from here
         self.counts.model_switches += 1
+
+    def _forget_old_versions(self, shelf: ModelShelf) -> None:
+        clocks = [proc.watermark for proc in self.processors.values()]
+        if clocks and min(clocks) > -math.inf:
+            # With a margin: a partition handed back by a rebalance may be a little behind.
+            shelf.forget_before(min(clocks) - VERSIONS_KEPT_EPOCHS * shelf.epochs.epoch_s)
 
     async def _failed(
         self, key: bytes | None, payload: bytes, origin: MessageOrigin, exc: Exception

@@ -102,11 +102,20 @@ class DeliveryMarker:
     # Shared learning: the example batches (encoded, with their batch numbers) of batches
     # written but not known delivered, sent again after a crash; the trainer drops repeats.
     examples: list[tuple[int, str]] = field(default_factory=list)
+    # Shared learning: the partition's clock (newest event time accepted, or declared) as of
+    # `written`. The trainer holds the partition to the promises sent with those batches, so a
+    # new owner must not accept, as on time, events its previous owner had made late.
+    max_event_time: float | None = None
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {"written": self.written, "delivered": self.delivered, "examples": self.examples}
-        )
+        record: dict[str, Any] = {
+            "written": self.written,
+            "delivered": self.delivered,
+            "examples": self.examples,
+        }
+        if self.max_event_time is not None:
+            record["max_event_time"] = self.max_event_time
+        return orjson.dumps(record)
 
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> DeliveryMarker:
@@ -114,7 +123,13 @@ class DeliveryMarker:
             return cls()
         v = orjson.loads(raw)
         examples = [(int(batch), str(value)) for batch, value in v.get("examples", [])]
-        return cls(written=int(v["written"]), delivered=int(v["delivered"]), examples=examples)
+        clock = v.get("max_event_time")
+        return cls(
+            written=int(v["written"]),
+            delivered=int(v["delivered"]),
+            examples=examples,
+            max_event_time=None if clock is None else float(clock),
+        )
 
 
 class TableStore:

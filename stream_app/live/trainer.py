@@ -21,15 +21,15 @@ loop that serves the partitions.
 from __future__ import annotations
 
 import logging
+import math
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from stream_app.core.learning import ExampleBatch, Trainer
+from stream_app.core.learning import ExampleBatch, SharedTrainer, Trainer
 from stream_app.core.model_format import SnapshotError, record_version
 from stream_app.core.models import SegmentModels
 from stream_app.live.model_log import ModelHistory, newest_key, pin_key, read_model_log
@@ -138,20 +138,27 @@ class _Thread:
         raise NotImplementedError
 
 
-class ModelFollower(_Thread):
-    """Offers the version to score with to `offer`: the pinned one while a pin is set
-    (``stream-app models pin``; key ``<app_id>/pin``), else the newest under the app key.
-    History keys (``<app_id>/history/...``) and anything else on the topic are never followed."""
+Offer = Callable[[SegmentModels | None, bool], None]
 
-    def __init__(self, settings: Settings, offer: Callable[[SegmentModels], None]) -> None:
+
+class ModelFollower(_Thread):
+    """Offers the pipeline every version the trainer publishes, in order (the worker keeps them
+    by epoch: ``core.learning.ModelShelf``), as ``offer(version, False)``; while a pin is set
+    (``stream-app models pin``; key ``<app_id>/pin``), the pinned one as ``offer(version,
+    True)``, and ``offer(None, False)`` when it is removed. History keys
+    (``<app_id>/history/...``) and anything else on the topic are never followed."""
+
+    def __init__(self, settings: Settings, offer: Offer) -> None:
         super().__init__("model-follower")
         self.settings = settings
         self.offer = offer
-        self.current: str | None = None
+        self.current: str | None = None  # the newest version offered
         self.pinned: str | None = None  # the pinned version while a good pin is set
         self.refused = 0
-        self._newest: bytes | None = None
+        self._records: list[bytes] = []
+        self._seen: set[str] = set()
         self._pin: bytes | None = None
+        self._pin_changed = False
 
     def run(self) -> None:
         s = self.settings
@@ -167,7 +174,7 @@ class ModelFollower(_Thread):
             while not self._stop.is_set():
                 changed = False
                 msg = consumer.poll(POLL_S)
-                while msg is not None:  # a burst: only the newest per key matters
+                while msg is not None:  # a burst: offered together, in order
                     if msg.error() is None:
                         changed = self.take(msg.key(), msg.value()) or changed
                     msg = consumer.poll(0)
@@ -180,34 +187,46 @@ class ModelFollower(_Thread):
         """Note one record of the models topic; True if it may change what to follow."""
         app = self.settings.app_id
         if key == newest_key(app) and value is not None:
-            self._newest = value
+            self._records.append(value)
             return True
         if key == pin_key(app):
             self._pin = value  # None: a tombstone, unpinned
+            self._pin_changed = True
             return True
         return False  # a history key, or another app's: never followed
 
     def follow(self) -> None:
-        """Offer the pinned version, or the newest, unless it is the current one already."""
+        """Offer the versions read since the last call, then the pin if it changed."""
+        records, self._records = self._records, []
+        for data in records:
+            models = self._decode(data, pinned=False)
+            if models is not None:
+                self.current = models.stamp
+                self.offer(models, False)
+        if not self._pin_changed:
+            return
+        self._pin_changed = False
         if self._pin is not None:
-            if self._consider(self._pin, pinned=True):
+            models = self._decode(self._pin, pinned=True, again=True)
+            if models is not None:
+                self.pinned = models.stamp
+                self.offer(models, True)
+                log.info("model version %s pinned: scoring with it until unpinned", models.stamp)
                 return
             self._pin = None  # a refused pin is dropped: follow the newest
         if self.pinned is not None:
             log.info("model pin removed: following the newest version again")
             self.pinned = None
-        if self._newest is not None:
-            self._consider(self._newest, pinned=False)
+            self.offer(None, False)
 
-    def _consider(self, data: bytes, pinned: bool) -> bool:
-        """True when `data` is the version scored with now (offered, or already current)."""
+    def _decode(self, data: bytes, pinned: bool, again: bool = False) -> SegmentModels | None:
+        """The version in `data`, checked; None if refused, or (unless `again`) seen before."""
         try:
             version = record_version(data)
         except Exception:
             version = "?"
-        if version == self.current:
-            self.pinned = version if pinned else None
-            return True
+        if version in self._seen and not again:
+            return None
         try:
             models = decode_version(self.settings, data)
         except SnapshotError as exc:
@@ -216,15 +235,11 @@ class ModelFollower(_Thread):
                 log.warning("refused the pinned record %s, following the newest: %s", version, exc)
             else:
                 log.warning("refused model record %s, keeping %s: %s", version, self.current, exc)
-            return False
-        self.current = models.stamp
-        self.pinned = models.stamp if pinned else None
-        self.offer(models)
-        if pinned:
-            log.info("model version %s pinned: scoring with it until unpinned", models.stamp)
-        else:
-            log.info("following model version %s", models.stamp)
-        return True
+            return None
+        self._seen.add(models.stamp)
+        if not pinned:
+            log.debug("model version %s offered", models.stamp)
+        return models
 
 
 class TrainerService(_Thread):
@@ -233,12 +248,10 @@ class TrainerService(_Thread):
     def __init__(self, settings: Settings) -> None:
         super().__init__("trainer")
         self.settings = settings
-        self.trainer: Trainer | None = None
+        self.trainer: SharedTrainer | None = None
         self.published: str | None = None
         self.publications = 0
         self.bad_records = 0
-        self._since_publish = 0
-        self._published_at = time.monotonic()
         keys = settings.model_signing_keys
         self._signing_key = keys[0] if keys else None
         self._history = ModelHistory(settings)  # `stream-app models`: a bounded history
@@ -251,7 +264,7 @@ class TrainerService(_Thread):
             "published": self.published,
             "publications": self.publications,
             "bad_records": self.bad_records,
-            **({} if trainer is None else {"progress": trainer.progress.to_record()}),
+            **({} if trainer is None else {"progress": progress_of(trainer)}),
         }
 
     def run(self) -> None:
@@ -275,22 +288,21 @@ class TrainerService(_Thread):
                 return
             trainer = self._restore()
             for tp in partitions:
-                tp.offset = trainer.progress.next_offset
+                tp.offset = trainer.next_offset
             consumer.assign(partitions)
             self.trainer = trainer
-            self._since_publish, self._published_at = 0, time.monotonic()
             self._history.forget()
             log.info(
                 "trainer active on this worker: from offset %d, %d examples learned so far",
-                trainer.progress.next_offset,
-                trainer.progress.examples,
+                trainer.next_offset,
+                trainer.examples,
             )
 
         def revoked(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             if not partitions:
                 return
             if self.trainer is not None:
-                self._publish(producer)
+                self._publish(producer, [self.trainer.progress_record()])
             self.trainer = None
             log.info("trainer handed over")
 
@@ -299,27 +311,33 @@ class TrainerService(_Thread):
             while not self._stop.is_set():
                 msg = consumer.poll(POLL_S)
                 if msg is not None:
-                    self._learn(msg)
-                self._maybe_publish(producer)
+                    self._learn(msg, producer)
         finally:
-            if self.trainer is not None:
-                self._publish(producer)
-            consumer.close()
-            producer.flush(10)
+            try:
+                if self.trainer is not None:
+                    self._publish(producer, [self.trainer.progress_record()])
+            finally:
+                self.trainer = None
+                consumer.close()  # leave the group at once: another worker takes over
+                producer.flush(10)
 
-    def _restore(self) -> Trainer:
-        data = latest_model_record(self.settings)
-        if data is None:
-            return Trainer(SegmentModels(self.settings.segmentation))
-        try:
-            models = decode_version(self.settings, data)
-        except SnapshotError as exc:
-            log.error("trainer cannot continue from the stored version (%s): starting fresh", exc)
-            return Trainer(SegmentModels(self.settings.segmentation))
-        self.published = models.stamp
-        return Trainer(models)
+    def _restore(self) -> SharedTrainer:
+        s = self.settings
+        keys = s.model_signing_keys
+        key = keys[0] if keys else None
+        data = latest_model_record(s)
+        models = SegmentModels(s.segmentation)
+        if data is not None:
+            try:
+                models = decode_version(s, data)
+                self.published = models.stamp
+            except SnapshotError as exc:
+                log.error(
+                    "trainer cannot continue from the stored version (%s): starting fresh", exc
+                )
+        return SharedTrainer(models, s.epochs(), s.partitions, key)
 
-    def _learn(self, msg: Any) -> None:
+    def _learn(self, msg: Any, producer: Producer) -> None:
         error = msg.error()
         if error is not None:
             if error.code() != KafkaError._PARTITION_EOF:
@@ -332,38 +350,60 @@ class TrainerService(_Thread):
             batch = ExampleBatch.from_bytes(msg.value() or b"")
         except ValueError as exc:
             self.bad_records += 1
-            trainer.progress.next_offset = max(trainer.progress.next_offset, msg.offset() + 1)
+            trainer.skip(msg.offset())
             log.warning("skipped a malformed example batch at offset %d: %s", msg.offset(), exc)
             return
-        if trainer.learn(batch, msg.offset()):
-            self._since_publish += len(batch.examples)
+        late = trainer.late
+        records = trainer.read(batch, msg.offset())
+        if trainer.late > late and trainer.last_late is not None:
+            source, number, at, closed = trainer.last_late
+            log.warning(
+                "%d late examples in batch %s#%d at offset %d (one learned at %.0f, every "
+                "example before %.0f learned already): not learned",
+                trainer.late - late,
+                source,
+                number,
+                msg.offset(),
+                at,
+                closed,
+            )
+        if records:
+            self._publish(producer, records)
 
-    def _maybe_publish(self, producer: Producer) -> None:
+    def _publish(self, producer: Producer, records: list[bytes]) -> None:
         s = self.settings
-        if self.trainer is None or not self._since_publish:
-            return
-        due = time.monotonic() - self._published_at >= s.model_publish_interval_s
-        if self._since_publish >= s.model_publish_examples or due:
-            self._publish(producer)
-
-    def _publish(self, producer: Producer) -> None:
-        trainer = self.trainer
-        if trainer is None:
-            return
-        data = trainer.version(self._signing_key)
-        s = self.settings
-        producer.produce(s.model_snapshots_topic, key=s.app_id.encode(), value=data, partition=0)
+        for data in records:
+            producer.produce(
+                s.model_snapshots_topic, key=s.app_id.encode(), value=data, partition=0
+            )
         remaining = producer.flush(30)
         if remaining:
-            log.error("model version not acknowledged by the broker; will publish again")
+            # The workers wait for them; a restarted trainer makes the very same records.
+            log.error("%d model records not acknowledged by the broker", remaining)
             return
-        self.published = record_version(data)
-        self.publications += 1
-        self._since_publish, self._published_at = 0, time.monotonic()
+        for data in records:
+            self.published = record_version(data)
+            self.publications += 1
+            self._history.after_publish(producer, data, self.published)
+        trainer = self.trainer
         log.info(
-            "published model version %s (%d examples learned, %d bytes)",
+            "published %d model record(s), newest %s (%s examples learned)",
+            len(records),
             self.published,
-            trainer.progress.examples,
-            len(data),
+            "?" if trainer is None else f"{trainer.examples:,}",
         )
-        self._history.after_publish(producer, data, self.published)
+
+
+def progress_of(trainer: SharedTrainer) -> dict[str, Any]:
+    """How far the trainer has got, for /counts and the tests."""
+    return {
+        "next_offset": trainer.next_offset,
+        "read_to": trainer.read_to,
+        "examples": trainer.examples,
+        "pending": trainer.pending,
+        "duplicates": trainer.duplicates,
+        "late": trainer.late,
+        "closed_until": None if trainer.closed_until == -math.inf else trainer.closed_until,
+        "valid_from": trainer.valid_from,
+        "sources": dict(sorted(trainer.hwm.items())),
+    }

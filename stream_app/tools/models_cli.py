@@ -21,7 +21,7 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import KafkaException, Producer
 
-from stream_app.core.model_format import SnapshotError, record_version
+from stream_app.core.model_format import SnapshotError, is_progress_record, record_version
 from stream_app.errors import UserError
 from stream_app.kafka.topics import require_topics
 from stream_app.live.model_log import (
@@ -132,7 +132,9 @@ def catalogue(settings: Settings, records: Iterable[LogRecord]) -> Catalogue:
     history: dict[bytes, LogRecord] = {}
     for record in records:
         if record.key == newest_key(app):
-            newest = record if record.value is not None else newest
+            # The newest version: a trainer's progress record is not one (nothing scores with it).
+            if record.value is not None and not is_progress_record(record.value):
+                newest = record
         elif record.key == pin_key(app):
             pin = record if record.value is not None else None
         elif is_history_key(app, record.key):
@@ -216,8 +218,8 @@ def load(settings: Settings) -> Catalogue:
         raise UserError(f"could not read {topic}: {exc.args[0].str()}") from None
     if not found.versions:
         raise UserError(
-            f"no model versions on {topic} yet (with learning=shared the trainer publishes one "
-            f"every {settings.model_publish_examples:,} examples learned)"
+            f"no model versions on {topic} yet (with learning=shared the trainer cuts one "
+            f"every {settings.model_epoch_s:g} s of event time, once every partition is past it)"
         )
     return found
 

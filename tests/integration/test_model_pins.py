@@ -17,10 +17,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 from conftest import TopicReader
-from test_shared_model import RETAIL, published, retail_events, settle, start_workers
+from test_shared_model import RETAIL, newest_cut, retail_events, settle, start_workers
 
-from stream_app.core.model_format import record_version
-from stream_app.live.trainer import latest_model_record
 from stream_app.live.workerproc import child_env
 from stream_app.settings import SegmentationSettings, Settings
 from stream_app.tools.publish import make_producer, publish
@@ -63,10 +61,10 @@ def wait_following(workers: list[WorkerProcess], version: Callable[[], str]) -> 
 
 
 def newest_now(settings: Settings) -> str:
-    """The version under the app key (what the trainer published last)."""
-    data = latest_model_record(settings)
-    assert data is not None
-    return record_version(data)
+    """The newest version the trainer cut (what the workers follow when nothing is pinned)."""
+    version = newest_cut(settings).get("version")
+    assert version is not None
+    return str(version)
 
 
 def check_list_and_choose_older(settings: Settings, newest: dict[str, Any]) -> str:
@@ -101,8 +99,6 @@ def test_list_pin_and_unpin_a_model_version_on_two_workers(
     settings = settings_factory(
         partitions=4,
         learning="shared",
-        model_publish_interval_s=0.5,
-        model_publish_examples=1000,
         model_history_interval_s=1.0,
         batch_max_events=200,
         consumer_session_timeout_s=6,
@@ -132,7 +128,7 @@ def test_list_pin_and_unpin_a_model_version_on_two_workers(
         pinned_at = time.time()
         publish(later, settings, producer=producer, flush=True)  # the trainer keeps learning
         deadline = time.monotonic() + 60
-        while published(settings)[-1]["examples"] <= newest["examples"]:
+        while newest_cut(settings)["examples"] <= newest["examples"]:
             assert time.monotonic() < deadline, "the trainer stopped learning while pinned"
             time.sleep(0.5)
         time.sleep(2.0)

@@ -20,8 +20,11 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from conftest import TopicReader, final_segments
 
-from stream_app.core.learning import ExampleBatch
+from stream_app.core.learning import ExampleBatch, SharedTrainer
+from stream_app.core.models import SegmentModels
 from stream_app.kafka.local import free_ports
+from stream_app.live.trainer import progress_of
+from stream_app.live.workerproc import http_get
 from stream_app.settings import Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.publish import make_producer, publish
@@ -49,8 +52,6 @@ def shared_settings(settings_factory: Callable[..., Settings]) -> Settings:
     return settings_factory(
         partitions=4,
         learning="shared",
-        model_publish_interval_s=0.5,
-        model_publish_examples=1000,
         batch_max_events=200,
         consumer_session_timeout_s=6,
     )
@@ -89,10 +90,36 @@ def produced_examples(settings: Settings) -> int:
     return sum(batches.values())
 
 
+def conflicting_batches(settings: Settings) -> list[tuple[str, int, list[tuple[int, int]]]]:
+    """Example batches sent twice under one (source, batch) with different contents."""
+    seen: dict[tuple[str, int], list[tuple[int, int, bytes]]] = {}
+    for msg in read_all(settings, settings.learning_examples_topic):
+        batch = ExampleBatch.from_bytes(msg.value())
+        seen.setdefault((batch.source, batch.batch), []).append(
+            (msg.offset(), len(batch.examples), msg.value())
+        )
+    return [
+        (source, number, [(o, n) for o, n, _ in sent])
+        for (source, number), sent in seen.items()
+        if len({v for _, _, v in sent}) > 1
+    ]
+
+
+def uninterrupted(settings: Settings) -> dict[str, Any]:
+    """What one trainer that never stopped makes of the whole examples log (the oracle)."""
+    trainer = SharedTrainer(SegmentModels(settings.segmentation), settings.epochs(), 4)
+    for msg in read_all(settings, settings.learning_examples_topic):
+        trainer.read(ExampleBatch.from_bytes(msg.value()), msg.offset())
+    return progress_of(trainer)
+
+
 def published(settings: Settings) -> list[dict[str, Any]]:
-    """Every model version on the models topic: its id and the trainer's progress."""
+    """Every record the trainer published (versions and progress records, under the app key;
+    not the history, pin and unpin records): its id and the trainer's progress."""
     out = []
     for msg in read_all(settings, settings.model_snapshots_topic):
+        if msg.key() != settings.app_id.encode() or msg.value() is None:
+            continue
         record = orjson.loads(msg.value())
         out.append({"version": record["version"], **orjson.loads(record["params"])["trainer"]})
     return out
@@ -113,6 +140,14 @@ def start_workers(
     ]
     for worker in workers:
         worker.wait_ready()
+    # Ready one by one is not a settled group: the first may own every partition until the
+    # last joins. Publish only once all are ready together, twice in a row, so no rebalance
+    # moves partitions mid-backlog (see the note on issue 14: a customer could be lost then).
+    deadline, steady = time.monotonic() + 60, 0
+    while steady < 2:
+        assert time.monotonic() < deadline, [w.log_tail(5) for w in workers]
+        steady = steady + 1 if all(ready(w) for w in workers) else 0
+        time.sleep(2.0)
     return workers
 
 
@@ -120,27 +155,58 @@ def events_seen(workers: list[WorkerProcess]) -> int:
     return sum(sum(w.wait_for(lambda c: True, 10)["events"].values()) for w in workers)
 
 
+def trainer_progress(workers: list[WorkerProcess]) -> dict[str, Any] | None:
+    """How far the trainer has got, from the /counts of the worker it runs on."""
+    for worker in workers:
+        trainer = worker.wait_for(lambda c: True, 10).get("trainer", {})
+        if trainer.get("active"):
+            return dict(trainer["progress"])
+    return None
+
+
+def newest_cut(settings: Settings) -> dict[str, Any]:
+    """The newest version on the models topic (not a progress record)."""
+    cuts = [v for v in published(settings) if v.get("valid_from") == v.get("closed_until")]
+    return cuts[-1] if cuts else {}
+
+
+def ready(worker: WorkerProcess) -> bool:
+    answer = http_get(f"{worker.url}/ready")
+    return answer is not None and answer[0] == 200
+
+
 def settle(settings: Settings, workers: list[WorkerProcess], total: int | None) -> dict[str, Any]:
     """Wait until every event is processed (when `total` is known: counted by these workers),
-    the trainer has learned every example produced, every live worker scores with the newest
-    version, and that holds for three polls in a row; return that version."""
+    the trainer has taken every example produced (learned, or pending until every partition
+    is past it), every live worker scores with the newest version cut, and that holds for
+    three polls in a row; return the trainer's progress with that version's id."""
     deadline, steady, last = time.monotonic() + 180, 0, None
     while time.monotonic() < deadline:
-        versions = published(settings)
-        done = total is None or events_seen(workers) >= total
-        if versions and done:
-            newest = versions[-1]
+        # Read and processed: events seen (a duplicate after a rebalance counts too), and
+        # nothing left unread or held.
+        counts = [w.wait_for(lambda c: True, 10) for w in workers]
+        quiet = all(c["held"] == 0 and c["unread"] == 0 for c in counts) and all(
+            ready(w)
+            for w in workers  # assigned and recovered: "nothing unread" means it
+        )
+        done = quiet and (total is None or events_seen(workers) >= total)
+        progress = trainer_progress(workers)
+        if done and progress is not None:
+            newest = newest_cut(settings).get("version")
             following = {w.wait_for(lambda c: True, 10)["model_version"] for w in workers}
-            caught_up = newest["examples"] == produced_examples(settings)
-            if caught_up and following == {newest["version"]}:
-                steady = steady + 1 if newest == last else 1
-                last = newest
+            taken = progress["examples"] + progress["pending"] == produced_examples(settings)
+            if taken and newest is not None and following == {newest}:
+                state = {**progress, "version": newest}
+                steady = steady + 1 if state == last else 1
+                last = state
                 if steady >= 3:
-                    return newest
+                    return state
         time.sleep(1.0)
     pytest.fail(
-        f"did not settle: published {published(settings)[-1:]}, produced "
-        f"{produced_examples(settings)}, workers {[w.log_tail(5) for w in workers]}"
+        f"did not settle: trainer {trainer_progress(workers)}, produced "
+        f"{produced_examples(settings)}, an uninterrupted trainer {uninterrupted(settings)}, "
+        f"conflicting batches {conflicting_batches(settings)[:10]}, "
+        f"workers {[w.log_tail(5) for w in workers]}"
     )
 
 
@@ -172,14 +238,15 @@ def test_two_workers_score_with_one_shared_model(
     trainers = [w.wait_for(lambda c: True, 10)["trainer"] for w in workers]
     assert sorted(t["active"] for t in trainers) == [False, True]  # exactly one trainer
     versions = {v["version"] for v in published(settings)}
-    assert len(versions) >= 3  # the model evolved, as one
+    assert len(versions) >= 30  # the model evolved, as one: a version per day of event time
     stamps = {c["model_version"] for c in changes.values()}
     # Every change was scored by a published version (or the untrained start, by knob digest).
     assert stamps - versions <= {next(iter(stamps - versions), None)}
     assert all(s in versions for s in stamps if s.count(".") == 2)
     # A partition handed over (the second worker joining) re-sends its last example batch; the
     # trainer drops it: what it learned is exactly what was produced, once.
-    assert newest["examples"] == produced_examples(settings) > EVENTS
+    assert newest["examples"] + newest["pending"] == produced_examples(settings) > EVENTS
+    assert newest["late"] == 0 and newest["examples"] > EVENTS
     assert len(final_segments(changes.values())) > 1000
 
 
@@ -218,7 +285,8 @@ def test_killing_the_trainers_worker_hands_the_trainer_over_and_loses_nothing(
     takeover = time.monotonic() - killed_at
     newest = settle(settings, [survivor], None)
     # None twice, none lost: the trainer's count is what was produced, each batch once.
-    assert newest["examples"] == produced_examples(settings)
+    assert newest["examples"] + newest["pending"] == produced_examples(settings)
+    assert newest["late"] == 0
     assert takeover < settings.consumer_session_timeout_s + 30
 
 
@@ -228,8 +296,12 @@ def shared_run(
     """Final segments of Online Retail's first events through `n` shared-learning workers."""
     workers = start_workers(settings, worker_factory, n)
     _, changes = run_shared(settings, workers)
+    counts = [w.wait_for(lambda c: True, 10) for w in workers]
     for worker in workers:
         worker.stop()
+    # Nothing was scored without its version (a wait that expired would allow that).
+    assert all(c.get("model_waits_expired", 0) == 0 for c in counts), counts
+    assert all(not c["dead_letters"] for c in counts), counts  # a clean backlog: none late
     return final_segments(changes.values())
 
 
@@ -238,18 +310,19 @@ def test_one_and_three_workers_end_with_the_same_segments(
     topics_factory: Callable[[Settings], dict[str, str]],
     worker_factory: Callable[[Settings], WorkerProcess],
 ) -> None:
-    """The same customers and the same lifecycle trails, whatever the number of workers.
-
-    Not yet (issue 14 target: >= 99% of final segments equal): the trainer learns example
-    batches in arrival order, which depends on how partitions are spread over workers, so the
-    clusters are seeded from other observations and the models differ (measured on these
-    9,000 events: 1,209 of 2,767 final segments equal, lifecycle 2,767 of 2,767). The fix is a
-    canonical learning order (event time, with a watermark) in the trainer."""
+    """The final segments do not depend on how many workers share the partitions: versions are
+    cut at event-time boundaries and each event is scored by the version of its time, waiting
+    for it while the worker's partitions are ahead of the slowest (issue 14 target: >= 99%)."""
     one, three = shared_settings(settings_factory), shared_settings(settings_factory)
     topics_factory(one)
     topics_factory(three)
     alone = shared_run(one, worker_factory, 1)
     together = shared_run(three, worker_factory, 3)
     assert alone.keys() == together.keys()
-    lifecycle = [c for c in alone if alone[c][1]["lifecycle"] == together[c][1]["lifecycle"]]
-    assert len(lifecycle) == len(alone) > 2000  # no model in it: always the same
+    assert len(alone) > 2000
+    same = [c for c in alone if alone[c][1] == together[c][1]]
+    print(f"final segments equal for {len(same)} of {len(alone)} customers")  # for the docs
+    assert len(same) >= 0.99 * len(alone), (len(same), len(alone))
+    scored = [c for c in alone.values() if c[1]["propensity_tier"] != "unscored"]
+    clustered = [c for c in alone.values() if "warming up" not in c[1]["cluster_profile"]]
+    assert len(scored) > 100 and len(clustered) > 1000  # the models decided these segments

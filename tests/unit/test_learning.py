@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -183,8 +184,23 @@ def test_examples_built_on_the_hot_path_equal_validated_ones() -> None:
     label = label_example(ExampleKind.PURCHASE, packed, 2.0, False, 0.75)
     assert Example.model_validate(label.model_dump()) == label
     batch = ExampleBatch.model_construct(
-        format="stream_app.examples", version=1, source="p1", batch=3, examples=[fast, label]
+        format="stream_app.examples",
+        version=2,
+        source="p1",
+        batch=3,
+        examples=[fast, label],
+        promise=1.5,
     )
     assert ExampleBatch.from_bytes(batch.to_bytes()) == ExampleBatch(
-        source="p1", batch=3, examples=[fast, label]
+        source="p1", batch=3, examples=[fast, label], promise=1.5
     )
+
+
+def test_a_batch_written_before_promises_existed_is_still_read() -> None:
+    old = orjson.dumps(
+        {"format": "stream_app.examples", "version": 1, "source": "p0", "batch": 0, "examples": []}
+    )
+    batch = ExampleBatch.from_bytes(old)
+    assert batch.version == 1 and batch.promise is None
+    with pytest.raises(ValueError, match="not an examples record"):
+        ExampleBatch.from_bytes(old.replace(b'"version":1', b'"version":3'))

@@ -54,8 +54,17 @@ def tampered(data: bytes) -> bytes:
 
 
 def follower() -> tuple[ModelFollower, list[str]]:
+    """A follower and what it offered: "<version>" for a version, "pin <version>" for a pin,
+    "unpin" when the pin is removed."""
     offered: list[str] = []
-    return ModelFollower(SETTINGS, lambda models: offered.append(models.stamp)), offered
+
+    def offer(models: SegmentModels | None, pinned: bool) -> None:
+        if models is None:
+            offered.append("unpin")
+        else:
+            offered.append(f"pin {models.stamp}" if pinned else models.stamp)
+
+    return ModelFollower(SETTINGS, offer), offered
 
 
 def feed(f: ModelFollower, *records: tuple[bytes | None, bytes | None]) -> None:
@@ -70,25 +79,27 @@ def feed(f: ModelFollower, *records: tuple[bytes | None, bytes | None]) -> None:
 # --- the follower ----------------------------------------------------------------------------
 
 
-def test_a_pin_beats_newer_versions_and_unpin_resumes_the_newest() -> None:
-    v1, v2, v3 = versions(3)
+def test_every_version_is_offered_in_order_and_a_pin_wins_until_unpinned() -> None:
+    records = versions(3)
+    v1, v2, v3 = (record_version(v) for v in records)
     f, offered = follower()
-    feed(f, (newest_key(APP), v1), (newest_key(APP), v2))
-    assert offered == [record_version(v2)]  # a burst: only the newest
-    feed(f, (pin_key(APP), v1))
-    assert offered[-1] == record_version(v1) and f.pinned == record_version(v1)
-    feed(f, (newest_key(APP), v3))  # the trainer keeps publishing: ignored while pinned
-    assert offered[-1] == record_version(v1) and len(offered) == 2
+    feed(f, (newest_key(APP), records[0]), (newest_key(APP), records[1]))
+    assert offered == [v1, v2]  # a burst: each, in order (the worker keeps them by epoch)
+    feed(f, (pin_key(APP), records[0]))
+    assert offered[-1] == f"pin {v1}" and f.pinned == v1
+    feed(f, (newest_key(APP), records[2]))  # the trainer keeps publishing: kept, pin stays
+    assert offered[-1] == v3 and f.pinned == v1
     feed(f, (pin_key(APP), None))  # unpin: a tombstone
-    assert offered[-1] == record_version(v3) and f.pinned is None
-    assert offered == [record_version(v) for v in (v2, v1, v3)]
+    assert offered[-1] == "unpin" and f.pinned is None
+    assert offered == [v1, v2, f"pin {v1}", v3, "unpin"]
 
 
-def test_pinning_the_version_already_followed_offers_nothing_new() -> None:
+def test_a_version_read_again_is_not_offered_again() -> None:
     (v1,) = versions(1)
     f, offered = follower()
+    feed(f, (newest_key(APP), v1))
     feed(f, (newest_key(APP), v1), (pin_key(APP), v1))
-    assert offered == [record_version(v1)] and f.pinned == record_version(v1)
+    assert offered == [record_version(v1), f"pin {record_version(v1)}"]
 
 
 def test_history_keys_and_other_apps_are_never_followed() -> None:

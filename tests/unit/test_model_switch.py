@@ -3,8 +3,9 @@
 The LivePipeline is driven directly (as in test_shared_learning.py). One trainer learns what a
 first pass over the events sent; it publishes an older version (a quarter of the examples) and
 a newer one (all of them). Then the same events go through two pipelines that score with the
-newer version: A throughout, B pinned to the older version from event S and unpinned at event
-U. Oracle: right after each switch, B changes a segment only where the score under the version
+newer version: A throughout, B pinned to the older version from event S and back on the newer
+at U (no trainer runs here, so both score pinned throughout: the unpin is a pin of the newer).
+Oracle: right after each switch, B changes a segment only where the score under the version
 it switched to crosses a hysteresis threshold from the customer's tier (so about as many
 customers change as without a switch, never everyone); and a version from before the tier
 warm-up would turn everyone `unscored`, which is why `models pin` refuses it without --force.
@@ -88,10 +89,10 @@ async def changes(
     p = pipeline(settings, ExampleLog(), decode_version(settings, newer))
     await feed(p, events, 0, S)
     if older is not None:
-        p.offer_models(decode_version(settings, older))
+        p.offer_models(decode_version(settings, older), pinned=True)
     await feed(p, events, S, U)
     if older is not None:
-        p.offer_models(decode_version(settings, newer))
+        p.offer_models(decode_version(settings, newer), pinned=True)
     await feed(p, events, U, EVENTS)
     assert isinstance(p.sinks, Sinks)
     return p.sinks.changes

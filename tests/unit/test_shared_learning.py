@@ -107,7 +107,7 @@ def shared_pipeline(
         settings = Settings(
             state_dir="/nonexistent", partitions=1, segmentation=SEG, learning=learning
         )
-    return LivePipeline(
+    pipeline = LivePipeline(
         settings,
         lambda partition: TableStore(table, partition, 1, cache_size=0),
         Sinks(),
@@ -115,6 +115,11 @@ def shared_pipeline(
         clock=lambda: T0 + timedelta(days=3650),
         examples_sink=log,
     )
+    if settings.learning == "shared":
+        # No trainer here: score with `models` alone (as `models pin` does), so no event waits
+        # for versions (test_epoch_learning.py runs pipelines with a trainer).
+        pipeline.offer_models(models, pinned=True)
+    return pipeline
 
 
 async def run(p: LivePipeline, items: list[tuple[str, bytes]], start: int, batch: int) -> None:
@@ -208,7 +213,7 @@ async def test_the_pipeline_switches_versions_at_a_batch_boundary_and_stamps_the
     await run(p, items[:30], 0, batch=30)
     newer = SegmentModels(SEG)
     newer.stamp = "river-kmeans-logreg.0123456789.abcdefabcdef"
-    p.offer_models(newer)
+    p.offer_models(newer, pinned=True)
     assert p.models is not newer  # not in the middle of anything: at the next batch
     await run(p, items, 30, batch=30)
     assert p.models is newer and p.processors[0].models is newer

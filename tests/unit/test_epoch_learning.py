@@ -1,0 +1,320 @@
+"""Shared learning in event-time epochs (issue 14: the segments must not depend on how many
+workers share the partitions), without Faust or a broker.
+
+Oracle: the same events through one worker owning every partition and through three workers
+owning a share each, at different speeds and batch sizes, with one in-memory trainer between
+them: every customer's change trail must be identical, and so must every version the trainer
+cuts. A trainer restored from any record it made, re-reading the log from the offset that
+record names, must make exactly the records the uninterrupted one made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from stream_app.contracts.events import encode
+from stream_app.core.learning import ExampleBatch, SharedTrainer
+from stream_app.core.models import SegmentModels
+from stream_app.live.pipeline import LivePipeline
+from stream_app.live.store import DELIVERY_KEY_PREFIX, TableStore, partition_of
+from stream_app.live.trainer import decode_version
+from stream_app.settings import SegmentationSettings, Settings
+from stream_app.tools.datasets import RowError, read_dataset
+from stream_app.tools.publish import topic_for
+
+ROOT = Path(__file__).resolve().parents[2]
+RETAIL = ROOT.parent / "shared" / "datasets" / "online_retail" / "online_retail.csv.gz"
+PARTITIONS = 4
+EVENTS = 4000  # Dec 2010 - Feb 2011: clusters seed, labels mature, dozens of versions
+
+pytestmark = pytest.mark.skipif(not RETAIL.exists(), reason=f"{RETAIL} is absent (CI has it)")
+
+
+def settings() -> Settings:
+    return Settings(
+        state_dir="/nonexistent",
+        partitions=PARTITIONS,
+        learning="shared",
+        segmentation=SegmentationSettings(
+            cluster_warmup=500, cluster_warmup_days=3, tier_warm_up_labels=300
+        ),
+    )
+
+
+def messages() -> dict[int, list[tuple[str, bytes, bytes]]]:
+    """Each partition's input, as a producer keyed by customer would have written it."""
+    s = settings()
+    out: dict[int, list[tuple[str, bytes, bytes]]] = {p: [] for p in range(PARTITIONS)}
+    items = (i for i in read_dataset(RETAIL, "online-retail") if not isinstance(i, RowError))
+    for _, event in zip(range(EVENTS), items, strict=False):
+        key = event.customer_id.encode()
+        out[partition_of(event.customer_id, PARTITIONS)].append(
+            (topic_for(event, s), key, encode(event))
+        )
+    return out
+
+
+CURRENT: contextvars.ContextVar[int | None] = contextvars.ContextVar("current", default=None)
+
+
+class PartitionedTable(dict[bytes, bytes]):
+    """Like the Faust table: a key is read and written only while an event of its partition is
+    the current event (RocksDB and the changelog are picked by it)."""
+
+    def _check(self, key: bytes) -> None:
+        if key.startswith(DELIVERY_KEY_PREFIX):
+            partition = int(key[len(DELIVERY_KEY_PREFIX) :])
+        else:
+            partition = partition_of(key.decode(), PARTITIONS)
+        assert CURRENT.get() == partition, (key, CURRENT.get())
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        self._check(key)
+        return super().get(key, default)
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self._check(key)
+        super().__setitem__(key, value)
+
+
+@contextlib.contextmanager
+def as_current(token: Any) -> Iterator[None]:
+    """Makes the message (its token is its partition here) the current event."""
+    reset = CURRENT.set(token)
+    try:
+        yield
+    finally:
+        CURRENT.reset(reset)
+
+
+class Sinks:
+    def __init__(self) -> None:
+        self.changes: list[dict[str, Any]] = []
+
+    async def change(self, customer_id: str, value: bytes) -> None:
+        self.changes.append(orjson.loads(value))
+
+    async def membership(self, customer_id: str, value: bytes) -> None:
+        return None
+
+    async def dead_letter(self, key: bytes | None, value: bytes) -> None:
+        raise AssertionError(value)
+
+    async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
+        raise AssertionError(topic)
+
+
+class Cluster:
+    """Workers, the examples log, one trainer and the models topic, stepped by hand."""
+
+    def __init__(self, owners: list[list[int]], seed: int) -> None:
+        self.s = settings()
+        self.log: list[bytes] = []
+        self.records: list[bytes] = []
+        self.trainer = SharedTrainer(
+            SegmentModels(self.s.segmentation), self.s.epochs(), PARTITIONS
+        )
+        self.read = 0
+        self.rng = random.Random(seed)
+        inputs = messages()
+        self.feeds = {p: list(inputs[p]) for p in range(PARTITIONS)}
+        self.offsets = {(topic, p): 0 for p in range(PARTITIONS) for topic in self.s.input_topics}
+        self.sinks: list[Sinks] = []
+        self.workers: list[tuple[LivePipeline, list[int], int]] = []
+        self.seen = [0 for _ in owners]
+        self.table = PartitionedTable()
+        for partitions in owners:
+            self.workers.append((self._pipeline(), partitions, self.rng.choice([7, 25, 60])))
+            self.seen.append(0)
+        self.seen = [0 for _ in self.workers]
+
+    def _pipeline(self) -> LivePipeline:
+        sinks = Sinks()
+        self.sinks.append(sinks)
+        return LivePipeline(
+            self.s,
+            lambda partition: TableStore(self.table, partition, PARTITIONS, cache_size=0),
+            sinks,
+            has_more=self._has_more,
+            as_current=as_current,
+            examples_sink=self._send,
+        )
+
+    def crash(self, n: int) -> None:
+        """Worker `n` dies between batches (SIGKILL): what it held is read again by a new
+        process for the same partitions, which starts from the table and the models topic."""
+        dead, partitions, size = self.workers[n]
+        for merge in dead.merges.values():
+            held = sorted(
+                (h.item.origin.offset, h.item.origin.topic, h.item)
+                for queue in merge.queues.values()
+                for h in queue
+            )
+            for offset, topic, item in reversed(held):
+                self.feeds[merge.partition].insert(0, (topic, item.key, item.payload))
+                self.offsets[(topic, merge.partition)] = min(
+                    self.offsets[(topic, merge.partition)], offset
+                )
+        self.workers[n] = (self._pipeline(), partitions, size)
+        self.seen[n] = 0  # it reads the models topic from the start
+        if n == 0 and self.records:  # the trainer ran there: another takes over
+            newest = decode_version(self.s, self.records[-1])
+            self.trainer = SharedTrainer(newest, self.s.epochs(), PARTITIONS)
+            self.read = self.trainer.next_offset
+
+    def _has_more(self, topic: str, partition: int) -> bool:
+        return any(t == topic for t, _, _ in self.feeds[partition])
+
+    async def _send(self, key: bytes, value: bytes) -> None:
+        self.log.append(value)
+
+    async def step(self, n: int) -> bool:
+        """Worker `n` takes its next batch (or, with nothing to take, releases what it held);
+        then the trainer reads the log and the workers get every new record."""
+        pipeline, partitions, size = self.workers[n]
+        batch: list[Any] = []
+        for _ in range(size):
+            live = [p for p in partitions if self.feeds[p]]
+            if not live:
+                break
+            p = self.rng.choice(live)
+            topic, key, value = self.feeds[p].pop(0)
+            offset = self.offsets[(topic, p)]
+            self.offsets[(topic, p)] += 1
+            batch.append((key, value, _origin(topic, p, offset), p))
+        if batch:
+            await pipeline.handle_batch(batch)
+        else:
+            await pipeline.flush_idle()
+        while self.read < len(self.log):
+            self.records += self.trainer.read(
+                ExampleBatch.from_bytes(self.log[self.read]), self.read
+            )
+            self.read += 1
+        for i, (worker, _, _) in enumerate(self.workers):
+            for data in self.records[self.seen[i] :]:
+                worker.offer_models(decode_version(self.s, data))
+            self.seen[i] = len(self.records)
+        return bool(batch)
+
+    async def run(self, weights: list[int], crashes: int = 0) -> None:
+        idle, steps = 0, 0
+        crash_at = sorted(self.rng.sample(range(20, 400), crashes))
+        while idle < 50:
+            n = self.rng.choices(range(len(self.workers)), weights)[0]
+            steps += 1
+            if crash_at and steps == crash_at[0]:
+                crash_at.pop(0)
+                self.crash(n)
+            moved = await self.step(n)
+            held = sum(len(m) for w, _, _ in self.workers for m in w.merges.values())
+            idle = 0 if moved or (not any(self.feeds.values()) and held == 0) else idle + 1
+            if not any(self.feeds.values()) and held == 0:
+                return
+        raise AssertionError("stuck: events held with nothing left to read")
+
+    def trails(self) -> dict[str, list[tuple[int, str, Any]]]:
+        """Each customer's changes in sequence order (one per sequence: a re-send is equal)."""
+        out: dict[str, dict[int, tuple[int, str, Any]]] = {}
+        for sinks in self.sinks:
+            for c in sinks.changes:
+                entry = (c["sequence"], c["component"], c["current"])
+                seen = out.setdefault(c["customer_id"], {}).setdefault(c["sequence"], entry)
+                assert seen == entry, (c["customer_id"], seen, entry)  # never a fork
+        return {k: [v[q] for q in sorted(v)] for k, v in out.items()}
+
+
+def _origin(topic: str, partition: int, offset: int) -> Any:
+    from stream_app.contracts.events import MessageOrigin
+
+    return MessageOrigin(topic=topic, partition=partition, offset=offset)
+
+
+def learned(data: bytes) -> tuple[Any, ...]:
+    """What a record's models learned, and the boundary it was cut at (no bookkeeping)."""
+    params = orjson.loads(orjson.loads(data)["params"])
+    trainer = params.pop("trainer")
+    for name in ("purchase", "churn"):
+        for what in ("auc", "log_loss", "largest_scaled_input"):
+            params[name].pop(what)
+    return (
+        trainer["valid_from"],
+        trainer["closed_until"],
+        orjson.dumps(params, option=orjson.OPT_SORT_KEYS),
+    )
+
+
+def versions(records: list[bytes]) -> list[tuple[Any, ...]]:
+    out = [learned(r) for r in records]
+    return [v for v in out if v[0] is not None and v[0] == v[1]]
+
+
+def run(owners: list[list[int]], weights: list[int], seed: int, crashes: int = 0) -> Cluster:
+    cluster = Cluster(owners, seed)
+    asyncio.run(cluster.run(weights, crashes))
+    return cluster
+
+
+def test_one_and_three_workers_emit_the_same_trails_and_cut_the_same_versions() -> None:
+    alone = run([[0, 1, 2, 3]], [1], seed=1)
+    together = run([[0], [1, 2], [3]], [5, 1, 3], seed=2)
+    assert len(versions(alone.records)) > 20
+    assert versions(alone.records) == versions(together.records)
+    a, b = alone.trails(), together.trails()
+    assert a.keys() == b.keys() and len(a) > 1000
+    same = [c for c in a if a[c] == b[c]]
+    assert len(same) == len(a), [c for c in a if a[c] != b[c]][:5]
+    kinds = {component for trail in a.values() for _, component, _ in trail}
+    assert {"cluster", "propensity"} <= kinds  # the models mattered
+    waits = sum(w.counts.model_waits for w, _, _ in together.workers)
+    assert waits > 0 and all(w.counts.model_waits_expired == 0 for w, _, _ in together.workers)
+
+
+def test_a_trainer_restored_from_any_record_makes_the_same_records() -> None:
+    cluster = run([[0, 1], [2, 3]], [1, 2], seed=3)
+    s, log, records = cluster.s, cluster.log, cluster.records
+    progress = [r for r in records if learned(r)[0] != learned(r)[1]]
+    assert progress  # progress records too (learned past their newest version)
+    for data in records[::3] + progress:
+        restored = SharedTrainer(decode_version(s, data), s.epochs(), PARTITIONS)
+        again: list[bytes] = []
+        for offset in range(restored.next_offset, len(log)):
+            again += restored.read(ExampleBatch.from_bytes(log[offset]), offset)
+        cut_at = learned(data)[1]
+        later = [v for v in versions(records) if v[0] > cut_at]
+        assert versions(again) == later
+        assert (
+            restored.examples + restored.pending
+            == cluster.trainer.examples + cluster.trainer.pending
+        )
+
+
+def test_workers_killed_between_batches_emit_the_same_trails() -> None:
+    """A new owner starts from the partition's stored clock: the trainer holds the partition to
+    the promises its previous owner sent (none of its examples may come late)."""
+    calm = run([[0, 1], [2, 3]], [1, 1], seed=4)
+    killed = run([[0, 1], [2, 3]], [1, 1], seed=4, crashes=6)
+    assert killed.trainer.late == 0
+    assert versions(killed.records) == versions(calm.records)
+    assert killed.trails() == calm.trails()
+
+
+def test_a_trainer_that_has_cut_nothing_yet_hands_over_a_record() -> None:
+    """At a rebalance the trainer hands over what it has; before every partition has said how
+    far it is, nothing is closed (the record must still be valid, or the trainer thread died)."""
+    s = settings()
+    trainer = SharedTrainer(SegmentModels(s.segmentation), s.epochs(), PARTITIONS)
+    assert trainer.read(ExampleBatch(source="p0", batch=1, examples=[], promise=5.0), 0) == []
+    restored = SharedTrainer(decode_version(s, trainer.progress_record()), s.epochs(), PARTITIONS)
+    assert restored.closed_until == -math.inf and restored.next_offset == 1
+    assert restored.promises == {"p0": 5.0} and restored.hwm == {"p0": 1}
