@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 import pytest
+from test_shared_learning import Sinks
 
 from stream_app.contracts.events import encode
 from stream_app.core.learning import ExampleBatch, SharedTrainer
@@ -95,23 +96,6 @@ def as_current(token: Any) -> Iterator[None]:
         yield
     finally:
         CURRENT.reset(reset)
-
-
-class Sinks:
-    def __init__(self) -> None:
-        self.changes: list[dict[str, Any]] = []
-
-    async def change(self, customer_id: str, value: bytes) -> None:
-        self.changes.append(orjson.loads(value))
-
-    async def membership(self, customer_id: str, value: bytes) -> None:
-        return None
-
-    async def dead_letter(self, key: bytes | None, value: bytes) -> None:
-        raise AssertionError(value)
-
-    async def reroute(self, topic: str, key: bytes, value: bytes) -> None:
-        raise AssertionError(topic)
 
 
 class Cluster:
@@ -226,6 +210,7 @@ class Cluster:
     def trails(self) -> dict[str, list[tuple[int, str, Any]]]:
         """Each customer's changes in sequence order (one per sequence: a re-send is equal)."""
         out: dict[str, dict[int, tuple[int, str, Any]]] = {}
+        assert all(sinks.dead_letters == [] for sinks in self.sinks)
         for sinks in self.sinks:
             for c in sinks.changes:
                 entry = (c["sequence"], c["component"], c["current"])
