@@ -68,6 +68,7 @@ from stream_app.settings import SegmentationSettings
 
 CHURN_CHECKPOINT_DAYS: Final = (7.0, 30.0)  # idle days at which churn risk is re-scored
 TOP_CONTRIBUTIONS: Final = 3
+_PLACEHOLDERS: Final = ("warming up", "no members yet")  # names before a cluster is profiled
 _PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
 _FEATURE_VALUES: Final = operator.itemgetter(*FEATURES)  # feature dict -> values in that order
 
@@ -551,7 +552,7 @@ class Processor:
         s, at, changes = self.s, moment.trigger.at, []
         stage = lifecycle_stage(st.behaviour, at, m.reactivated_at, s)
         if stage is not m.stage:
-            before = self._segment(m)
+            before = self._segment(m, told=True)
             m.stage = stage
             changes.append(self._change(st, Component.LIFECYCLE, before, moment))
         tier = next_tier(m.tier, st.purchase_propensity, self._tiered, s)
@@ -561,11 +562,11 @@ class Processor:
         if tier is not m.tier and not tier_dwelt(m, at, s):
             tier = m.tier  # held for the dwell time: no weekly high -> low -> high
         if tier is not m.tier:
-            before = self._segment(m)
+            before = self._segment(m, told=True)
             m.tier, m.tier_since = tier, at
             changes.append(self._change(st, Component.PROPENSITY, before, moment))
         if cluster is not None and cluster_move(m, cluster, at, s):
-            before = self._segment(m)
+            before = self._segment(m, told=True)
             m.cluster, m.cluster_since, m.candidate, m.candidate_hits = cluster, at, -1, 0
             changes.append(self._change(st, Component.CLUSTER, before, moment))
         return changes
@@ -584,8 +585,11 @@ class Processor:
         st.membership = Membership(cluster, at, tier, stage, tier_since=at)
         return self._change(st, Component.ENTRY, None, moment)
 
-    def _segment(self, m: Membership) -> Segment:
+    def _segment(self, m: Membership, told: bool = False) -> Segment:
+        """The segment `m` stands for; `told`: as the customer's newest change named it."""
         profile = self.models.clusters.profile(m.cluster).name
+        if told and m.cluster_name is not None:
+            profile = m.cluster_name
         key = (m.cluster, profile, m.tier, m.stage)
         segment = self._segments.get(key)
         if segment is None:
@@ -608,6 +612,7 @@ class Processor:
         trig = moment.trigger
         st.sequence += 1
         current = self._segment(st.membership)
+        st.membership.cluster_name = current.cluster_profile
         if component is Component.LIFECYCLE:
             st.churn_risk = moment.churn.probability
             self._snapshot_churn(st, moment)
@@ -718,6 +723,25 @@ def _summary(
 ) -> str:
     if component is Component.ENTRY or previous is None:
         return f"first seen: joined {current.name} ({current.cluster_profile})"
+    return _what_changed(component, previous, current, st, x, scores) + _renamed(previous, current)
+
+
+def _renamed(previous: Segment, current: Segment) -> str:
+    """A cluster renamed since the customer's previous change (its centre moved) says so."""
+    old, new = previous.cluster_profile, current.cluster_profile
+    if previous.cluster != current.cluster or old == new or old.startswith(_PLACEHOLDERS):
+        return ""
+    return f"; cluster {current.cluster} is now called '{new}' (was '{old}': its centre moved)"
+
+
+def _what_changed(
+    component: Component,
+    previous: Segment,
+    current: Segment,
+    st: CustomerState,
+    x: dict[str, float],
+    scores: dict[str, Any],
+) -> str:
     if component is Component.LIFECYCLE:
         # At an event the idle spell is the gap it ended; at a silent moment, the idle time so far.
         idle = math.expm1(x["days_since_last_event"] or x["days_between_last_events"])

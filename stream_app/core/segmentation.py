@@ -26,6 +26,9 @@ class Membership:
     candidate_hits: int = 0
     reactivated_at: float | None = None
     tier_since: float | None = None  # when the tier last changed (None: not recorded)
+    # The cluster's name in the customer's newest change: a later change says so if the
+    # cluster was renamed since (its centre moved). None: not recorded.
+    cluster_name: str | None = None
 
     def to_list(self) -> list[object]:
         return [
@@ -48,12 +51,14 @@ class Membership:
             "candidate_hits": self.candidate_hits,
             "reactivated_at": self.reactivated_at,
             "tier_since": self.tier_since,
+            **({} if self.cluster_name is None else {"cluster_name": self.cluster_name}),
         }
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> Membership:
         reactivated = r.get("reactivated_at")
         tier_since = r.get("tier_since")
+        name = r.get("cluster_name")
         return cls(
             cluster=int(r["cluster"]),
             cluster_since=float(r["cluster_since"]),
@@ -63,6 +68,7 @@ class Membership:
             candidate_hits=int(r.get("candidate_hits", 0)),
             reactivated_at=None if reactivated is None else float(reactivated),
             tier_since=None if tier_since is None else float(tier_since),
+            cluster_name=None if name is None else str(name),
         )
 
     @classmethod

@@ -1,9 +1,22 @@
-"""Clusters people can name (issue 13): no two clusters share a name at any time, and a name
-stays while the traits it states still hold for the centre."""
+"""Clusters people can name (issue 13): no two clusters share a name at any time, a name
+stays while the traits it states still hold for the centre, and a change says when it did not."""
 
 from __future__ import annotations
 
-from stream_app.core.models import CLUSTER_FEATURES, PROFILE_REFRESH, BehaviourClusters
+from datetime import timedelta
+
+import orjson
+from test_shared_learning import CLICKS, SEG, T0, decoded, events
+
+from stream_app.core.models import (
+    CLUSTER_FEATURES,
+    PROFILE_REFRESH,
+    BehaviourClusters,
+    ClusterProfile,
+    SegmentModels,
+)
+from stream_app.core.processor import MemoryStore, Processor
+from stream_app.core.state import CustomerState
 
 
 def clusters_with(centres: list[dict[str, float]]) -> BehaviourClusters:
@@ -58,3 +71,35 @@ def test_a_name_stays_while_its_traits_hold_and_changes_when_they_do_not() -> No
     assert clusters.renames == [
         (learned, 0, "frequent buyers, highly active", "high spenders, frequent buyers")
     ]
+
+
+def test_a_change_after_a_rename_says_the_cluster_was_renamed() -> None:
+    """A customer told "cluster 2 (X)" whose cluster is later called Y sees, in their next
+    change, the name they were told as the previous one and a sentence saying so; the name
+    they were told is part of the stored state."""
+    models = SegmentModels(SEG)
+    store = MemoryStore()
+    processor = Processor(SEG, models, store)
+    items = events(400)
+    for topic, value in items[:200]:
+        processor.process(decoded(topic, value))
+    members = [s.membership for c in ("c0", "c1", "c2") if (s := store.get(c)) and s.membership]
+    told = [m.cluster_name for m in members]
+    assert len(told) == 3 and all(n and not n.startswith("warming up") for n in told), told
+    cid = members[0].cluster
+    old = models.clusters.profile(cid).name
+    models.clusters._profiles[cid] = ClusterProfile(cid, "renamed for the test", {})
+    # Weeks of silence, then someone else's event: everyone's lifecycle moves (a change each).
+    quiet = T0 + timedelta(days=200)
+    body = {"event_id": "z-1", "customer_id": "z", "event_type": "product_view"}
+    event = orjson.dumps({**body, "event_time": quiet.isoformat()})
+    later = processor.process(decoded(CLICKS, event)).changes
+    renamed = [c for c in later if c.previous and c.previous.cluster == cid == c.current.cluster]
+    assert renamed, "no change of a customer in the renamed cluster"
+    first = renamed[0]
+    assert first.previous is not None and first.previous.cluster_profile == old
+    assert first.current.cluster_profile == "renamed for the test"
+    assert f"is now called 'renamed for the test' (was '{old}'" in first.reason.summary
+    state = store.get(first.customer_id)
+    assert state is not None and state.membership is not None
+    assert CustomerState.from_bytes(state.to_bytes()).membership == state.membership

@@ -100,6 +100,7 @@ def test_a_version_1_record_is_migrated_field_for_field() -> None:
     first = decode_record(v1_bytes(state, delivery))
     assert state.membership is not None
     state.membership.tier_since = None  # version 1 had no tier dwell: not recorded
+    state.membership.cluster_name = None  # nor the cluster name the customer was told
     assert first == (state, delivery)
     without_batch = orjson.loads(v1_bytes(state, delivery))[:-1]  # before delivery markers
     migrated, envelope = decode_record(orjson.dumps(without_batch))
