@@ -90,8 +90,8 @@ class PartitionedTable(dict[bytes, bytes]):
 
 @contextlib.contextmanager
 def as_current(token: Any) -> Iterator[None]:
-    """Makes the message (its token is its partition here) the current event."""
-    reset = CURRENT.set(token)
+    """Makes the message (its token is (partition, topic, offset) here) the current event."""
+    reset = CURRENT.set(token[0])
     try:
         yield
     finally:
@@ -117,6 +117,7 @@ class Cluster:
         self.workers: list[tuple[LivePipeline, list[int], int]] = []
         self.seen = [0 for _ in owners]
         self.table = PartitionedTable()
+        self.acked: dict[Any, list[int]] = {}
         for partitions in owners:
             self.workers.append((self._pipeline(), partitions, self.rng.choice([7, 25, 60])))
             self.seen.append(0)
@@ -175,11 +176,14 @@ class Cluster:
             topic, key, value = self.feeds[p].pop(0)
             offset = self.offsets[(topic, p)]
             self.offsets[(topic, p)] += 1
-            batch.append((key, value, _origin(topic, p, offset), p))
-        if batch:
-            await pipeline.handle_batch(batch)
-        else:
-            await pipeline.flush_idle()
+            batch.append((key, value, _origin(topic, p, offset), (p, topic, offset)))
+        done = await (pipeline.handle_batch(batch) if batch else pipeline.flush_idle())
+        for part, topic, offset in done:
+            # Acks in offset order per topic partition: Faust commits past a single unacked
+            # offset followed by acked ones (faust/transport/consumer.py, `_new_offset`).
+            acked = self.acked.setdefault((id(pipeline), topic, part), [])
+            assert not acked or offset > acked[-1], (topic, part, acked[-5:], offset)
+            acked.append(offset)
         while self.read < len(self.log):
             self.records += self.trainer.read(
                 ExampleBatch.from_bytes(self.log[self.read]), self.read
