@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections.abc import Sequence
 from typing import Final
 
@@ -74,6 +75,19 @@ def record_version(data: bytes) -> str:
     """The version a record we wrote says it is (for log lines; nothing is checked)."""
     version = orjson.loads(data).get("version")
     return str(version)
+
+
+def version_boundary(data: bytes) -> float:
+    """The epoch boundary a shared trainer's version was cut at (-inf for a record made without
+    epochs: a bootstrap, the deterministic mode). A trainer that took over cuts earlier
+    boundaries again, so the newest version is the one with the latest boundary, not the
+    last record. For listings; nothing is checked (see decode_record)."""
+    try:
+        trainer = orjson.loads(orjson.loads(data)["params"]).get("trainer") or {}
+    except Exception:
+        return -math.inf
+    boundary = trainer.get("valid_from")
+    return -math.inf if boundary is None else float(boundary)
 
 
 def is_progress_record(data: bytes) -> bool:

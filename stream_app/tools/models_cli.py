@@ -21,7 +21,12 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import KafkaException, Producer
 
-from stream_app.core.model_format import SnapshotError, is_progress_record, record_version
+from stream_app.core.model_format import (
+    SnapshotError,
+    is_progress_record,
+    record_version,
+    version_boundary,
+)
 from stream_app.errors import UserError
 from stream_app.kafka.topics import require_topics
 from stream_app.live.model_log import (
@@ -132,9 +137,13 @@ def catalogue(settings: Settings, records: Iterable[LogRecord]) -> Catalogue:
     history: dict[bytes, LogRecord] = {}
     for record in records:
         if record.key == newest_key(app):
-            # The newest version: a trainer's progress record is not one (nothing scores with it).
+            # The newest version: a trainer's progress record is not one (nothing scores with
+            # it), and a version re-cut after a takeover is not newer than a later boundary.
             if record.value is not None and not is_progress_record(record.value):
-                newest = record
+                later = newest is None or version_boundary(record.value) >= version_boundary(
+                    newest.value or b""
+                )
+                newest = record if later else newest
         elif record.key == pin_key(app):
             pin = record if record.value is not None else None
         elif is_history_key(app, record.key):

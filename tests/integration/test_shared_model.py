@@ -166,8 +166,13 @@ def trainer_progress(workers: list[WorkerProcess]) -> dict[str, Any] | None:
 
 def newest_cut(settings: Settings) -> dict[str, Any]:
     """The newest version on the models topic (not a progress record)."""
-    cuts = [v for v in published(settings) if v.get("valid_from") == v.get("closed_until")]
-    return cuts[-1] if cuts else {}
+    cuts = [
+        v
+        for v in published(settings)
+        if v.get("valid_from") is not None and v["valid_from"] == v.get("closed_until")
+    ]
+    # The latest boundary (a trainer that took over cuts earlier ones again), the last of it.
+    return max(reversed(cuts), key=lambda v: v["valid_from"], default={})
 
 
 def ready(worker: WorkerProcess) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from stream_app.contracts.model_record import TrainerParams
 from stream_app.core.learning import Trainer
 from stream_app.core.model_format import record_version
 from stream_app.core.models import SegmentModels
@@ -385,3 +386,31 @@ def test_models_usage_mistakes_are_one_line(
     tmp_path: Path, args: tuple[str, ...], line: str
 ) -> None:
     assert models_cli(tmp_path, *args) == line
+
+
+def test_the_newest_version_is_the_latest_boundary_not_the_last_record() -> None:
+    """A trainer that took over cuts earlier boundaries again: the newest version (what the
+    workers follow) is the one with the latest boundary; progress records are not versions."""
+
+    def cut(boundary: float, closed: float | None = None) -> bytes:
+        models = SegmentModels(SETTINGS.segmentation)
+        models.trainer = TrainerParams(
+            next_offset=0,
+            sources={},
+            examples=int(boundary),
+            duplicates=0,
+            closed_until=boundary if closed is None else closed,
+            valid_from=boundary,
+        )
+        return models.snapshot()
+
+    later, again, progress = cut(172800.0), cut(86400.0), cut(172800.0, closed=200000.0)
+    key = newest_key(APP)
+    records = [
+        LogRecord(key, later, 0, 1_000, {}),
+        LogRecord(key, again, 1, 2_000, {}),
+        LogRecord(key, progress, 2, 3_000, {}),
+    ]
+    found = catalogue(SETTINGS, records)
+    assert found.newest == record_version(later)
+    assert [v.version for v in found.versions if v.following] == [record_version(later)]
