@@ -158,6 +158,9 @@ def test_worker_counts_valid_events_and_dead_letters_invalid_ones(
     assert counts.pop("model_version") == SegmentModels(settings.segmentation).version
     assert counts.pop("model_switches") == 0
     assert 1 <= counts.pop("example_batches_sent") <= 5
+    # Nothing left unread or held, and (learning in process) nothing waited for a version.
+    quiet = ("held", "unread", "model_waits", "model_waits_expired")
+    assert {k: counts.pop(k) for k in quiet} == dict.fromkeys(quiet, 0)
     assert counts == expected
 
     letters = read_topic(settings, settings.dead_letters_topic, len(bad))
