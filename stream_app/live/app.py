@@ -274,9 +274,11 @@ def _current(
     generation_of = faust_internals.generation_of
     messages: list[RawMessage] = []
     times: list[float] = []
+    stale: set[tuple[str, int]] = set()
     for event, at in zip(events, arrived, strict=True):
         message = event.message
         if generation_of(message) != generation:
+            stale.add((message.topic, message.partition))
             continue
         # Trusted fields straight from the consumer: skip pydantic validation (~4% of a worker).
         origin = MessageOrigin.model_construct(
@@ -284,6 +286,14 @@ def _current(
         )
         messages.append((event.key, event.value, origin, event))
         times.append(at)
+    if stale:
+        log.info(
+            "dropped %d message(s) of %s read before the rebalance to generation %d "
+            "(their owner reads them again)",
+            len(events) - len(messages),
+            sorted(stale),
+            generation,
+        )
     return messages, times
 
 
@@ -468,15 +478,36 @@ def _add_views(app: Any, pipeline: LivePipeline, readiness: Readiness) -> None:
 
 
 def _add_lag_timer(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
+    # Per input partition with unread messages: (the last offset read, since when it is that).
+    reading: dict[Any, tuple[int, float]] = {}
+    warned: set[Any] = set()
+
     async def measure_lag() -> None:
+        now = time.monotonic()
         for tp in faust_internals.assigned_partitions(app):
             if tp.topic not in settings.input_topics:
                 continue
             end = faust_internals.highwater(app, tp.topic, tp.partition)
-            done = pipeline.last_offsets.get((tp.topic, tp.partition), -1) + 1
-            if end is not None:
-                pipeline.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(end - done, 0)
+            last = pipeline.last_offsets.get((tp.topic, tp.partition), -1)
+            if end is None:
+                continue
+            unread = max(end - last - 1, 0)
+            pipeline.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(unread)
+            seen = reading.get(tp)
+            if unread == 0 or seen is None or seen[0] != last:
+                reading[tp] = (last, now)
+                warned.discard(tp)
+            elif now - seen[1] >= settings.ready_stall_s and tp not in warned:
+                warned.add(tp)
+                log.warning(
+                    "%s[%d]: %d messages unread and none read for %.0f s (last read %d); "
+                    "Faust's fetch state %s",
+                    tp.topic,
+                    tp.partition,
+                    unread,
+                    now - seen[1],
+                    last,
+                    faust_internals.fetch_state(app, tp),
                 )
 
     app.timer(LAG_INTERVAL_S, name="consumer-lag")(measure_lag)

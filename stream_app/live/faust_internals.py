@@ -197,3 +197,32 @@ async def send_raw(
     are committed"."""
     delivery: asyncio.Future[Any] = await app.producer.send(topic, key, value, None, None, None)
     return delivery
+
+
+def fetch_state(app: Any, tp: Any) -> dict[str, Any]:
+    """How Faust's consumer treats one assigned topic partition right now (for a warning when a
+    partition with unread messages makes no progress).
+
+    Relies on: ``Consumer._active_partitions``, ``_paused_partitions`` and
+    ``_buffered_partitions`` (``faust/transport/consumer.py:442``): the fetcher asks aiokafka
+    only for active partitions (``_wait_next_records``, ``consumer.py:795``); a partition leaves
+    the active set while paused (recovery, ``pause_partitions``, ``:622``) or while the stream's
+    queue is under pressure (``on_buffer_full``, ``:547``, until ``on_buffer_drop``); and
+    ``Consumer._read_offset``/``_committed_offset`` (``:414``), what Faust has read and
+    committed. ``flow_active`` (``:446``) is False while a rebalance stops the flow.
+
+    Why: an operator (and a test) must be able to tell "Faust stopped fetching this partition"
+    from "the pipeline holds its events"."""
+    consumer = app.consumer
+    if consumer is None:
+        return {}
+    active = consumer._active_partitions
+    return {
+        "active": None if active is None else tp in active,
+        "paused": tp in consumer._paused_partitions,
+        "buffered": tp in consumer._buffered_partitions,
+        "read_offset": consumer._read_offset.get(tp),
+        "committed": consumer._committed_offset.get(tp),
+        "flow_active": bool(consumer.flow_active),
+        "in_recovery": bool(getattr(app, "in_recovery", False)),
+    }

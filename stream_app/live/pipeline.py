@@ -230,13 +230,60 @@ class OrderedMerge:
         return False
 
 
+@dataclass(slots=True)
+class _Ticket:
+    """One admitted message's place in its input partition's ack order."""
+
+    source: tuple[str, int]
+    token: Any
+    finished: bool = False
+
+
+class OffsetOrderAcks:
+    """Hands back the tokens of finished messages in offset order per input partition.
+
+    Faust commits an offset once the messages before it are acked, but its gap check lets one
+    unacked offset through (``Consumer._new_offset``: ``min(acked) - committed > 1``, and no
+    check at all while the committed offset is 0). A message finished at once (a dead letter,
+    a reroute) while an earlier one of its partition waits in the ordered merge would then let
+    a commit pass the waiting one, and a crash lose it. So a token is handed back only when
+    every message read before it on its partition is finished too."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, int], deque[_Ticket]] = {}
+
+    def admit(self, topic: str, partition: int, token: Any) -> _Ticket:
+        ticket = _Ticket((topic, partition), token)
+        self._open.setdefault(ticket.source, deque()).append(ticket)
+        return ticket
+
+    def finish(self, ticket: _Ticket, done: list[Any]) -> None:
+        ticket.finished = True
+        queue = self._open.get(ticket.source)
+        while queue and queue[0].finished:
+            done.append(queue.popleft().token)
+
+    def held_back(self) -> int:
+        """Finished messages whose ack waits for an earlier message of their partition."""
+        return sum(sum(t.finished for t in queue) for queue in self._open.values())
+
+    def forget(self, partitions: set[int]) -> None:
+        """Revoked: what is open there is read again by the partitions' next owner."""
+        for source in [s for s in self._open if s[1] in partitions]:
+            del self._open[source]
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     event: Event
     key: bytes | None
     payload: bytes
     origin: MessageOrigin
-    token: Any
+    ticket: _Ticket
+
+    @property
+    def token(self) -> Any:
+        return self.ticket.token
 
 
 @dataclass(slots=True)
@@ -299,6 +346,8 @@ class LivePipeline:
         self._waiting: dict[int, float] = {}  # per partition, when its head began to wait
         self._unaligned: dict[int, float] = {}  # partitions that waited too long: no waiting
         self._revoked: set[int] = set()  # revoked by a rebalance, not assigned again yet
+        self._dropped: set[tuple[str, int]] = set()  # revoked partitions with messages dropped
+        self._ack_order = OffsetOrderAcks()
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -468,9 +517,12 @@ class LivePipeline:
     def assign(self, partitions: set[int]) -> None:
         """On assignment: these partitions are this worker's (again)."""
         self._revoked -= partitions
+        self._dropped = {tp for tp in self._dropped if tp[1] not in partitions}
+        log.info("partitions %s assigned", sorted(partitions))
 
     def forget_partitions(self, partitions: set[int]) -> None:
         """On revocation: another worker owns these customers (and their held events) now."""
+        self._ack_order.forget(partitions)
         for partition in partitions:
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
@@ -550,8 +602,17 @@ class LivePipeline:
         done: list[Any],
     ) -> None:
         if origin.partition in self._revoked:
-            return  # read before a rebalance took the partition: its next owner reads it again
+            # Read before a rebalance took the partition: its next owner reads it again.
+            if (origin.topic, origin.partition) not in self._dropped:
+                self._dropped.add((origin.topic, origin.partition))
+                log.info(
+                    "%s[%d] is revoked: not processing what was read of it",
+                    origin.topic,
+                    origin.partition,
+                )
+            return
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
+        ticket = self._ack_order.admit(origin.topic, origin.partition, token)
         # A tombstone (None) is not an event; it dead-letters as empty, invalid JSON.
         payload = value if isinstance(value, bytes) else b""
         try:
@@ -564,11 +625,11 @@ class LivePipeline:
             )
         except Exception as exc:
             await self._failed(key, payload, origin, exc)
-            done.append(token)
+            self._ack_order.finish(ticket, done)
             return
         if isinstance(decoded, DeadLetter):
             await self._reject(key, decoded)
-            done.append(token)
+            self._ack_order.finish(ticket, done)
             return
         partitions = self._partitions(origin.topic)
         owner = 0 if partitions == 1 else partition_of(decoded.customer_id, partitions)
@@ -578,11 +639,11 @@ class LivePipeline:
             await self.sinks.reroute(origin.topic, decoded.customer_id.encode(), payload)
             self.counts.rerouted += 1
             self.metrics.rerouted.inc()
-            done.append(token)
+            self._ack_order.finish(ticket, done)
             return
         merge = self._merge(origin.partition)
         order = (decoded.event_time.timestamp(), decoded.event_id)
-        merge.push(origin.topic, order, _Pending(decoded, key, payload, origin, token), arrived)
+        merge.push(origin.topic, order, _Pending(decoded, key, payload, origin, ticket), arrived)
         await self._release(merge, done, arrived)
 
     def _merge(self, partition: int) -> OrderedMerge:
@@ -605,7 +666,7 @@ class LivePipeline:
             pending = head.item
             with self._as_current(pending.token):
                 await self._process(pending)
-            done.append(pending.token)
+            self._ack_order.finish(pending.ticket, done)
             self._since_yield += 1
             if self._since_yield >= YIELD_EVERY:
                 # A batch takes ~0.1 s per 500 events: let the producer's sender, the fetcher
