@@ -152,6 +152,7 @@ def create_app(
 
     ``store``: Faust's table store; unit tests use ``memory://`` (no RocksDB files)."""
     app = faust_app(settings, store)
+    faust_internals.rewind_uncommitted_partitions(app, settings.input_topics)
     customers = app.Table(
         CUSTOMERS_TABLE,
         key_type=bytes,  # bytes -> raw codec (tables take no serializer arguments)

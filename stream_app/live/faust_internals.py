@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -225,4 +225,62 @@ def fetch_state(app: Any, tp: Any) -> dict[str, Any]:
         "committed": consumer._committed_offset.get(tp),
         "flow_active": bool(consumer.flow_active),
         "in_recovery": bool(getattr(app, "in_recovery", False)),
+        "callback": tp in getattr(app.topics, "_tp_to_callback", {}),
+        **_aiokafka_state(consumer, tp),
     }
+
+
+def _aiokafka_state(consumer: Any, tp: Any) -> dict[str, Any]:
+    """aiokafka's own view of the partition, best effort (it lives in Faust's consumer thread:
+    ``drivers/aiokafka.py``, ``Consumer._thread._consumer``; aiokafka 0.14's
+    ``SubscriptionState`` and ``Fetcher._records``)."""
+    try:
+        kafka = consumer._thread._consumer
+        state = kafka._subscription.subscription.assignment.state_value(tp)
+        buffered = kafka._fetcher._records.get(tp)
+        records = getattr(buffered, "_partition_records", None)
+        return {
+            "kafka_position": state._position,
+            "kafka_status": str(state._status),
+            "kafka_paused": state.paused,
+            "kafka_highwater": state.highwater,
+            "kafka_buffered": type(buffered).__name__ if buffered is not None else None,
+            "kafka_buffered_next": getattr(records, "next_fetch_offset", None),
+        }
+    except Exception as exc:  # diagnostics only: never fail the caller
+        return {"kafka_state": f"unavailable: {type(exc).__name__}: {exc}"}
+
+
+def rewind_uncommitted_partitions(app: Any, topics: Collection[str]) -> None:
+    """Make every seek "to the committed offsets" also rewind the partitions of `topics` that
+    have none (or 0) to their beginning, as ``auto_offset_reset="earliest"`` promises.
+
+    Relies on: ``Consumer.seek_to_committed`` (``faust/transport/consumer.py:1441``, the
+    thread-delegating consumer the aiokafka driver uses), which ``Consumer.perform_seek``
+    (``consumer.py:565``) awaits after every recovery, before streams resume
+    (``tables/recovery.py:306``, ``_resume_streams``), and which ends in aiokafka's
+    ``AIOKafkaConsumer.seek_to_committed`` (``aiokafka/consumer/consumer.py:864``): it seeks only
+    ``if offset and offset > 0``, and Faust keeps no read offset for those
+    (``perform_seek``: ``offset if offset else None``). The driver's
+    ``AIOKafkaConsumerThread.seek_to_beginning`` (``drivers/aiokafka.py:1003``) runs aiokafka's
+    in the consumer thread.
+
+    Why: Faust drops records aiokafka already returned (and moved its position past) when a
+    rebalance starts while they are handed over (``Consumer.getmany``, ``consumer.py:740``:
+    the generation changed, or the partition is not active), trusting that seek to rewind.
+    For a partition taken over from a worker that was killed before its first commit, the
+    seek did nothing: the new owner never read those messages (the stall and loss noted on
+    issue 14, reproduced with a diagnostic: aiokafka's position at the highwater, nothing
+    read)."""
+    consumer = app.consumer
+    seek_to_committed = consumer.seek_to_committed
+    wanted = set(topics)
+
+    async def seek_to_committed_or_beginning() -> Any:
+        committed = await seek_to_committed()
+        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic in wanted]
+        if fresh:
+            await consumer._thread.seek_to_beginning(*fresh)
+        return committed
+
+    consumer.seek_to_committed = seek_to_committed_or_beginning

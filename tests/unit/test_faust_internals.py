@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import aiokafka
+import aiokafka.consumer.fetcher
 import faust
 import faust.streams as faust_streams
 import pytest
+from aiokafka.consumer.fetcher import OffsetResetStrategy
 from aiokafka.structs import ConsumerRecord
 from faust.events import Event
 from faust.types import TP, Message
@@ -202,6 +205,68 @@ async def test_highwater_is_the_next_offset_from_the_last_fetch_or_none(app: Any
             faust_internals.highwater(app, "in", 1)
     finally:
         app.consumer._thread._consumer = None
+        await kafka_consumer.stop()
+
+
+class FetcherWithoutBroker:
+    """aiokafka's ``Fetcher`` positioning methods, without its background fetch routine (which
+    needs a broker): what ``seek_to_committed`` and ``seek_to_beginning`` call."""
+
+    seek_to = aiokafka.consumer.fetcher.Fetcher.seek_to
+    request_offset_reset = aiokafka.consumer.fetcher.Fetcher.request_offset_reset
+    _notify = aiokafka.consumer.fetcher.Fetcher._notify
+
+    def __init__(self, subscriptions: Any) -> None:
+        self._subscriptions = subscriptions
+        self._records: dict[Any, Any] = {}
+        self._wait_consume_future = None
+
+    async def close(self) -> None:
+        """Nothing runs in the background."""
+
+
+async def test_a_seek_to_committed_offsets_rewinds_uncommitted_input_partitions(app: Any) -> None:
+    """``Consumer.perform_seek`` (run by Faust after every recovery, before streams resume)
+    seeks through ``Consumer.seek_to_committed`` to aiokafka's, which moves a partition only
+    when its committed offset is above 0: one whose records Faust dropped stayed past them.
+    With the rewind installed, an input partition with no committed offset (or 0) is reset to
+    its beginning, one with a committed offset goes there, and other topics are left alone."""
+    from aiokafka.consumer.subscription_state import PartitionStatus
+    from aiokafka.structs import TopicPartition
+
+    fresh, zero, done = TopicPartition("in", 0), TopicPartition("in", 1), TopicPartition("in", 2)
+    other = TopicPartition("other", 0)
+    committed: dict[TopicPartition, int | None] = {fresh: None, zero: 0, done: 5, other: None}
+    kafka_consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers="localhost:1", group_id="g")
+    kafka_consumer.assign(list(committed))
+    kafka_consumer._fetcher = FetcherWithoutBroker(kafka_consumer._subscription)
+    kafka_consumer._coordinator = types.SimpleNamespace(check_errors=lambda: None)  # no errors
+    state = kafka_consumer._subscription.subscription.assignment.state_value
+    for tp in committed:
+        state(tp).seek(100)  # where the fetcher was: past records Faust dropped
+
+    async def committed_offset(tp: TopicPartition) -> int | None:  # the broker's answer
+        return committed[tp]
+
+    async def in_this_loop(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await method(*args, **kwargs)  # what the consumer thread would run
+
+    kafka_consumer.committed = committed_offset
+    thread = app.consumer._thread
+    thread._consumer, thread.call_thread = kafka_consumer, in_this_loop
+    try:
+        faust_internals.rewind_uncommitted_partitions(app, ["in"])
+        seek = asyncio.ensure_future(app.consumer.perform_seek())
+        await asyncio.sleep(0.05)  # aiokafka waits for its fetcher's reset (ListOffsets)
+        assert state(done)._position == 5 and state(other)._position == 100
+        for tp in (fresh, zero):
+            assert state(tp)._status is PartitionStatus.AWAITING_RESET
+            assert state(tp)._reset_strategy == OffsetResetStrategy.EARLIEST
+            state(tp).reset_to(0)  # the broker's earliest offset, as the fetcher would set it
+        await asyncio.wait_for(seek, 5)
+        assert not faust_internals.fetch_state(app, TP("in", 0))["committed"]
+    finally:
+        thread._consumer, kafka_consumer._coordinator = None, None
         await kafka_consumer.stop()
 
 
