@@ -176,7 +176,13 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     preflight.require_worker_can_start(settings)  # before the broker starts
     from stream_app.tools.demo import run_demo
 
-    return run_demo(settings, dataset=args.dataset, limit=args.limit, fmt=args.format)
+    return run_demo(
+        settings,
+        dataset=args.dataset,
+        limit=args.limit,
+        fmt=args.format,
+        days_per_second=args.days_per_second,
+    )
 
 
 def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
@@ -265,7 +271,13 @@ def _add_demo(sub: Any) -> None:
         default="online-retail",
         help="the dataset's format (online-retail: bootstrapped up to 2011-11-01 first)",
     )
-    demo.add_argument("--limit", type=int, default=3000)
+    demo.add_argument("--limit", type=int, default=None, help="at most N live events")
+    demo.add_argument(
+        "--days-per-second",
+        type=float,
+        default=1.0,
+        help="how fast the live part plays event time (default: a day per second)",
+    )
     demo.set_defaults(handler=_demo)
 
 

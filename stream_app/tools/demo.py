@@ -1,23 +1,27 @@
 """`stream-app demo`: the whole product end to end on this machine, then everything stopped.
 
 Local broker -> topics -> a warm start from eleven months of Online Retail (bootstrap) -> worker
-(subprocess, as in production) -> the file's next events replayed into the input topics, with a
-few malformed messages -> the example email/push subscriber prints predictive segment changes
-(named clusters, scored tiers) as they arrive -> counts, dead letters and metrics -> worker and
-broker stopped.
+(subprocess, as in production) -> the file's last month played into the input topics as live
+traffic, a day of event time per second, with a few malformed messages -> the example
+email/push subscriber prints predictive segment changes (named clusters, scored tiers, lifecycle
+moves and their reasons) as they arrive -> counts, dead letters and metrics -> worker and broker
+stopped.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from itertools import islice
 from pathlib import Path
 from typing import Final
 
-from stream_app.contracts.events import Event
+from stream_app.contracts.events import Component, Event, Origin, SegmentChange
 from stream_app.errors import UserError
 from stream_app.kafka.local import LocalKafka
 from stream_app.kafka.topics import admin_client, create_topics, topic_specs
@@ -31,7 +35,11 @@ from stream_app.tools.subscriber import Interest, describe, run_subscriber
 DEFAULT_DATASET: Final = Path("../shared/datasets/online_retail/online_retail.csv.gz")
 # Online Retail's history up to here warms the models (bootstrap); the rest streams in live.
 WARM_UNTIL: Final = datetime(2011, 11, 1, tzinfo=UTC)
-SHOWN_CHANGES: Final = 25
+DAY_S: Final = 86400.0
+# What the subscriber shows of each day of event time: a tally, and the first change of these
+# kinds with its reason (entries are every new customer: counted, not shown).
+SHOWN_KINDS: Final = (Component.CLUSTER, Component.PROPENSITY, Component.LIFECYCLE)
+SUBSCRIBER_IDLE_S: Final = 8.0
 
 
 def _say(text: str) -> None:
@@ -64,10 +72,66 @@ def _with_garbage(settings: Settings) -> None:
 
 
 def _limited(
-    items: Iterable[Event | RowError], limit: int, after: datetime | None
+    items: Iterable[Event | RowError], limit: int | None, after: datetime | None
 ) -> Iterator[Event | RowError]:
     events = (i for i in items if not isinstance(i, RowError))
     return islice((e for e in events if after is None or e.event_time >= after), limit)
+
+
+@dataclass
+class Ticker:
+    """What the subscriber receives, at a pace a person can follow: for each day of event time
+    one tally line, and the first cluster move, tier change and lifecycle move of that day with
+    its reason."""
+
+    say: Callable[[str], None] = print
+    day: date | None = None
+    today: Counter[str] = field(default_factory=Counter)
+    shown: set[Component] = field(default_factory=set)
+    received: Counter[str] = field(default_factory=Counter)
+
+    def act(self, change: SegmentChange) -> None:
+        day = change.event_time.date()
+        if self.day is None or day > self.day:
+            self._close_day()
+            self.day, self.today, self.shown = day, Counter(), set()
+        self.today[change.component.value] += 1
+        self.received[change.component.value] += 1
+        if change.component in SHOWN_KINDS and change.component not in self.shown:
+            self.shown.add(change.component)
+            self.say("    " + describe(change))
+
+    def finish(self) -> None:
+        self._close_day()
+        self.day = None
+
+    def _close_day(self) -> None:
+        if self.day is not None and self.today:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.today.items()))
+            self.say(f"  {self.day:%a %Y-%m-%d}: {sum(self.today.values())} changes ({kinds})")
+
+
+class LiveTraffic(threading.Thread):
+    """Publishes events in the background, event time played `days_per_second` days a second;
+    :meth:`finish` waits for it and raises what it raised."""
+
+    def __init__(
+        self, settings: Settings, items: Iterable[Event | RowError], days_per_second: float
+    ) -> None:
+        super().__init__(name="demo-live-traffic", daemon=True)
+        self._settings, self._items, self._speed = settings, items, days_per_second * DAY_S
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            publish(self._items, self._settings, speed=self._speed)
+        except BaseException as exc:  # handed to the main thread by finish()
+            self.failure = exc
+
+    def finish(self) -> None:
+        self.join()
+        if self.failure is not None:
+            raise self.failure
 
 
 def _warm_start(settings: Settings, path: Path, fmt: DatasetFormat) -> datetime | None:
@@ -86,11 +150,17 @@ def _warm_start(settings: Settings, path: Path, fmt: DatasetFormat) -> datetime 
 
 
 def run_demo(
-    settings: Settings, dataset: Path | None, limit: int, fmt: DatasetFormat = "online-retail"
+    settings: Settings,
+    dataset: Path | None,
+    limit: int | None = None,
+    fmt: DatasetFormat = "online-retail",
+    days_per_second: float = 1.0,
 ) -> int:
     path = dataset or DEFAULT_DATASET
     if not path.is_file():
         raise UserError(f"dataset not found: {path} (pass --dataset)")
+    if not days_per_second > 0:
+        raise UserError(f"--days-per-second must be positive, not {days_per_second}")
     run = f"demo-{int(time.time())}"
     settings = settings.renamed(run)
     log_path = settings.state_dir / "demo-worker.log"
@@ -101,30 +171,33 @@ def run_demo(
         for topic, outcome in create_topics(settings).items():
             print(f"  {topic}: {outcome}")
         after = _warm_start(settings, path, fmt)
-        # Publish the backlog first: a max-speed replay into a running worker compresses event
-        # time ~25,000x, so cross-topic jitter of a few ms exceeds the allowed lateness.
-        since = "" if after is None else f" from {after:%Y-%m-%d} on"
-        _say(f"replaying {limit} events of {path.name}{since} into the input topics (+2 malformed)")
-        _with_garbage(settings)
-        summary = publish(_limited(read_dataset(path, fmt), limit, after), settings)
-        print(f"  published {summary.published} events in {summary.elapsed_s:.2f}s")
         _say("starting the worker (stream-app worker)")
         with worker_process(settings, log_path) as worker:
             worker.wait_ready(TOOL_READY_TIMEOUT_S)
-            _say(f"the example subscriber (first {SHOWN_CHANGES} segment changes)")
-            shown: list[str] = []
-
-            def act(change: object) -> None:
-                if len(shown) < SHOWN_CHANGES:
-                    shown.append(describe(change))  # type: ignore[arg-type]
-                    print("  " + shown[-1], flush=True)
-
-            state = run_subscriber(
-                settings, "demo-email", Interest(include_replay=True), act, idle_timeout_s=8.0
+            since = "" if after is None else f" from {after:%Y-%m-%d} on"
+            _say(
+                f"live traffic: {path.name}{since}, {days_per_second:g} day(s) of event time "
+                "per second (+2 malformed messages); the example subscriber shows each day"
             )
+            _with_garbage(settings)
+            # Played as today's traffic: its changes say `live`, so a campaign acts on them.
+            live = _limited(read_dataset(path, fmt, origin=Origin.LIVE), limit, after)
+            feed = LiveTraffic(settings, live, days_per_second)
+            feed.start()
+            ticker = Ticker()
+            state = run_subscriber(
+                settings,
+                "demo-email",
+                Interest(),  # a campaign's subscriber: live changes only
+                ticker.act,
+                idle_timeout_s=SUBSCRIBER_IDLE_S,
+            )
+            feed.finish()
+            ticker.finish()
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(ticker.received.items()))
             print(
-                f"  ... {len(state.seen)} changes received, {state.duplicates} duplicates "
-                f"dropped, {state.gaps} sequence gaps"
+                f"  ... {len(state.seen)} changes received ({kinds}), {state.duplicates} "
+                f"duplicates dropped, {state.gaps} sequence gaps"
             )
             _say("worker counts (GET /counts) and a few metrics (GET /metrics)")
             print("  " + (worker.get("/counts") or b"unavailable").decode())
