@@ -85,7 +85,12 @@ class ChangelogAcks:
 
     def __init__(self, table: Any) -> None:
         self._pending: list[asyncio.Future[Any]] = []
-        faust_internals.on_changelog_record(table, self._pending.append)
+        # The method, not `self._pending.append`: wait() swaps the list, and a bound append
+        # kept filling the first one (from the second batch on, nothing was waited for).
+        faust_internals.on_changelog_record(table, self._keep)
+
+    def _keep(self, fut: asyncio.Future[Any]) -> None:
+        self._pending.append(fut)
 
     async def wait(self) -> None:
         pending, self._pending = self._pending, []

@@ -223,5 +223,16 @@ async def test_a_change_leaves_only_after_the_broker_acknowledged_its_state(
         for fut in held:
             fut.set_result(None)
         await until(lambda: len(h.acked) == 1)
-    assert [c["customer_id"] for c in h.changes()] == ["c0"]
-    assert {fut.message.key for fut in held} == {b"c0", b"\x00delivery:0"}
+        # And every batch after the first (the waiter once kept a stale list and waited for
+        # nothing from the second batch on).
+        first = len(held)
+        await h.put(channel, clicks, b"c1", click("c1", "e1", 1))
+        await until(lambda: len(held) >= first + 1)
+        await asyncio.sleep(0.2)
+        assert [c["customer_id"] for c in h.changes()] == ["c0"] and len(h.acked) == 1
+        for fut in held[first:]:
+            fut.set_result(None)
+        await until(lambda: len(h.acked) == 2)
+    assert [c["customer_id"] for c in h.changes()] == ["c0", "c1"]
+    assert {fut.message.key for fut in held[:first]} == {b"c0", b"\x00delivery:0"}
+    assert {fut.message.key for fut in held[first:]} == {b"c1", b"\x00delivery:0"}
