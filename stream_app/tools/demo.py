@@ -123,7 +123,7 @@ def run_demo(
                 settings, "demo-email", Interest(include_replay=True), act, idle_timeout_s=8.0
             )
             print(
-                f"  ... {len(state.seen)} changes received, {state.duplicates} duplicates "
+                f"  ... {state.received} changes received, {state.repeats} duplicates "
                 f"dropped, {state.gaps} sequence gaps"
             )
             _say("worker counts (GET /counts) and a few metrics (GET /metrics)")
