@@ -45,6 +45,7 @@ from pydantic import ValidationError
 
 from stream_app.contracts.events import Origin, SegmentChange, SegmentMembership, encode
 from stream_app.errors import UserError
+from stream_app.kafka.topics import _LibrdkafkaLog, require_topics
 from stream_app.settings import Settings
 
 BATCH_SIZE: Final = 500  # changes per SQLite transaction and offset commit
@@ -222,9 +223,9 @@ class Ledger:
             for key, value in owner.items():
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
         mine = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        other = {k: mine[k] for k in owner if mine[k] != owner[k]}
+        other = sorted(k for k in owner if mine[k] != owner[k])
         if other:
-            found = ", ".join(f"{k} {v}" for k, v in sorted(other.items()))
+            found = ", ".join(f"{k} {mine[k]} (not {owner[k]})" for k in other)
             raise UserError(f"state file {path} belongs to {found}: pass another --state")
 
     @contextmanager
@@ -475,7 +476,8 @@ def _consumer(settings: Settings, group: str) -> Consumer:
             "enable.auto.commit": False,  # the offset is committed after the SQLite commit
             "auto.offset.reset": "earliest",
             "log.connection.close": False,
-        }
+        },
+        logger=_LibrdkafkaLog(),  # a lost broker is not a line on stderr every 50 ms
     )
 
 
@@ -483,7 +485,7 @@ def _partitions(consumer: Consumer, topic: str) -> list[int]:
     try:
         metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
     except KafkaException as exc:
-        raise UserError(f"cannot read topic {topic}: {exc.args[0]}") from None
+        raise UserError(f"cannot read topic {topic}: {exc.args[0].str()}") from None
     found = metadata.topics.get(topic)
     if found is None or found.error is not None or not found.partitions:
         raise UserError(f"topic {topic} does not exist (stream-app topics create)")
@@ -578,7 +580,7 @@ def _commit_after(consumer: Consumer, batch: Sequence[Message], report: Report) 
     try:
         consumer.commit(offsets=offsets, asynchronous=False)
     except KafkaException as exc:  # the next batch commits past these too; a crash repeats them
-        report(f"offset commit failed (its changes will come again as repeats): {exc.args[0]}")
+        report(f"offset commit failed (its changes come again, as repeats): {exc.args[0].str()}")
 
 
 @dataclass(frozen=True)
@@ -595,8 +597,10 @@ class Options:
 def default_state_path(settings: Settings, group: str) -> Path:
     """``<state_dir>/subscribers/<group>@<changes topic>.sqlite3``: one file per group and
     topic, so a demo with topics of its own never meets another run's dedupe."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{group}@{settings.segment_changes_topic}")
-    return settings.state_dir / "subscribers" / f"{name}.sqlite3"
+    group_part, topic_part = (
+        re.sub(r"[^A-Za-z0-9._-]", "_", name) for name in (group, settings.segment_changes_topic)
+    )
+    return settings.state_dir / "subscribers" / f"{group_part}@{topic_part}.sqlite3"
 
 
 @contextmanager
@@ -657,6 +661,9 @@ def _owner(settings: Settings, group: str) -> dict[str, str]:
 def _run(
     settings: Settings, group: str, interest: Interest, act: Act, ledger: Ledger, options: Options
 ) -> Tally:
+    require_topics(
+        settings, [settings.segment_changes_topic, settings.segment_membership_topic]
+    )  # the broker answers and has them, or one clear error
     inbox = Inbox(ledger, interest, options.report)
     if not ledger.bootstrapped:
         inbox.tally.bootstrapped_customers = bootstrap(settings, ledger, group, options.report)
