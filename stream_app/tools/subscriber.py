@@ -40,7 +40,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, Final
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
 from stream_app.contracts.events import Origin, SegmentChange, SegmentMembership, encode
@@ -52,6 +52,15 @@ BATCH_SIZE: Final = 500  # changes per SQLite transaction and offset commit
 POLL_S: Final = 0.5  # longest wait for one batch (how quickly a stop request is seen)
 METADATA_TIMEOUT_S: Final = 10.0
 BOOTSTRAP_TIMEOUT_S: Final = 120.0
+COORDINATOR_WAIT_S: Final = 30.0
+COORDINATOR_NOT_READY: Final = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError._TIMED_OUT,
+    }
+)
 
 
 class Outcome(StrEnum):
@@ -562,13 +571,30 @@ def _remember(ledger: Ledger, message: Message, report: Report) -> bool:
 def _follow_from_committed(consumer: Consumer, topic: str) -> None:
     """Assign every partition of ``topic`` at the group's committed offset (or its start)."""
     partitions = [TopicPartition(topic, p) for p in _partitions(consumer, topic)]
-    committed = consumer.committed(partitions, timeout=METADATA_TIMEOUT_S)
+    committed = _committed(consumer, partitions)
     consumer.assign(
         [
             TopicPartition(topic, c.partition, c.offset if c.offset >= 0 else OFFSET_BEGINNING)
             for c in committed
         ]
     )
+
+
+def _committed(consumer: Consumer, partitions: list[TopicPartition]) -> list[TopicPartition]:
+    """The group's committed offsets, retried while the broker's group coordinator is still
+    loading (a fresh broker answers NOT_COORDINATOR for a few seconds)."""
+    deadline = time.monotonic() + COORDINATOR_WAIT_S
+    while True:
+        try:
+            return list(consumer.committed(partitions, timeout=METADATA_TIMEOUT_S))
+        except KafkaException as exc:
+            error = exc.args[0]
+            retriable = error.retriable() or error.code() in COORDINATOR_NOT_READY
+            if not retriable or time.monotonic() > deadline:
+                raise UserError(
+                    f"cannot read the group's committed offsets: {error.str()}"
+                ) from None
+            time.sleep(0.5)
 
 
 def _commit_after(consumer: Consumer, batch: Sequence[Message], report: Report) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -43,6 +44,7 @@ from stream_app.tools.subscriber import (
     Message,
     Outcome,
     Place,
+    _committed,
     _locked,
     default_state_path,
     describe,
@@ -380,3 +382,27 @@ def test_a_batch_that_fails_leaves_no_trace(store: Store) -> None:
         inbox.apply(messages(stream))
     assert (store.actions(), store.outcomes(), inbox.tally.received) == ([], {}, 0)
     assert store.rows("SELECT * FROM customers") == []
+
+
+class Coordinator:
+    """A consumer whose committed offsets fail with ``errors`` first (a broker just started)."""
+
+    def __init__(self, *errors: int) -> None:
+        self.errors = list(errors)
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if self.errors:
+            raise KafkaException(KafkaError(self.errors.pop(0)))
+        return [TopicPartition(p.topic, p.partition, 7) for p in partitions]
+
+
+def test_committed_offsets_wait_for_a_loading_coordinator() -> None:
+    consumer = Coordinator(KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    offsets = _committed(consumer, [TopicPartition("changes", 0)])
+    assert [(o.partition, o.offset) for o in offsets] == [(0, 7)]
+    assert consumer.errors == []
+
+
+def test_a_group_the_broker_refuses_is_one_error() -> None:
+    with pytest.raises(UserError, match="cannot read the group's committed offsets: "):
+        _committed(Coordinator(KafkaError.GROUP_AUTHORIZATION_FAILED), [TopicPartition("t", 0)])
