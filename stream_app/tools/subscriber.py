@@ -611,9 +611,8 @@ def _commit_after(consumer: Consumer, batch: Sequence[Message], report: Report) 
 
 @dataclass(frozen=True)
 class Options:
-    """How a run reads: where its state is, when it stops, where its reports go."""
+    """How a run follows the changes: when it stops, where its reports go, its batch size."""
 
-    state_path: Path
     idle_timeout_s: float | None = 10.0  # None: follow until ``stop`` says so
     stop: Callable[[], bool] = lambda: False
     report: Report = print
@@ -666,7 +665,7 @@ def run_subscriber(
     has committed: for display. The action of record is the row in the ``actions`` table.
     """
     path = state_path or default_state_path(settings, group)
-    options = Options(path, idle_timeout_s, stop, report, batch_size)
+    options = Options(idle_timeout_s, stop, report, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         ledger = Ledger(path, _owner(settings, group))
