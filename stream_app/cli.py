@@ -185,27 +185,58 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
-def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
-    from stream_app.tools.subscriber import Interest, describe, run_subscriber
+def _interest(args: argparse.Namespace) -> Any:
+    """The subscriber's Interest from its flags; an unknown stage or tier is a UserError."""
+    from stream_app.contracts.events import Lifecycle, PropensityTier
+    from stream_app.tools.subscriber import Interest
 
-    interest = Interest(
+    for flag, given, allowed in (
+        ("--lifecycle", args.lifecycle, Lifecycle),
+        ("--tier", args.tier, PropensityTier),
+    ):
+        unknown = sorted(set(given or ()) - {member.value for member in allowed})
+        if unknown:
+            names = ", ".join(member.value for member in allowed)
+            raise UserError(f"{flag} {unknown[0]} is not one of {names}")
+    return Interest(
         lifecycle=frozenset(args.lifecycle or ()),
         propensity_tiers=frozenset(args.tier or ()),
         clusters=frozenset(args.cluster or ()),
         include_replay=args.include_replay,
     )
-    state = run_subscriber(
+
+
+def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    from stream_app.tools.subscriber import default_state_path, describe, run_subscriber
+
+    if args.idle_timeout < 0:
+        raise UserError("--idle-timeout must be 0 (never stop) or more seconds")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be 1 or more")
+    interest = _interest(args)
+    state = args.state or default_state_path(settings, args.group)
+    if args.state is not None:
+        preflight.require_writable_file(args.state, "--state")
+    else:
+        preflight.require_writable_dir(state.parent, env_name("state_dir"))
+    stopping = threading.Event()  # SIGTERM or Ctrl-C: finish the batch, print the summary
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    tally = run_subscriber(
         settings,
         args.group,
         interest,
         lambda change: print(describe(change), flush=True),
-        idle_timeout_s=args.idle_timeout,
+        state_path=state,
+        idle_timeout_s=args.idle_timeout or None,
+        stop=stopping.is_set,
+        report=lambda line: print(line, file=sys.stderr, flush=True),
+        batch_size=args.batch_size,
     )
-    print(
-        f"done: {len(state.seen)} changes, {state.duplicates} duplicates dropped, "
-        f"{state.gaps} sequence gaps, {state.invalid} invalid",
-        flush=True,
-    )
+    print(tally.summary(), flush=True)
     return 0
 
 
@@ -346,14 +377,33 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.set_defaults(handler=_bootstrap)
 
     subscribe = sub.add_parser(
-        "subscribe", help="example email/push subscriber: print entries into chosen segments"
+        "subscribe",
+        help="reference email/push subscriber: act exactly once on entries into chosen segments",
     )
     subscribe.add_argument("--group", default="example-email-campaigns", help="consumer group")
     subscribe.add_argument("--lifecycle", action="append", help="e.g. at_risk (repeatable)")
     subscribe.add_argument("--tier", action="append", help="e.g. high (repeatable)")
     subscribe.add_argument("--cluster", action="append", type=int, help="cluster id (repeatable)")
     subscribe.add_argument("--include-replay", action="store_true", help="also act on backfill")
-    subscribe.add_argument("--idle-timeout", type=float, default=10.0, help="stop after N idle s")
+    subscribe.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=10.0,
+        help="stop after N seconds with no change (0: follow until Ctrl-C or SIGTERM)",
+    )
+    subscribe.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="SQLite file of its dedupe and queued actions (default: "
+        "STATE_DIR/subscribers/GROUP@TOPIC.sqlite3)",
+    )
+    subscribe.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        help="changes per SQLite transaction and offset commit",
+    )
     subscribe.set_defaults(handler=_subscribe)
 
     _add_models(sub)

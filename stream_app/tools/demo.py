@@ -196,8 +196,8 @@ def run_demo(
             ticker.finish()
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(ticker.received.items()))
             print(
-                f"  ... {len(state.seen)} changes received ({kinds}), {state.duplicates} "
-                f"duplicates dropped, {state.gaps} sequence gaps"
+                f"  ... {state.received} changes received, {state.acted} acted on ({kinds}), "
+                f"{state.repeats} repeats ignored, {state.gaps} sequence gaps"
             )
             _say("worker counts (GET /counts) and a few metrics (GET /metrics)")
             print("  " + (worker.get("/counts") or b"unavailable").decode())

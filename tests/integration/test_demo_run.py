@@ -42,6 +42,6 @@ def test_the_demo_shows_named_clusters_scored_tiers_and_lifecycle_moves_arriving
     # Warm from the bootstrap: almost nothing shown is unscored or warming up.
     cold = [s for s in shown if "/unscored/" in s or "warming up" in s]
     assert len(cold) <= 0.01 * len(shown), cold[:5]
-    received = re.search(r"\.\.\. (\d+) changes received \((.*)\), 0 duplicates dropped", out)
-    assert received is not None and int(received.group(1)) > 1000, out[-2000:]
+    received = re.search(r"\.\.\. (\d+) changes received, (\d+) acted on \(.*\), 0 repeats", out)
+    assert received is not None and int(received.group(2)) > 1000, out[-2000:]
     assert 'dead_letters_total{reason="invalid_json"} 1.0' in out
