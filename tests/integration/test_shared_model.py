@@ -355,7 +355,12 @@ def uninterrupted_segments(
     if "one worker" not in UNINTERRUPTED:
         one = shared_settings(settings_factory)
         topics_factory(one)
-        UNINTERRUPTED["one worker"] = shared_run(one, worker_factory, 1)
+        alone = shared_run(one, worker_factory, 1)
+        scored = [c for c in alone.values() if c[1]["propensity_tier"] != "unscored"]
+        clustered = [c for c in alone.values() if "warming up" not in c[1]["cluster_profile"]]
+        # The models decided these segments (a cold reference would make any comparison moot).
+        assert len(scored) > 100 and len(clustered) > 1000, (len(scored), len(clustered))
+        UNINTERRUPTED["one worker"] = alone
     return UNINTERRUPTED["one worker"]
 
 
@@ -376,6 +381,3 @@ def test_one_and_three_workers_end_with_the_same_segments(
     same = [c for c in alone if alone[c][1] == together[c][1]]
     print(f"final segments equal for {len(same)} of {len(alone)} customers")  # for the docs
     assert len(same) >= 0.99 * len(alone), (len(same), len(alone))
-    scored = [c for c in alone.values() if c[1]["propensity_tier"] != "unscored"]
-    clustered = [c for c in alone.values() if "warming up" not in c[1]["cluster_profile"]]
-    assert len(scored) > 100 and len(clustered) > 1000  # the models decided these segments
