@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import hypothesis
 import orjson
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 
 from load_tests.systems import delete_topics
 from stream_app.kafka.local import LocalKafka, free_ports
@@ -297,6 +297,7 @@ class TopicReader:
             }
         )
         self.consumer.subscribe([topic])
+        self.topic = topic
         self.messages: list[Any] = []
         self.received: list[dict[str, Any]] = []
         self.sizes: list[int] = []
@@ -311,6 +312,24 @@ class TopicReader:
     def poll(self, seconds: float) -> None:
         """Read whatever arrives for ``seconds``."""
         wait_until(lambda: False, seconds, 0.2, self._consume)
+
+    def read_to_end(self, timeout: float = 60.0) -> None:
+        """Read until every partition is read up to the end it has now (a fixed time is not
+        enough on a loaded machine: a reader that stopped early saw stale final segments)."""
+        topic = self.topic
+        metadata = self.consumer.list_topics(topic, timeout=10)
+        ends = {}
+        for partition in metadata.topics[topic].partitions:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+            ends[partition] = high
+
+        def done() -> bool:
+            last: dict[int, int] = {}
+            for msg in self.messages:
+                last[msg.partition()] = max(last.get(msg.partition(), -1), msg.offset())
+            return all(high == 0 or last.get(p, -1) + 1 >= high for p, high in ends.items())
+
+        assert wait_until(done, timeout, 0.2, self._consume), (ends, len(self.messages))
 
     def until(self, done: Callable[[list[dict[str, Any]]], bool], timeout: float) -> bool:
         """Read until ``done(received)`` or ``timeout``; the test asserts on what it got."""

@@ -244,7 +244,7 @@ def run_shared(
     try:
         publish(events, settings, producer=make_producer(settings), flush=True)
         newest = settle(settings, workers, len(events))
-        reader.poll(2.0)
+        reader.read_to_end()
     finally:
         reader.close()
     return newest, reader.unique()
@@ -310,7 +310,7 @@ def test_killing_the_trainers_worker_hands_the_trainer_over_and_loses_nothing(
             time.sleep(0.5)
         takeover = time.monotonic() - killed_at
         newest = settle(settings, [survivor], None)
-        reader.poll(2.0)
+        reader.read_to_end()
     finally:
         reader.close()
     # None twice, none lost: the trainer's count is what was produced, each batch once.
