@@ -272,8 +272,9 @@ def _clusters_section(profiles: Sequence[ClusterProfile]) -> str:
     features = profile_features(profiles)
     with_centres = [p for p in profiles if p.centre is not None]
     members = "".join(
-        f'<tr data-cluster="{p.cluster}"><td>c{p.cluster}</td><td>{esc(p.name)}</td>'
-        f'<td class="num" {data_value(p.members)}>{number(p.members)}</td></tr>'
+        f"<tr><td>c{p.cluster}</td><td>{esc(p.name)}</td>"
+        f'<td class="num" data-cluster="{p.cluster}" data-figure="members" '
+        f"{data_value(p.members)}>{number(p.members)}</td></tr>"
         for p in profiles
     )
     table = (
@@ -427,9 +428,10 @@ def _buy_rate_section(outcomes: Outcomes | None) -> str:
         for r in outcomes.buy_rates
     ]
     rows = "".join(
-        f'<tr data-tier="{esc(r.tier)}"><td>{esc(r.tier)}</td>'
-        f'<td class="num" data-figure="entered" {data_value(r.entered)}>{number(r.entered)}</td>'
-        f'<td class="num" data-figure="bought_share" {data_value(r.bought_share)}>'
+        f'<tr><td>{esc(r.tier)}</td><td class="num" data-tier="{esc(r.tier)}" '
+        f'data-figure="entered" {data_value(r.entered)}>{number(r.entered)}</td>'
+        f'<td class="num" data-tier="{esc(r.tier)}" data-figure="bought_share" '
+        f"{data_value(r.bought_share)}>"
         f"{share(r.bought_share)}</td></tr>"
         for r in outcomes.buy_rates
     )
@@ -454,8 +456,8 @@ def _funnel_section(funnel: dict[str, int]) -> str:
         for stage, n in funnel.items()
     ]  # fmt: skip
     rows = "".join(
-        f'<tr data-stage="{esc(stage)}"><td>{esc(stage)}</td>'
-        f'<td class="num" {data_value(n)}>{number(n)}</td></tr>'
+        f'<tr><td>{esc(stage)}</td><td class="num" data-stage="{esc(stage)}" '
+        f"{data_value(n)}>{number(n)}</td></tr>"
         for stage, n in funnel.items()
     )
     return (
@@ -488,10 +490,12 @@ def _versions_section(versions: Sequence[VersionSpan]) -> str:
         for i, v in enumerate(versions)
     ]
     rows = "".join(
-        f'<tr data-version="{esc(v.version)}"><td><code>{esc(v.version)}</code></td>'
+        f"<tr><td><code>{esc(v.version)}</code></td>"
         f"<td>{esc(instant(v.first_event))}</td><td>{esc(instant(v.last_event))}</td>"
-        f'<td class="num" data-figure="changes" {data_value(v.changes)}>{number(v.changes)}</td>'
-        f'<td class="num" data-figure="customers" {data_value(v.customers)}>'
+        f'<td class="num" data-version="{esc(v.version)}" data-figure="changes" '
+        f"{data_value(v.changes)}>{number(v.changes)}</td>"
+        f'<td class="num" data-version="{esc(v.version)}" data-figure="customers" '
+        f"{data_value(v.customers)}>"
         f"{number(v.customers)}</td></tr>"
         for v in versions
     )
