@@ -15,7 +15,8 @@ from typing import Final
 
 import orjson
 
-from stream_app.tools.charts import (
+from stream_app.charts import (
+    PAGE_STYLE,
     Axis,
     Bar,
     Series,
@@ -63,23 +64,6 @@ SCORE_TITLES: Final = {
     "purchase_propensity": ("Purchase propensity", "bought within"),
     "churn_risk": ("Churn risk", "went silent for"),
 }
-STYLE: Final = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-serif;
- color:#1f2933;margin:0;background:#f6f7f9;line-height:1.45}
-main{max-width:1000px;margin:0 auto;padding:24px}
-h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:0 0 8px}
-h3{font-size:15px;margin:16px 0 6px}
-section{background:#fff;border:1px solid #e3e7eb;border-radius:6px;padding:16px 20px;margin:16px 0}
-p.note{color:#6b7785;margin:4px 0 10px}
-.kpis{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0 0}
-.kpi{background:#fff;border:1px solid #e3e7eb;border-radius:6px;padding:10px 14px;min-width:130px}
-.kpi b{display:block;font-size:22px}.kpi span{color:#6b7785;font-size:13px}
-table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
-th,td{border:1px solid #e3e7eb;padding:4px 8px;text-align:left;vertical-align:top}
-thead th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
-svg.chart{max-width:100%;height:auto;display:block;margin:4px 0 8px}
-code{font-size:12px;word-break:break-all}
-"""
 
 
 def render_report(figures: ReportFigures, title: str = "Segment report") -> str:
@@ -97,7 +81,7 @@ def render_report(figures: ReportFigures, title: str = "Segment report") -> str:
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{STYLE}</style></head>"
+        f"<title>{esc(title)}</title><style>{PAGE_STYLE}</style></head>"
         f"<body><main>{''.join(sections)}</main></body></html>\n"
     )
 

@@ -1,4 +1,5 @@
-"""Inline SVG charts in one plot style, for pages that must open without a network.
+"""Inline SVG charts and the page style, one look for every page (the segment report, the
+worker's live page), for pages that must open without a network.
 
 No script, no font, no image: each function returns SVG (or HTML) text with every label
 escaped. Colours, sizes and the font come from this module only, so every chart of a page looks
@@ -35,6 +36,25 @@ NEGATIVE: Final = (0, 114, 178)  # below zero
 WIDTH: Final = 760
 HEIGHT: Final = 280
 MARGIN: Final = (16, 230, 40, 56)  # top, right (legend), bottom, left
+
+
+PAGE_STYLE: Final = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-serif;
+ color:#1f2933;margin:0;background:#f6f7f9;line-height:1.45}
+main{max-width:1000px;margin:0 auto;padding:24px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:0 0 8px}
+h3{font-size:15px;margin:16px 0 6px}
+section{background:#fff;border:1px solid #e3e7eb;border-radius:6px;padding:16px 20px;margin:16px 0}
+p.note{color:#6b7785;margin:4px 0 10px}
+.kpis{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0 0}
+.kpi{background:#fff;border:1px solid #e3e7eb;border-radius:6px;padding:10px 14px;min-width:130px}
+.kpi b{display:block;font-size:22px}.kpi span{color:#6b7785;font-size:13px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
+th,td{border:1px solid #e3e7eb;padding:4px 8px;text-align:left;vertical-align:top}
+thead th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+svg.chart{max-width:100%;height:auto;display:block;margin:4px 0 8px}
+code{font-size:12px;word-break:break-all}
+"""
 
 
 def esc(text: object) -> str:
