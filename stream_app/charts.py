@@ -31,6 +31,18 @@ PALETTE: Final = (
     "#999933",
     "#555555",
 )
+# One colour per tier and lifecycle stage on every page.
+SEGMENT_COLOURS: Final = {
+    "unscored": "#999999",
+    "low": "#56b4e9",
+    "medium": "#e69f00",
+    "high": "#d55e00",
+    "new": "#56b4e9",
+    "active": "#009e73",
+    "at_risk": "#e69f00",
+    "lapsed": "#d55e00",
+    "reactivated": "#cc79a7",
+}
 POSITIVE: Final = (213, 94, 0)  # diverging heat: above zero
 NEGATIVE: Final = (0, 114, 178)  # below zero
 WIDTH: Final = 760
@@ -251,7 +263,8 @@ class Bar:
 
 def bar_chart(chart_id: str, bars: Sequence[Bar], high: float | None = None) -> str:
     """Horizontal bars, one per row, each labelled on the left and valued on the right."""
-    row, left = 28, 130
+    longest = max((len(b.label) for b in bars), default=0)
+    row, left = 28, min(max(60, 12 + round(6.5 * longest)), 320)  # room for the longest label
     width = WIDTH - left - 130
     top = max((b.value for b in bars), default=0.0)
     scale = high if high is not None else top

@@ -42,6 +42,7 @@ FLAGS: Final = (
     "--disable-sync",
     "--remote-debugging-pipe",
 )
+BLANK: Final = "about:blank"  # the first tab's page (not the new-tab page, which loads more)
 CONSOLE_PROBLEMS: Final = frozenset({"error", "assert", "warning"})
 
 
@@ -117,12 +118,14 @@ class Page:
 
     def __init__(self, tools: DevTools, session: str) -> None:
         self.tools, self.session = tools, session
+        self.loader = ""  # the document loaded last: requests of others are not its own
 
     def load(self, url: str, timeout_s: float = 30.0) -> None:
         self.tools.events.clear()
         answer = self.tools.call("Page.navigate", {"url": url}, session=self.session)
         if answer.get("errorText"):
             raise BrowserError(f"{url}: {answer['errorText']}")
+        self.loader = answer.get("loaderId", "")
         self.tools.wait_for("Page.loadEventFired", timeout_s)
 
     def evaluate(self, expression: str) -> Any:
@@ -143,7 +146,7 @@ class Page:
         found = Problems()
         for event in self.tools.events:
             if event.get("sessionId") == self.session:
-                _classify(event, found)
+                _classify(event, found, self.loader)
         return found
 
     def screenshot(self, path: Path, width: int = 1100) -> None:
@@ -161,7 +164,7 @@ class Page:
         path.write_bytes(base64.b64decode(shot["data"]))
 
 
-def _classify(event: dict[str, Any], found: Problems) -> None:
+def _classify(event: dict[str, Any], found: Problems, loader: str) -> None:
     method, params = event.get("method"), event.get("params", {})
     if method == "Runtime.consoleAPICalled" and params.get("type") in CONSOLE_PROBLEMS:
         texts = [str(a.get("value", a.get("description", ""))) for a in params.get("args", [])]
@@ -172,7 +175,7 @@ def _classify(event: dict[str, Any], found: Problems) -> None:
     elif method == "Log.entryAdded" and params["entry"].get("level") in ("error", "warning"):
         entry = params["entry"]
         found.log.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}")
-    elif method == "Network.requestWillBeSent":
+    elif method == "Network.requestWillBeSent" and params.get("loaderId") == loader:
         found.requests.append(params["request"]["url"])
 
 
@@ -193,7 +196,7 @@ def chromium(binary: Path = CHROMIUM) -> Iterator[Page]:
         os.close(fd)
     wiring = f'exec "$0" "$@" 3<&{theirs[0]} 4>&{theirs[1]} {theirs[0]}<&- {theirs[1]}>&-'
     process = subprocess.Popen(
-        ["/bin/bash", "-c", wiring, str(binary), *FLAGS, f"--user-data-dir={profile}"],
+        ["/bin/bash", "-c", wiring, str(binary), *FLAGS, f"--user-data-dir={profile}", BLANK],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

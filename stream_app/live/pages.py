@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from stream_app.charts import PAGE_STYLE, Bar, bar_chart, colour, esc
+from stream_app.charts import PAGE_STYLE, SEGMENT_COLOURS, Bar, bar_chart, colour, esc
 from stream_app.contracts.events import Lifecycle, PropensityTier
 from stream_app.core.state import CustomerState
 
@@ -148,12 +148,13 @@ def _sizes_section(figures: LiveFigures) -> str:
                 f"{value} {figures.cluster_names.get(value, '')}".strip(),
                 float(n),
                 f"{n:,}",
-                colour(i),
+                SEGMENT_COLOURS.get(value, colour(i)),
             )
             for i, (value, n) in enumerate(sizes.items())
         ]
         rows = "".join(
-            f'<tr><td>{esc(value)}</td><td class="num" data-dimension="{dimension}" '
+            f"<tr><td>{esc(value)}</td><td>{esc(figures.cluster_names.get(value, ''))}</td>"
+            f'<td class="num" data-dimension="{dimension}" '
             f'data-segment="{esc(value)}" {_value(n)}>{n:,}</td></tr>'
             for value, n in sizes.items()
         )

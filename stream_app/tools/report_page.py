@@ -17,6 +17,7 @@ import orjson
 
 from stream_app.charts import (
     PAGE_STYLE,
+    SEGMENT_COLOURS,
     Axis,
     Bar,
     Series,
@@ -48,17 +49,6 @@ DIMENSION_TITLES: Final = {
     "cluster": "Behavioural cluster",
     "tier": "Purchase-propensity tier",
     "lifecycle": "Lifecycle stage",
-}
-SEMANTIC_COLOURS: Final = {
-    "unscored": "#999999",
-    "low": "#56b4e9",
-    "medium": "#e69f00",
-    "high": "#d55e00",
-    "new": "#56b4e9",
-    "active": "#009e73",
-    "at_risk": "#e69f00",
-    "lapsed": "#d55e00",
-    "reactivated": "#cc79a7",
 }
 SCORE_TITLES: Final = {
     "purchase_propensity": ("Purchase propensity", "bought within"),
@@ -170,7 +160,7 @@ def _sizes_section(sizes: DailySizes, profiles: Sequence[ClusterProfile]) -> str
             Series(
                 cluster_label(value, profiles) if dimension == "cluster" else value,
                 [(float(i), float(n)) for i, n in enumerate(counts)],
-                SEMANTIC_COLOURS.get(value, colour(i)),
+                SEGMENT_COLOURS.get(value, colour(i)),
             )
             for i, (value, counts) in enumerate(sizes.sizes[dimension].items())
         ]
@@ -407,7 +397,7 @@ def _buy_rate_section(outcomes: Outcomes | None) -> str:
             r.tier,
             r.bought_share or 0.0,
             f"{share(r.bought_share)} of {number(r.entered)}",
-            SEMANTIC_COLOURS[r.tier],
+            SEGMENT_COLOURS[r.tier],
         )
         for r in outcomes.buy_rates
     ]
@@ -436,7 +426,7 @@ def _funnel_section(funnel: dict[str, int]) -> str:
     top = max(funnel.values(), default=0)
     bars = [
         Bar(stage, float(n), f"{number(n)} ({share(n / top if top else None)})",
-            SEMANTIC_COLOURS[stage])
+            SEGMENT_COLOURS[stage])
         for stage, n in funnel.items()
     ]  # fmt: skip
     rows = "".join(
