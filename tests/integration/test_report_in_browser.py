@@ -8,16 +8,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from confluent_kafka import Producer
 from headless_chromium import chromium
 
-from stream_app.settings import SegmentationSettings
+from stream_app.live.workerproc import child_env
+from stream_app.settings import SegmentationSettings, Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.report import ReportFigures, build_figures, change_log
 
@@ -196,3 +198,39 @@ def test_hostile_names_stay_text_in_the_browser(tmp_path: Path) -> None:
         assert page.evaluate("document.querySelectorAll('script, img').length") == 0
         members = page.evaluate("document.querySelector('#cluster-members td + td').textContent")
         assert members == name
+
+
+def test_the_report_reads_the_changes_topic_to_its_end(
+    made: Made,
+    settings_factory: Callable[..., Settings],
+    topics_factory: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """`report kafka:TOPIC` reads every change on the topic (a plain consumer, to the end) and
+    draws the same page as from the file: the replay's changes, produced to the topic twice (a
+    redelivery), give the same figures and say how many repeats were dropped."""
+    settings = settings_factory(partitions=3)
+    topics_factory(settings)
+    topic = settings.segment_changes_topic
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    lines = (made.page.parent / "changes.jsonl").read_bytes().splitlines()
+    for line in lines[:5000] + lines[:100]:
+        producer.produce(topic, key=orjson.loads(line)["customer_id"].encode(), value=line)
+    assert producer.flush(30) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_app.cli", "report", f"kafka:{topic}", "--out", "t.html",
+         "--no-progress"],
+        cwd=tmp_path, env=child_env(settings), capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected = build_figures(change_log(lines[:5000]), SegmentationSettings())
+    with chromium() as page:
+        page.load((tmp_path / "t.html").as_uri())
+        assert page.problems().errors() == []
+        figures = orjson.loads(page.evaluate(DOM_FIGURES))
+    assert by_id(figures, "total-changes") == 5000
+    assert by_id(figures, "duplicates-dropped") == 100
+    assert by_id(figures, "total-customers") == expected.summary.customers
+    for stage, count in expected.sizes.final("lifecycle").items():
+        assert one(figures, dimension="lifecycle", segment=stage) == count
