@@ -147,7 +147,7 @@ def share_axis(title: str, high: float = 1.0) -> Axis:
     return Axis(0.0, high, [(t, f"{t:.0%}" if high == 1.0 else f"{t:.2f}") for t in ticks], title)
 
 
-def label_axis(labels: Sequence[str], most: int = 7, title: str = "") -> Axis:
+def label_axis(labels: Sequence[str], most: int = 5, title: str = "") -> Axis:
     """Positions 0..n-1 named by `labels`, at most `most` of them written."""
     step = max(1, math.ceil(len(labels) / most))
     ticks = [(float(i), labels[i]) for i in range(0, len(labels), step)]

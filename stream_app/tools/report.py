@@ -85,15 +85,21 @@ def parse_change(record: bytes | str | Mapping[str, Any] | SegmentChange) -> Seg
         raise UserError(f"not a segment change: {describe_errors(exc)}") from None
 
 
-def change_log(records: Iterable[bytes | str | Mapping[str, Any] | SegmentChange]) -> ChangeLog:
-    """Parse, drop repeated change ids (a redelivered change) and sort by event time."""
+def change_log(
+    records: Iterable[bytes | str | Mapping[str, Any] | SegmentChange], unit: str = "line"
+) -> ChangeLog:
+    """Parse, drop repeated change ids (a redelivered change) and sort by event time. A record
+    that is not a change is named by its position (``line 4: ...``)."""
     seen: set[str] = set()
     changes: list[SegmentChange] = []
     duplicates = 0
-    for record in records:
+    for position, record in enumerate(records, start=1):
         if isinstance(record, bytes | str) and not record.strip():
             continue
-        change = parse_change(record)
+        try:
+            change = parse_change(record)
+        except UserError as exc:
+            raise UserError(f"{unit} {position}: {exc}") from None
         if change.change_id in seen:
             duplicates += 1
             continue

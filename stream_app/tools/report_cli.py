@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,6 @@ from stream_app.tools.compare import KAFKA_PREFIX, lines_of
 from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
 from stream_app.tools.preflight import require_distinct, require_writable_file
 from stream_app.tools.report import (
-    ChangeLog,
     ReportFigures,
     build_figures,
     change_log,
@@ -84,7 +83,8 @@ def run_report(request: ReportRequest, settings: Settings) -> ReportFigures:
             request.replay_report.read_bytes(), str(request.replay_report)
         )
     status.show(f"reading changes from {request.changes}", final=False)
-    log = read_changes(lines_of(request.changes, settings))
+    unit = "message" if request.changes.startswith(KAFKA_PREFIX) else "line"
+    log = change_log(lines_of(request.changes, settings), unit)
     events = None
     if request.dataset is not None and request.fmt is not None:
         status.show(f"reading events from {request.dataset}")
@@ -106,26 +106,6 @@ def run_report(request: ReportRequest, settings: Settings) -> ReportFigures:
     request.out.write_text(render_report(figures, request.title), encoding="utf-8")
     status.clear()
     return figures
-
-
-def read_changes(lines: Iterable[bytes]) -> ChangeLog:
-    """The change log of a file's lines or a topic's values; a bad one is named by its line."""
-    numbered = list(enumerate(lines, start=1))
-    try:
-        return change_log(raw for _, raw in numbered)
-    except UserError as exc:
-        line = _first_bad(numbered)
-        raise UserError(f"{'line ' + str(line) + ': ' if line else ''}{exc}") from None
-
-
-def _first_bad(numbered: list[tuple[int, bytes]]) -> int | None:
-    for line, raw in numbered:
-        if raw.strip():
-            try:
-                change_log([raw])
-            except UserError:
-                return line
-    return None
 
 
 def _events(items: Iterator[Event | RowError]) -> Iterator[Event]:

@@ -45,6 +45,7 @@ from stream_app.tools.report import (
 )
 
 CSP: Final = "default-src 'none'; style-src 'unsafe-inline'"
+TIMELINE_ROWS: Final = 30  # model versions drawn (shared learning cuts one a day; all in the table)
 DIMENSION_TITLES: Final = {
     "cluster": "Behavioural cluster",
     "tier": "Purchase-propensity tier",
@@ -461,8 +462,10 @@ def _versions_section(versions: Sequence[VersionSpan]) -> str:
             colour(i),
             f"{instant(v.first_event)} to {instant(v.last_event)}",
         )
-        for i, v in enumerate(versions)
+        for i, v in enumerate(versions[:TIMELINE_ROWS])
     ]
+    more = len(versions) - len(spans)
+    drawn = f" The chart shows the first {len(spans)}; the table lists all." if more else ""
     rows = "".join(
         f"<tr><td><code>{esc(v.version)}</code></td>"
         f"<td>{esc(instant(v.first_event))}</td><td>{esc(instant(v.last_event))}</td>"
@@ -475,7 +478,7 @@ def _versions_section(versions: Sequence[VersionSpan]) -> str:
     )
     return (
         '<section id="versions"><h2>Model versions over time</h2>'
-        '<p class="note">The model version each change was scored by.</p>'
+        f'<p class="note">The model version each change was scored by.{drawn}</p>'
         + timeline("versions-chart", x, spans)
         + '<table id="versions-table"><thead><tr><th>version</th><th>first change</th>'
         "<th>last change</th><th>changes</th><th>customers</th></tr></thead>"

@@ -265,7 +265,7 @@ def test_a_file_that_is_not_a_replay_report_is_refused(raw: bytes) -> None:
 def test_a_line_that_is_not_a_change_is_refused_with_the_field() -> None:
     good = encode(ANN[0])
     bad = orjson.dumps({**orjson.loads(good), "sequence": 0})
-    with pytest.raises(UserError, match="sequence"):
+    with pytest.raises(UserError, match=r"^line 3: not a segment change: sequence"):
         change_log([good, b"\n", bad])
     assert change_log([good, b"  \n"]).changes == [ANN[0]]
 

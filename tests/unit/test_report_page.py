@@ -277,3 +277,14 @@ def test_a_bad_line_is_named_by_its_number(inputs: Path) -> None:
     (inputs / "changes.jsonl").write_bytes(b"".join([*lines[:2], b"\n", b'{"sequence": 1}\n']))
     line = refused(run_report(inputs, "changes.jsonl", "--out", "r.html"))
     assert line.startswith("error: line 4: not a segment change:")
+
+
+def test_a_model_version_a_day_draws_thirty_and_lists_all() -> None:
+    # Shared learning cuts a version per day of event time: 35 days, 35 versions.
+    daily = [change(f"k{d}", 1, d, seg(0, "low", "new"), version=f"v{d:02d}") for d in range(35)]
+    page = render_report(build_figures(change_log(daily), SegmentationSettings()))
+    elements = parsed(page)
+    chart = page[page.index('id="versions-chart"') :].split("</svg>")[0]
+    assert chart.count("<rect") == 30
+    assert len(elements.matching(data_figure="changes")) == 35
+    assert "The chart shows the first 30; the table lists all." in page
