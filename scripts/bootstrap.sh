@@ -23,3 +23,14 @@ fi
 for tool in java mvn; do
   command -v "$tool" >/dev/null 2>&1 || echo "warning: $tool not found; the local Kafka broker needs Java 17+ and Maven (or use docker compose up)" >&2
 done
+# Headless Chromium from Debian's packages: the browser tests load the report and live pages in
+# it (tests/headless_chromium.py drives it over the DevTools pipe, so no driver is needed).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium (Debian's package) for the browser tests" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: /usr/bin/chromium not found; the browser tests need it (apt-get install chromium, as root)" >&2
+  fi
+fi

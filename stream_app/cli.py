@@ -81,6 +81,12 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return run_replay_command(args, settings)
 
 
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_app.tools.report_cli import run_report_command
+
+    return run_report_command(args, settings)
+
+
 def _bootstrap(args: argparse.Namespace, settings: Settings) -> int:
     from stream_app.tools.bootstrap import BootstrapRequest, render_summary, run_bootstrap
     from stream_app.tools.replay import parse_instant
@@ -293,6 +299,26 @@ def _add_models(sub: Any) -> None:
     models.set_defaults(handler=_models)
 
 
+def _add_report(sub: Any) -> None:
+    report = sub.add_parser(
+        "report", help="the segment report: one self-contained HTML page from segment changes"
+    )
+    report.add_argument(
+        "changes", help="changes.jsonl, or kafka:TOPIC (e.g. kafka:segment-changes)"
+    )
+    report.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    report.add_argument("--dataset", type=Path, help="the events that judge the emitted scores")
+    report.add_argument(
+        "--format", choices=["events", "online-retail", "rees46"], help="--dataset's format"
+    )
+    report.add_argument(
+        "--replay-report", type=Path, help="replay --offline --report JSON (cluster centres)"
+    )
+    report.add_argument("--title", default="Segment report", help="the page's title")
+    report.add_argument("--no-progress", action="store_true", help="no progress line")
+    report.set_defaults(handler=_report)
+
+
 def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="broker + worker + a replayed stream, end to end")
     demo.add_argument("--dataset", type=Path, default=None)
@@ -356,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--limit", type=int, default=None, help="stop after N events")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(handler=_replay)
+
+    _add_report(sub)
 
     bootstrap = sub.add_parser(
         "bootstrap",

@@ -6,7 +6,8 @@ compacted changelog; the model set is snapshotted to a compacted topic periodica
 shutdown, and restored before the worker starts consuming.
 
 Web endpoints on the worker's port: ``/health`` (the process serves), ``/ready`` (partitions
-assigned and table recovery done), ``/metrics`` (Prometheus), ``/counts`` (JSON, this process).
+assigned and table recovery done), ``/metrics`` (Prometheus), ``/counts`` (JSON, this process),
+``/segments`` (the live page of current segment sizes and model quality, ``live/pages.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from stream_app.errors import UserError
 from stream_app.kafka.topics import admin_client, wait_for_broker
 from stream_app.live import faust_internals
 from stream_app.live.metrics import Metrics
+from stream_app.live.pages import add_live_page
 from stream_app.live.pipeline import LivePipeline, RawMessage
 from stream_app.live.store import TableStore
 from stream_app.live.trainer import (
@@ -481,6 +483,7 @@ def _add_views(app: Any, pipeline: LivePipeline, readiness: Readiness) -> None:
     app.page("/health", name="health")(health)
     app.page("/ready", name="ready")(ready)
     app.page("/metrics", name="metrics")(metrics)
+    add_live_page(app, pipeline)  # /segments: the live page (stream_app/live/pages.py)
 
 
 def _add_lag_timer(app: Any, pipeline: LivePipeline, settings: Settings) -> None:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from stream_app.contracts.events import (
     Component,
     Event,
+    ScoreName,
     SegmentChange,
     TransactionEvent,
     TransactionType,
@@ -73,6 +74,16 @@ class _Emitted:
     at: float
     score: float
     trigger: str  # "event" or "time"
+
+
+class Judged(NamedTuple):
+    """One emitted score whose horizon has passed, with what really happened next."""
+
+    customer: str
+    at: float
+    score: float
+    outcome: bool  # bought (purchase propensity) or went silent (churn risk)
+    trigger: str
 
 
 @dataclass
@@ -135,14 +146,35 @@ class ScoreAudit:
         i = bisect.bisect_right(seen, at)
         return i < len(seen) and seen[i] <= at + horizon
 
+    def judged(self, name: ScoreName) -> list[Judged]:
+        """Every emitted score of `name` whose horizon ended before the stream did, in emission
+        order, with its outcome."""
+        churn = name == "churn_risk"
+        emitted = self.churn_scores if churn else self.purchase_scores
+        days = self.settings.churn_horizon_days if churn else self.settings.purchase_horizon_days
+        return self._outcomes(emitted, days * DAY, churn)
+
+    def _outcomes(self, emitted: list[_Emitted], horizon: float, churn: bool) -> list[Judged]:
+        times = self.activity if churn else self.purchases
+        return [
+            Judged(
+                e.customer,
+                e.at,
+                e.score,
+                self._within(times, e.customer, e.at, horizon) != churn,
+                e.trigger,
+            )
+            for e in emitted
+            if e.at + horizon <= self.stream_end
+        ]
+
     def _judge(self, emitted: list[_Emitted], horizon: float, churn: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for split in ("all", "event", "time"):
             chosen = [e for e in emitted if split in ("all", e.trigger)]
-            matured = [e for e in chosen if e.at + horizon <= self.stream_end]
-            times = self.activity if churn else self.purchases
-            outcomes = [self._within(times, e.customer, e.at, horizon) != churn for e in matured]
-            scores = [e.score for e in matured]
+            matured = self._outcomes(chosen, horizon, churn)
+            outcomes = [j.outcome for j in matured]
+            scores = [j.score for j in matured]
             calibration = expected_calibration_error(scores, outcomes)
             out[split] = {
                 "emitted": len(chosen),

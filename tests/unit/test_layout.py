@@ -16,8 +16,18 @@ ALLOWED = {
     "contracts": {"settings", "errors"},
     "core": {"contracts", "settings", "errors"},
     "kafka": {"contracts", "settings", "errors", "logs", "progress"},
-    "live": {"contracts", "core", "kafka", "settings", "errors", "logs"},
-    "tools": {"contracts", "core", "live", "kafka", "settings", "errors", "logs", "progress"},
+    "live": {"contracts", "core", "kafka", "settings", "errors", "logs", "charts"},
+    "tools": {
+        "contracts",
+        "core",
+        "live",
+        "kafka",
+        "settings",
+        "errors",
+        "logs",
+        "progress",
+        "charts",
+    },
 }
 
 
