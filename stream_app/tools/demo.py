@@ -28,8 +28,10 @@ from stream_app.kafka.topics import admin_client, create_topics, topic_specs
 from stream_app.live.workerproc import TOOL_READY_TIMEOUT_S, worker_process
 from stream_app.settings import Settings
 from stream_app.tools.bootstrap import BootstrapRequest, render_summary, run_bootstrap
+from stream_app.tools.compare import KAFKA_PREFIX
 from stream_app.tools.datasets import DatasetFormat, RowError, read_dataset
 from stream_app.tools.publish import make_producer, publish
+from stream_app.tools.report_cli import ReportRequest, run_report, summary_line
 from stream_app.tools.subscriber import Interest, describe, run_subscriber
 
 DEFAULT_DATASET: Final = Path("../shared/datasets/online_retail/online_retail.csv.gz")
@@ -207,9 +209,29 @@ def run_demo(
                     ("stream_app_segment_changes_total", "stream_app_dead_letters_total")
                 ):
                     print("  " + line)
+            _write_report(settings, path, fmt)
             _say("stopping")
         _delete_topics(settings)
     return 0
+
+
+def _write_report(settings: Settings, dataset: Path, fmt: DatasetFormat) -> Path:
+    """The segment report of what the live part emitted (stream-app report), its scores judged
+    against what the file says each customer did next."""
+    out = (settings.state_dir / "demo-report.html").resolve()
+    _say("the segment report (stream-app report)")
+    request = ReportRequest(
+        changes=f"{KAFKA_PREFIX}{settings.segment_changes_topic}",
+        out=out,
+        dataset=dataset,
+        fmt=fmt,
+        title="stream_app demo: the last month of Online Retail, played live",
+        show_progress=False,
+    )
+    figures = run_report(request, settings)
+    print("  " + summary_line(figures, out))
+    print(f"  open it in a browser: file://{out}")
+    return out
 
 
 def _delete_topics(settings: Settings) -> None:
