@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     model_epoch_s: float = Field(86400.0, gt=0)
     model_lag_s: float = Field(86400.0, ge=0)
     model_wait_max_s: float = Field(30.0, gt=0)
+    # A partition with nothing unread and nothing held for this long tells the trainer it is
+    # idle (Flink's idleness): versions are cut without waiting for it, so one quiet partition
+    # does not hold back every other one (and the model). When it gets events again, its
+    # examples older than what was cut meanwhile are late: dropped and counted.
+    model_idle_after_s: float = Field(10.0, gt=0)
     # Besides the newest version (under the app id key, which compaction replaces), the trainer
     # keeps a history for `stream-app models`: the first version, then at most one version per
     # this many seconds, each under its own key `<app_id>/history/<version>` (compaction keeps

@@ -197,6 +197,11 @@ class TrainerParams(_Params):
         None, description="The examples log's offset read when this version was made."
     )
     late: Count = Field(0, description="Examples dropped as older than `closed_until`.")
+    idle: list[Name] = Field(
+        default_factory=list,
+        description="Sources that said they are idle (nothing unread, nothing held), as of "
+        "`next_offset`: versions are cut without waiting for them.",
+    )
 
 
 class ModelParams(_Params):

@@ -43,8 +43,9 @@ _CLUSTER_PACK: Final = struct.Struct(f"<{len(CLUSTER_FEATURES)}d")
 _LABEL_PACK: Final = struct.Struct(f"<{len(FEATURES)}f")
 _LABEL_PACK_V1: Final = struct.Struct(f"<{len(FEATURES) - 1}f")  # before the gap input existed
 EXAMPLES_FORMAT: Final = "stream_app.examples"
-EXAMPLES_VERSION: Final = 2  # 2: a batch says how far its source has got (`promise`)
-EXAMPLES_VERSIONS_READ: Final = (1, 2)
+# 2: a batch says how far its source has got (`promise`); 3: and whether it is idle.
+EXAMPLES_VERSION: Final = 3
+EXAMPLES_VERSIONS_READ: Final = (1, 2, 3)
 
 
 class ExampleKind(StrEnum):
@@ -86,27 +87,32 @@ class ExampleBatch(BaseModel):
     # Shared learning: the source sends no example with an event time (`learned_at`) below this
     # any more (its watermark, or less while time-driven work below it waits for a version).
     promise: float | None = Field(None, allow_inf_nan=False)
+    # The source has nothing unread and nothing held (Flink's idleness): versions stop waiting
+    # for it until it sends a batch that is not idle. Its examples that then come after a
+    # version closed past them are late (dropped, counted).
+    idle: bool = False
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "format": self.format,
-                "version": self.version,
-                "source": self.source,
-                "batch": self.batch,
-                "examples": [
-                    {
-                        "kind": e.kind.value,
-                        "at": e.at,
-                        "features": e.features,
-                        "outcome": e.outcome,
-                        "predicted": e.predicted,
-                    }
-                    for e in self.examples
-                ],
-                "promise": self.promise,
-            }
-        )
+        record: dict[str, Any] = {
+            "format": self.format,
+            "version": self.version,
+            "source": self.source,
+            "batch": self.batch,
+            "examples": [
+                {
+                    "kind": e.kind.value,
+                    "at": e.at,
+                    "features": e.features,
+                    "outcome": e.outcome,
+                    "predicted": e.predicted,
+                }
+                for e in self.examples
+            ],
+            "promise": self.promise,
+        }
+        if self.idle:
+            record["idle"] = True
+        return orjson.dumps(record)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ExampleBatch:
@@ -371,6 +377,7 @@ class _Read:
     hwm: int | None
     promise: float | None
     duplicate: bool
+    idle: bool = False  # the source was idle before this batch
 
 
 class SharedTrainer:
@@ -401,6 +408,7 @@ class SharedTrainer:
         self.examples = 0 if r is None else r.examples
         self.duplicates = 0 if r is None else r.duplicates
         self.late = 0 if r is None else r.late
+        self.idle: set[str] = set() if r is None else set(r.idle)
         self.closed_until = -math.inf
         if r is not None and r.closed_until is not None:
             self.closed_until = r.closed_until
@@ -422,12 +430,14 @@ class SharedTrainer:
         return len(self._pending)
 
     def frontier(self) -> float:
-        """Every source has promised no more examples before this event time (-inf until each
-        required source has said anything)."""
+        """Every source that is not idle has promised no more examples before this event time
+        (-inf until each of them has said anything; the least promise when all are idle)."""
         known = set(self.required) | set(self.promises)
-        if any(source not in self.promises for source in known):
+        active = [source for source in known if source not in self.idle]
+        if any(source not in self.promises for source in active):
             return -math.inf
-        return min(self.promises[source] for source in known)
+        promised = active or [source for source in known if source in self.promises]
+        return min((self.promises[source] for source in promised), default=-math.inf)
 
     def read(self, batch: ExampleBatch, offset: int) -> list[bytes]:
         """Take the batch read at `offset`; return the model records it completes, in order."""
@@ -437,11 +447,16 @@ class SharedTrainer:
         source = batch.source
         before_hwm, before_promise = self.hwm.get(source), self.promises.get(source)
         duplicate = batch.batch <= (-1 if before_hwm is None else before_hwm)
-        self._reads.append(_Read(offset, source, before_hwm, before_promise, duplicate))
+        was_idle = source in self.idle
+        self._reads.append(_Read(offset, source, before_hwm, before_promise, duplicate, was_idle))
         if duplicate:
             self.duplicates += 1
             return self._advance()
         self.hwm[source] = batch.batch
+        if batch.idle:
+            self.idle.add(source)
+        else:
+            self.idle.discard(source)
         if batch.promise is not None:
             self.promises[source] = max(batch.promise, before_promise or -math.inf)
         held = 0
@@ -514,6 +529,7 @@ class SharedTrainer:
         while self._reads and self._reads[0].offset < start:
             self._reads.popleft()
         hwm, promises, duplicates = dict(self.hwm), dict(self.promises), self.duplicates
+        idle = set(self.idle)
         for read in reversed(self._reads):  # undo what the batches from `start` on changed
             for values, value in ((hwm, read.hwm), (promises, read.promise)):
                 if value is None:
@@ -521,6 +537,8 @@ class SharedTrainer:
                 else:
                     values[read.source] = value  # type: ignore[assignment]
             duplicates -= read.duplicate
+            if not read.duplicate:
+                (idle.add if read.idle else idle.discard)(read.source)
         self.models.trainer = TrainerParams(
             next_offset=start,
             sources=dict(sorted(hwm.items())),
@@ -532,6 +550,7 @@ class SharedTrainer:
             dirty_until=self._dirty,
             read_to=self.read_to,
             late=self.late,
+            idle=sorted(idle),
         )
         return self.models.snapshot(self._key)
 

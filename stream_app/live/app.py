@@ -454,6 +454,7 @@ def _add_views(app: Any, pipeline: LivePipeline, readiness: Readiness) -> None:
         if app.trainer is not None:
             body["trainer"] = app.trainer.snapshot()
             body["model_pinned"] = app.follower.pinned is not None
+            body["idle_partitions"] = pipeline.idle_partitions()
         return web.json(body)
 
     async def health(web: Any, request: Any) -> Any:

@@ -346,6 +346,14 @@ class LivePipeline:
         self._waiting: dict[int, float] = {}  # per partition, when its head began to wait
         self._unaligned: dict[int, float] = {}  # partitions that waited too long: no waiting
         self._revoked: set[int] = set()  # revoked by a rebalance, not assigned again yet
+        self._assigned: set[int] = set()  # input partitions assigned now (live only)
+        # Shared learning, idleness: partitions the trainer was told are idle, those to tell in
+        # the next batch, those that got events again (their next record says so), and since
+        # when each partition has had nothing unread and nothing held.
+        self._idle: set[int] = set()
+        self._announce_idle: set[int] = set()
+        self._waking: set[int] = set()
+        self._quiet_since: dict[int, float] = {}
         self._dropped: set[tuple[str, int]] = set()  # revoked partitions with messages dropped
         self._ack_order = OffsetOrderAcks()
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
@@ -517,12 +525,16 @@ class LivePipeline:
     def assign(self, partitions: set[int]) -> None:
         """On assignment: these partitions are this worker's (again)."""
         self._revoked -= partitions
+        self._assigned |= partitions
         self._dropped = {tp for tp in self._dropped if tp[1] not in partitions}
         log.info("partitions %s assigned", sorted(partitions))
 
     def forget_partitions(self, partitions: set[int]) -> None:
         """On revocation: another worker owns these customers (and their held events) now."""
         self._ack_order.forget(partitions)
+        self._assigned -= partitions
+        for marks in (self._idle, self._announce_idle, self._waking):
+            marks.difference_update(partitions)
         for partition in partitions:
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
@@ -530,7 +542,7 @@ class LivePipeline:
             self._tokens.pop(partition, None)
             self.delivery.pop(partition, None)
             self._last_token.pop(partition, None)
-            for waits in (self._promised, self._waiting, self._unaligned):
+            for waits in (self._promised, self._waiting, self._unaligned, self._quiet_since):
                 waits.pop(partition, None)
 
     async def handle(
@@ -567,6 +579,44 @@ class LivePipeline:
             finally:
                 self._busy_s += time.monotonic() - started
 
+    async def _notice_idle(self, now: float) -> None:
+        """Shared learning: partitions with nothing unread and nothing held for
+        `model_idle_after_s` are announced idle in the next batch (one they have seen events
+        of), or at once (an assigned partition this worker has read nothing of)."""
+        if self._shelf is None or self._examples_sink is None:
+            return
+        for partition in sorted(set(self.processors) | self._assigned):
+            if partition in self._idle or partition in self._announce_idle:
+                continue
+            merge = self.merges.get(partition)
+            topics = self.settings.input_topics
+            if (merge is not None and len(merge)) or any(
+                self._has_more(topic, partition) for topic in topics
+            ):
+                self._quiet_since.pop(partition, None)
+                continue
+            since = self._quiet_since.setdefault(partition, now)
+            if now - since < self.settings.model_idle_after_s:
+                continue
+            token = self._last_token.get(partition)
+            if partition in self.processors and token is not None:
+                self._announce_idle.add(partition)
+                self._tokens[partition] = token  # its marker is written with the record
+            elif partition not in self.processors:
+                await self._announce_unseen_idle(partition)
+
+    async def _announce_unseen_idle(self, partition: int) -> None:
+        """A partition this worker has read nothing of (all of it read before, or empty): an
+        idle record under batch 0, which the trainer drops if the source ever sent a batch."""
+        assert self._examples_sink is not None
+        record = ExampleBatch(source=f"p{partition}", batch=0, examples=[], idle=True)
+        await self._examples_sink(record.source.encode(), record.to_bytes())
+        self._idle.add(partition)
+        log.info("partition %d (none of it read here) is idle: versions do not wait", partition)
+
+    def idle_partitions(self) -> list[int]:
+        return sorted(self._idle)
+
     async def flush_idle(self) -> list[Any]:
         """Release events held longer than the merge's wait bound (called from a timer)."""
         async with self._lock:
@@ -575,6 +625,7 @@ class LivePipeline:
                 self._switch_models()  # an idle worker follows a new version too
                 done: list[Any] = []
                 now = self.input_clock()
+                await self._notice_idle(now)
                 while True:  # in batches of at most batch_max_events
                     self._budget = self.settings.batch_max_events
                     for merge in list(self.merges.values()):
@@ -613,6 +664,13 @@ class LivePipeline:
             return
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
         ticket = self._ack_order.admit(origin.topic, origin.partition, token)
+        self._quiet_since.pop(origin.partition, None)
+        if origin.partition in self._idle:
+            # Tell the trainer in this very batch (its marker is written with this event).
+            self._idle.discard(origin.partition)
+            self._waking.add(origin.partition)
+            self._tokens[origin.partition] = token
+            self._last_token[origin.partition] = token
         # A tombstone (None) is not an event; it dead-letters as empty, invalid JSON.
         payload = value if isinstance(value, bytes) else b""
         try:
@@ -816,10 +874,17 @@ class LivePipeline:
             promise = processor.promise
             if promise == -math.inf or promise <= self._promised.get(partition, -math.inf):
                 promise = None  # nothing new to promise
-        if examples or promise is not None:
+        idle = partition in self._announce_idle
+        waking = partition in self._waking
+        if examples or promise is not None or idle or waking:
             source = f"p{partition}"
             if promise is not None:
                 self._promised[partition] = promise
+            self._announce_idle.discard(partition)
+            self._waking.discard(partition)
+            if idle and not examples:
+                self._idle.add(partition)
+                log.info("partition %d is idle: versions no longer wait for it", partition)
             batch = ExampleBatch.model_construct(
                 format=EXAMPLES_FORMAT,
                 version=EXAMPLES_VERSION,
@@ -827,6 +892,7 @@ class LivePipeline:
                 batch=marker.written,
                 examples=examples,
                 promise=promise,
+                idle=partition in self._idle,
             )
             encoded = batch.to_bytes().decode()
             kept.append((marker.written, encoded))

@@ -403,6 +403,7 @@ def progress_of(trainer: SharedTrainer) -> dict[str, Any]:
         "pending": trainer.pending,
         "duplicates": trainer.duplicates,
         "late": trainer.late,
+        "idle": sorted(trainer.idle),
         "closed_until": None if trainer.closed_until == -math.inf else trainer.closed_until,
         "valid_from": trainer.valid_from,
         "sources": dict(sorted(trainer.hwm.items())),

@@ -41,11 +41,14 @@ EVENTS = 4000  # Dec 2010 - Feb 2011: clusters seed, labels mature, dozens of ve
 pytestmark = pytest.mark.skipif(not RETAIL.exists(), reason=f"{RETAIL} is absent (CI has it)")
 
 
-def settings() -> Settings:
+def settings(idle_after_s: float = 3600.0) -> Settings:
+    """Idleness is off by default here (an hour): it goes by the wall clock, which these runs
+    compress, and the tests below compare runs exactly."""
     return Settings(
         state_dir="/nonexistent",
         partitions=PARTITIONS,
         learning="shared",
+        model_idle_after_s=idle_after_s,
         segmentation=SegmentationSettings(
             cluster_warmup=500, cluster_warmup_days=3, tier_warm_up_labels=300
         ),
@@ -101,8 +104,8 @@ def as_current(token: Any) -> Iterator[None]:
 class Cluster:
     """Workers, the examples log, one trainer and the models topic, stepped by hand."""
 
-    def __init__(self, owners: list[list[int]], seed: int) -> None:
-        self.s = settings()
+    def __init__(self, owners: list[list[int]], seed: int, s: Settings | None = None) -> None:
+        self.s = s or settings()
         self.log: list[bytes] = []
         self.records: list[bytes] = []
         self.trainer = SharedTrainer(
@@ -307,3 +310,65 @@ def test_a_trainer_that_has_cut_nothing_yet_hands_over_a_record() -> None:
     restored = SharedTrainer(decode_version(s, trainer.progress_record()), s.epochs(), PARTITIONS)
     assert restored.closed_until == -math.inf and restored.next_offset == 1
     assert restored.promises == {"p0": 5.0} and restored.hwm == {"p0": 1}
+
+
+class QuietPartition(Cluster):
+    """Partition 0 goes quiet early in the backlog; the worker's timer runs between batches."""
+
+    def __init__(self, idle_after_s: float) -> None:
+        super().__init__([[0, 1, 2, 3]], seed=1, s=settings(idle_after_s))
+        self.feeds[0] = self.feeds[0][:60]
+
+    async def step(self, n: int) -> bool:
+        moved = await super().step(n)
+        for done in await self.workers[n][0].flush_idle():  # the release-held-events timer
+            del done
+        return moved
+
+
+def test_a_quiet_partition_holds_every_other_one_until_it_says_it_is_idle() -> None:
+    """Without idleness the other partitions wait for versions that need partition 0's
+    promise, forever (live: until model_wait_max_s, then unaligned, and the model stops
+    learning). Announced idle, it is left out of the frontier: versions are cut past its
+    clock, every held event is scored, and nothing is late."""
+    stuck = QuietPartition(idle_after_s=3600.0)
+    with pytest.raises(AssertionError, match="stuck"):
+        asyncio.run(stuck.run([1]))
+    quiet = QuietPartition(idle_after_s=0.001)
+    asyncio.run(quiet.run([1]))
+    worker = quiet.workers[0][0]
+    assert 0 in worker.idle_partitions()
+    assert quiet.trainer.late == 0
+    p0_clock = worker.processors[0].watermark
+    assert quiet.trainer.closed_until > p0_clock + 30 * 86400  # the model went on learning
+    assert quiet.trainer.examples > stuck.trainer.examples
+    sent = [ExampleBatch.from_bytes(v) for v in quiet.log]
+    assert any(b.source == "p0" and b.idle for b in sent)
+    assert not any(b.idle and b.examples for b in sent)  # an idle record carries nothing
+
+
+def test_an_idle_source_is_left_out_of_the_frontier_until_it_sends_again() -> None:
+    s = settings()
+    trainer = SharedTrainer(SegmentModels(s.segmentation), s.epochs(), 2)
+    trainer.read(ExampleBatch(source="p0", batch=1, examples=[], promise=100.0), 0)
+    trainer.read(ExampleBatch(source="p1", batch=1, examples=[], promise=500.0), 1)
+    assert trainer.frontier() == 100.0
+    trainer.read(ExampleBatch(source="p0", batch=2, examples=[], promise=None, idle=True), 2)
+    assert trainer.frontier() == 500.0 and trainer.idle == {"p0"}
+    # A record made now restores the idle source; a duplicate idle record changes nothing.
+    restored = SharedTrainer(decode_version(s, trainer.progress_record()), s.epochs(), 2)
+    assert restored.idle == {"p0"} and restored.frontier() == 500.0
+    trainer.read(ExampleBatch(source="p0", batch=2, examples=[], idle=True), 3)
+    assert trainer.duplicates == 1
+    trainer.read(ExampleBatch(source="p0", batch=3, examples=[], promise=700.0), 4)
+    assert trainer.idle == set() and trainer.frontier() == 500.0
+    # All idle: the least promise (nothing is coming, nothing is closed past any promise).
+    for n, source in enumerate(("p0", "p1")):
+        trainer.read(ExampleBatch(source=source, batch=9, examples=[], idle=True), 5 + n)
+    assert trainer.frontier() == 500.0
+    # A source that never sent anything but says it is idle does not hold the others.
+    fresh = SharedTrainer(SegmentModels(s.segmentation), s.epochs(), 2)
+    fresh.read(ExampleBatch(source="p1", batch=1, examples=[], promise=50.0), 0)
+    assert fresh.frontier() == -math.inf
+    fresh.read(ExampleBatch(source="p0", batch=0, examples=[], idle=True), 1)
+    assert fresh.frontier() == 50.0

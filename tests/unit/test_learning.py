@@ -185,7 +185,7 @@ def test_examples_built_on_the_hot_path_equal_validated_ones() -> None:
     assert Example.model_validate(label.model_dump()) == label
     batch = ExampleBatch.model_construct(
         format="stream_app.examples",
-        version=2,
+        version=3,
         source="p1",
         batch=3,
         examples=[fast, label],
@@ -194,6 +194,9 @@ def test_examples_built_on_the_hot_path_equal_validated_ones() -> None:
     assert ExampleBatch.from_bytes(batch.to_bytes()) == ExampleBatch(
         source="p1", batch=3, examples=[fast, label], promise=1.5
     )
+    idle = ExampleBatch(source="p1", batch=4, examples=[], promise=1.5, idle=True)
+    assert ExampleBatch.from_bytes(idle.to_bytes()) == idle
+    assert b'"idle"' not in batch.to_bytes()  # only said when true
 
 
 def test_a_batch_written_before_promises_existed_is_still_read() -> None:
@@ -201,6 +204,8 @@ def test_a_batch_written_before_promises_existed_is_still_read() -> None:
         {"format": "stream_app.examples", "version": 1, "source": "p0", "batch": 0, "examples": []}
     )
     batch = ExampleBatch.from_bytes(old)
-    assert batch.version == 1 and batch.promise is None
+    assert batch.version == 1 and batch.promise is None and not batch.idle
+    v2 = ExampleBatch.from_bytes(old.replace(b'"version":1', b'"version":2'))
+    assert v2.version == 2 and not v2.idle
     with pytest.raises(ValueError, match="not an examples record"):
-        ExampleBatch.from_bytes(old.replace(b'"version":1', b'"version":3'))
+        ExampleBatch.from_bytes(old.replace(b'"version":1', b'"version":4'))
