@@ -320,6 +320,8 @@ def test_killing_the_trainers_worker_hands_the_trainer_over_and_loses_nothing(
     # And the kill changed nobody's segment: the final segments are those of a run without it
     # (issue 14 target: >= 99% of customers).
     killed = final_segments(reader.unique().values())
+    lost = sorted({e.customer_id for e in events} - set(killed))
+    assert not lost, f"{len(lost)} customers without any change, e.g. {lost[:10]}"
     alone = uninterrupted_segments(settings_factory, topics_factory, worker_factory)
     assert killed.keys() == alone.keys()
     same = [c for c in alone if alone[c][1] == killed[c][1]]
