@@ -114,6 +114,7 @@ class WorkerCounts:
     dead_letters: Counter[str] = field(default_factory=Counter)
     unsent_dead_letters: int = 0
     rerouted: int = 0
+    input_gaps: int = 0  # an input partition's offsets jumped forward (see LivePipeline._admit)
     example_batches_sent: int = 0
     model_switches: int = 0
     # Shared learning: events held until the version that scores them was final, and those
@@ -129,6 +130,8 @@ class WorkerCounts:
         }
         if self.rerouted:
             counts["rerouted"] = self.rerouted
+        if self.input_gaps:
+            counts["input_gaps"] = self.input_gaps
         if self.example_batches_sent or self.model_switches:
             counts["example_batches_sent"] = self.example_batches_sent
             counts["model_switches"] = self.model_switches
@@ -356,6 +359,8 @@ class LivePipeline:
         self._quiet_since: dict[int, float] = {}
         self._dropped: set[tuple[str, int]] = set()  # revoked partitions with messages dropped
         self._ack_order = OffsetOrderAcks()
+        # Per input partition, the newest offset read since it was (re)assigned here.
+        self._read_since_assigned: dict[tuple[str, int], int] = {}
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -535,6 +540,8 @@ class LivePipeline:
         self._assigned -= partitions
         for marks in (self._idle, self._announce_idle, self._waking):
             marks.difference_update(partitions)
+        for key in [k for k in self._read_since_assigned if k[1] in partitions]:
+            del self._read_since_assigned[key]  # another worker reads on from here
         for partition in partitions:
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
@@ -662,6 +669,20 @@ class LivePipeline:
                     origin.partition,
                 )
             return
+        tp = (origin.topic, origin.partition)
+        previous = self._read_since_assigned.get(tp)
+        self._read_since_assigned[tp] = origin.offset
+        if previous is not None and origin.offset > previous + 1:
+            # Input topics are not compacted: Faust skipped what lies between (it would then
+            # commit past it, and the skipped messages are never processed).
+            self.counts.input_gaps += 1
+            log.warning(
+                "%s[%d]: offsets %d..%d were never handed to the worker",
+                origin.topic,
+                origin.partition,
+                previous + 1,
+                origin.offset - 1,
+            )
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
         ticket = self._ack_order.admit(origin.topic, origin.partition, token)
         self._quiet_since.pop(origin.partition, None)
