@@ -246,6 +246,7 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
             arrived.clear()
             for done in await pipeline.handle_batch(batch, times):
                 done.ack()
+            await read_skipped_again(app, pipeline)
             app.readiness.progressed()
 
     async def release_held() -> None:
@@ -256,11 +257,21 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
         released = await pipeline.flush_idle()
         for done in released:
             done.ack()
+        await read_skipped_again(app, pipeline)
         if released:
             app.readiness.progressed()
 
     app.agent(inputs, name="segment")(segment)
     app.timer(MERGE_FLUSH_INTERVAL_S, name="release-held-events")(release_held)
+
+
+async def read_skipped_again(app: Any, pipeline: LivePipeline) -> None:
+    """Seek back to offsets Faust never handed over (their acks wait until they are read)."""
+    for topic, partition, offset in pipeline.rewinds():
+        try:
+            await faust_internals.read_again_from(app, topic, partition, offset)
+        except Exception:  # e.g. revoked meanwhile: its next owner reads from the commit
+            log.exception("could not read %s[%d] again from %d", topic, partition, offset)
 
 
 async def more_coming(queue: faust_internals.DeliveryQueue) -> bool:

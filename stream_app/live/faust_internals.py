@@ -284,3 +284,16 @@ def rewind_uncommitted_partitions(app: Any, topics: Collection[str]) -> None:
         return committed
 
     consumer.seek_to_committed = seek_to_committed_or_beginning
+
+
+async def read_again_from(app: Any, topic: str, partition: int, offset: int) -> None:
+    """Make the consumer read one assigned partition again from `offset`.
+
+    Relies on: ``Consumer.seek`` (``faust/transport/consumer.py:587``), which seeks aiokafka's
+    consumer (in its thread) and sets Faust's read offset, so the fetcher delivers from there
+    again (``Consumer._drain_messages`` drops only offsets below the read offset).
+
+    Why: Faust sometimes never hands over some messages of a partition (seen right after a
+    partition was taken over) and then commits past them; the pipeline notices the jump and
+    asks for them again (``LivePipeline.rewinds``)."""
+    await app.consumer.seek(TP(topic, partition), offset)

@@ -238,42 +238,64 @@ class _Ticket:
     """One admitted message's place in its input partition's ack order."""
 
     source: tuple[str, int]
+    offset: int
     token: Any
-    finished: bool = False
+
+
+@dataclass(slots=True)
+class _PartitionAcks:
+    next: int  # the lowest offset not handed back yet
+    open: Counter[int] = field(default_factory=Counter)  # admitted copies not finished
+    finished: dict[int, list[Any]] = field(default_factory=dict)  # tokens waiting for `next`
 
 
 class OffsetOrderAcks:
-    """Hands back the tokens of finished messages in offset order per input partition.
+    """Hands back the tokens of finished messages in offset order per input partition, and
+    never past an offset that was not read.
 
     Faust commits an offset once the messages before it are acked, but its gap check lets one
     unacked offset through (``Consumer._new_offset``: ``min(acked) - committed > 1``, and no
-    check at all while the committed offset is 0). A message finished at once (a dead letter,
-    a reroute) while an earlier one of its partition waits in the ordered merge would then let
-    a commit pass the waiting one, and a crash lose it. So a token is handed back only when
-    every message read before it on its partition is finished too."""
+    check at all while the committed offset is 0); and after dropping records at a rebalance it
+    marks what it never delivered as acknowledged (``Consumer._add_gap``). So a token is handed
+    back only when every offset from the first one read on its partition up to it is finished:
+    a message never handed to the worker holds the acks after it (and the pipeline asks for it
+    again, see :meth:`LivePipeline.rewinds`). A copy of an offset read again finishes at once
+    if that offset was handed back already (Faust ignores a second ack of an offset)."""
 
     def __init__(self) -> None:
-        self._open: dict[tuple[str, int], deque[_Ticket]] = {}
+        self._parts: dict[tuple[str, int], _PartitionAcks] = {}
 
-    def admit(self, topic: str, partition: int, token: Any) -> _Ticket:
-        ticket = _Ticket((topic, partition), token)
-        self._open.setdefault(ticket.source, deque()).append(ticket)
-        return ticket
+    def admit(self, topic: str, partition: int, offset: int, token: Any) -> _Ticket:
+        source = (topic, partition)
+        part = self._parts.get(source)
+        if part is None:
+            part = self._parts[source] = _PartitionAcks(offset)  # where reading began
+        part.open[offset] += 1
+        return _Ticket(source, offset, token)
 
     def finish(self, ticket: _Ticket, done: list[Any]) -> None:
-        ticket.finished = True
-        queue = self._open.get(ticket.source)
-        while queue and queue[0].finished:
-            done.append(queue.popleft().token)
+        part = self._parts.get(ticket.source)
+        if part is None:
+            return  # revoked since: the next owner reads it again
+        part.open[ticket.offset] -= 1
+        if part.open[ticket.offset] <= 0:
+            del part.open[ticket.offset]
+        if ticket.offset < part.next:
+            done.append(ticket.token)  # handed back before (this is a copy read again)
+            return
+        part.finished.setdefault(ticket.offset, []).append(ticket.token)
+        while part.next in part.finished and part.next not in part.open:
+            done.extend(part.finished.pop(part.next))
+            part.next += 1
 
     def held_back(self) -> int:
-        """Finished messages whose ack waits for an earlier message of their partition."""
-        return sum(sum(t.finished for t in queue) for queue in self._open.values())
+        """Finished messages whose ack waits for an earlier offset of their partition."""
+        return sum(len(t) for part in self._parts.values() for t in part.finished.values())
 
     def forget(self, partitions: set[int]) -> None:
         """Revoked: what is open there is read again by the partitions' next owner."""
-        for source in [s for s in self._open if s[1] in partitions]:
-            del self._open[source]
+        for source in [s for s in self._parts if s[1] in partitions]:
+            del self._parts[source]
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,8 +381,10 @@ class LivePipeline:
         self._quiet_since: dict[int, float] = {}
         self._dropped: set[tuple[str, int]] = set()  # revoked partitions with messages dropped
         self._ack_order = OffsetOrderAcks()
-        # Per input partition, the newest offset read since it was (re)assigned here.
+        # Per input partition, the newest offset read since it was (re)assigned here, and
+        # where to read again from (offsets Faust skipped).
         self._read_since_assigned: dict[tuple[str, int], int] = {}
+        self._rewinds: dict[tuple[str, int], int] = {}
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -540,8 +564,9 @@ class LivePipeline:
         self._assigned -= partitions
         for marks in (self._idle, self._announce_idle, self._waking):
             marks.difference_update(partitions)
-        for key in [k for k in self._read_since_assigned if k[1] in partitions]:
-            del self._read_since_assigned[key]  # another worker reads on from here
+        for offsets in (self._read_since_assigned, self._rewinds):
+            for key in [k for k in offsets if k[1] in partitions]:
+                del offsets[key]  # another worker reads on from here
         for partition in partitions:
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
@@ -621,6 +646,13 @@ class LivePipeline:
         self._idle.add(partition)
         log.info("partition %d (none of it read here) is idle: versions do not wait", partition)
 
+    def rewinds(self) -> list[tuple[str, int, int]]:
+        """(topic, partition, offset) to read again from: offsets Faust skipped (the caller
+        seeks its consumer there; what was processed since comes back as duplicates)."""
+        out = [(topic, partition, offset) for (topic, partition), offset in self._rewinds.items()]
+        self._rewinds.clear()
+        return out
+
     def idle_partitions(self) -> list[int]:
         return sorted(self._idle)
 
@@ -673,18 +705,20 @@ class LivePipeline:
         previous = self._read_since_assigned.get(tp)
         self._read_since_assigned[tp] = origin.offset
         if previous is not None and origin.offset > previous + 1:
-            # Input topics are not compacted: Faust skipped what lies between (it would then
-            # commit past it, and the skipped messages are never processed).
+            # Input topics are not compacted: Faust skipped what lies between. The acks after
+            # it wait (OffsetOrderAcks), and the consumer is asked to read it again.
             self.counts.input_gaps += 1
+            first = min(self._rewinds.get(tp, previous + 1), previous + 1)
+            self._rewinds[tp] = first
             log.warning(
-                "%s[%d]: offsets %d..%d were never handed to the worker",
+                "%s[%d]: offsets %d..%d were never handed to the worker: reading them again",
                 origin.topic,
                 origin.partition,
                 previous + 1,
                 origin.offset - 1,
             )
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
-        ticket = self._ack_order.admit(origin.topic, origin.partition, token)
+        ticket = self._ack_order.admit(origin.topic, origin.partition, origin.offset, token)
         self._quiet_since.pop(origin.partition, None)
         if origin.partition in self._idle:
             # Tell the trainer in this very batch (its marker is written with this event).
