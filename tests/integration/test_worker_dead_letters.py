@@ -294,7 +294,9 @@ def test_the_app_reads_raw_bytes_from_both_inputs_and_serves_its_endpoints(tmp_p
     }
     for channel in channels.values():
         assert (channel.key_serializer, channel.value_serializer) == ("raw", "raw")
-    assert sorted(app.web.views) == sorted([COUNTS_PATH, "/health", "/ready", "/metrics"])
+    assert sorted(app.web.views) == sorted(
+        [COUNTS_PATH, "/health", "/ready", "/metrics", "/segments"]
+    )
     assert app.conf.web_tables_enabled is False
     assert (app.conf.topic_partitions, app.conf.web_port) == (3, 16066)
     assert str(app.conf.store) == "rocksdb:"
