@@ -190,6 +190,9 @@ def create_app(
         merge_max_wait_s=settings.merge_max_wait_s,
         durable=durable.wait,
         examples_sink=send_examples,  # shared: for the trainer; in-process: for restarts
+        committed_offset=lambda topic, partition: faust_internals.committed_offset(
+            app, topic, partition
+        ),
     )
     app.pipeline = pipeline
     app.event_counts = pipeline.counts

@@ -297,3 +297,21 @@ async def read_again_from(app: Any, topic: str, partition: int, offset: int) -> 
     partition was taken over) and then commits past them; the pipeline notices the jump and
     asks for them again (``LivePipeline.rewinds``)."""
     await app.consumer.seek(TP(topic, partition), offset)
+
+
+def committed_offset(app: Any, topic: str, partition: int) -> int | None:
+    """The offset Faust's consumer began reading an assigned partition from (its committed
+    offset), or None (none, or 0: then reading began at the partition's start).
+
+    Relies on: ``Consumer._committed_offset`` (``faust/transport/consumer.py:417``), which
+    ``perform_seek`` (``:565``) fills from the broker at every assignment, before streams
+    resume, and every commit updates.
+
+    Why: a first message above it means Faust skipped the messages between (seen after a
+    takeover, and then committed past); the pipeline holds the acks after them and reads them
+    again."""
+    consumer = app.consumer
+    if consumer is None:
+        return None
+    offset = consumer._committed_offset.get(TP(topic, partition))
+    return int(offset) if offset else None

@@ -79,6 +79,7 @@ DEAD_LETTER_RETRY_MAX_S: Final = 5.0
 # A dead letter's Kafka key is the original's, unless that is too big to publish (the letter
 # itself then carries the key's start, size and sha256); then it is the key's sha256.
 MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
+REWIND_EVERY_S: Final = 0.5  # how often a skipped offset is asked for again
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 VERSIONS_KEPT_EPOCHS: Final = 32  # shared learning: versions kept behind the slowest partition
 # One raw input message: key, value, where it was read, and the token the caller acks.
@@ -265,6 +266,11 @@ class OffsetOrderAcks:
     def __init__(self) -> None:
         self._parts: dict[tuple[str, int], _PartitionAcks] = {}
 
+    def begin(self, topic: str, partition: int, offset: int) -> None:
+        """Reading of the partition begins at `offset` (its committed offset): nothing after it
+        is handed back before it is read and finished."""
+        self._parts.setdefault((topic, partition), _PartitionAcks(offset))
+
     def admit(self, topic: str, partition: int, offset: int, token: Any) -> _Ticket:
         source = (topic, partition)
         part = self._parts.get(source)
@@ -352,8 +358,12 @@ class LivePipeline:
         partitions: Callable[[str], int] | None = None,
         durable: Callable[[], Awaitable[None]] | None = None,
         examples_sink: ExamplesSink | None = None,
+        committed_offset: Callable[[str, int], int | None] | None = None,
     ) -> None:
         self.settings = settings
+        # Where reading of an input partition began in this assignment (its committed offset),
+        # if the caller knows: a first message after it means Faust skipped the ones between.
+        self._committed_offset = committed_offset or (lambda topic, partition: None)
         self.models = models or SegmentModels(settings.segmentation)
         # Shared learning: examples go to the trainer through this sink (None: in-process).
         self._examples_sink = examples_sink
@@ -385,6 +395,7 @@ class LivePipeline:
         # where to read again from (offsets Faust skipped).
         self._read_since_assigned: dict[tuple[str, int], int] = {}
         self._rewinds: dict[tuple[str, int], int] = {}
+        self._rewind_asked: dict[tuple[str, int], float] = {}
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -564,7 +575,7 @@ class LivePipeline:
         self._assigned -= partitions
         for marks in (self._idle, self._announce_idle, self._waking):
             marks.difference_update(partitions)
-        for offsets in (self._read_since_assigned, self._rewinds):
+        for offsets in (self._read_since_assigned, self._rewinds, self._rewind_asked):
             for key in [k for k in offsets if k[1] in partitions]:
                 del offsets[key]  # another worker reads on from here
         for partition in partitions:
@@ -646,11 +657,47 @@ class LivePipeline:
         self._idle.add(partition)
         log.info("partition %d (none of it read here) is idle: versions do not wait", partition)
 
+    def _notice_skipped(self, topic: str, partition: int, offset: int) -> None:
+        """Input topics are not compacted: an offset above the one expected means Faust
+        skipped what lies between (at the start of an assignment: after its committed offset).
+        The acks after it wait (OffsetOrderAcks), and the consumer is asked to read it again
+        until it does."""
+        tp = (topic, partition)
+        previous = self._read_since_assigned.get(tp)
+        self._read_since_assigned[tp] = offset
+        hole = self._rewinds.get(tp)
+        if hole is not None and offset <= hole:
+            del self._rewinds[tp]  # read again: the hole is being filled
+            self._rewind_asked.pop(tp, None)
+        if previous is None:
+            start = self._committed_offset(topic, partition)
+            if start is None or offset <= start:
+                return
+            self._ack_order.begin(topic, partition, start)
+            expected = start
+        else:
+            expected = previous + 1
+        if offset > expected:
+            self.counts.input_gaps += 1
+            self._rewinds[tp] = min(self._rewinds.get(tp, expected), expected)
+            log.warning(
+                "%s[%d]: offsets %d..%d were never handed to the worker: reading them again",
+                topic,
+                partition,
+                expected,
+                offset - 1,
+            )
+
     def rewinds(self) -> list[tuple[str, int, int]]:
         """(topic, partition, offset) to read again from: offsets Faust skipped (the caller
-        seeks its consumer there; what was processed since comes back as duplicates)."""
-        out = [(topic, partition, offset) for (topic, partition), offset in self._rewinds.items()]
-        self._rewinds.clear()
+        seeks its consumer there; what was processed since comes back as duplicates). Asked
+        again every half second until the offset comes (a seek can race Faust's fetcher)."""
+        now = time.monotonic()
+        out = []
+        for (topic, partition), offset in self._rewinds.items():
+            if now - self._rewind_asked.get((topic, partition), -math.inf) >= REWIND_EVERY_S:
+                self._rewind_asked[(topic, partition)] = now
+                out.append((topic, partition, offset))
         return out
 
     def idle_partitions(self) -> list[int]:
@@ -701,22 +748,7 @@ class LivePipeline:
                     origin.partition,
                 )
             return
-        tp = (origin.topic, origin.partition)
-        previous = self._read_since_assigned.get(tp)
-        self._read_since_assigned[tp] = origin.offset
-        if previous is not None and origin.offset > previous + 1:
-            # Input topics are not compacted: Faust skipped what lies between. The acks after
-            # it wait (OffsetOrderAcks), and the consumer is asked to read it again.
-            self.counts.input_gaps += 1
-            first = min(self._rewinds.get(tp, previous + 1), previous + 1)
-            self._rewinds[tp] = first
-            log.warning(
-                "%s[%d]: offsets %d..%d were never handed to the worker: reading them again",
-                origin.topic,
-                origin.partition,
-                previous + 1,
-                origin.offset - 1,
-            )
+        self._notice_skipped(origin.topic, origin.partition, origin.offset)
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
         ticket = self._ack_order.admit(origin.topic, origin.partition, origin.offset, token)
         self._quiet_since.pop(origin.partition, None)

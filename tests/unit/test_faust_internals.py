@@ -403,3 +403,15 @@ async def test_a_raw_send_goes_straight_to_aiokafka_and_is_flushed_before_a_comm
     app.consumer._commit = commit
     assert await app.consumer._commit_offsets({TP("in", 0): 5})
     assert order == ["flush", "commit"]
+
+
+async def test_the_committed_offset_is_where_reading_of_a_partition_began(app: Any) -> None:
+    """``Consumer._committed_offset``: filled by ``perform_seek`` at every assignment (0 and
+    absent both mean the partition's start)."""
+    offsets = app.consumer._committed_offset
+    offsets[TP("in", 0)] = 7
+    offsets[TP("in", 1)] = 0
+    assert faust_internals.committed_offset(app, "in", 0) == 7
+    assert faust_internals.committed_offset(app, "in", 1) is None
+    assert faust_internals.committed_offset(app, "in", 2) is None
+    assert "_committed_offset" in inspect.getsource(type(app.consumer).perform_seek)

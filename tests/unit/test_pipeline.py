@@ -603,3 +603,26 @@ async def test_an_offset_never_handed_over_holds_the_acks_after_it_until_read_ag
     customers = [c["customer_id"] for c in sinks.changes]
     assert customers == ["a", "b", "e", "c", "d"]  # e once: its copy was a duplicate
     assert p.metrics.duplicates._value.get() == 1
+
+
+async def test_a_first_message_above_the_committed_offset_is_a_hole_too() -> None:
+    """After a takeover Faust's first message may already be past the committed offset (what
+    lay between was never handed over, and Faust would commit past it)."""
+    sinks = ListSinks()
+    p = LivePipeline(
+        Settings(state_dir="/nonexistent", partitions=1),
+        lambda partition: TableStore({}, partition, 1, cache_size=0),
+        sinks,
+        clock=lambda: T0 + timedelta(days=365),
+        committed_offset=lambda topic, partition: 3,
+    )
+
+    def msg(offset: int, customer: str) -> RawMessage:
+        origin = MessageOrigin(topic=CLICKS, partition=0, offset=offset)
+        return (b"k", message(customer, offset), origin, offset)
+
+    assert await p.handle_batch([msg(5, "f"), msg(6, "g")]) == []
+    assert p.rewinds() == [(CLICKS, 0, 3)]
+    assert p.rewinds() == []  # asked again only after a while, and only until it comes
+    assert await p.handle_batch([msg(3, "d"), msg(4, "e"), msg(5, "f")]) == [3, 4, 5, 6, 5]
+    assert p.rewinds() == [] and p.counts.input_gaps == 1
