@@ -80,6 +80,7 @@ DEAD_LETTER_RETRY_MAX_S: Final = 5.0
 # itself then carries the key's start, size and sha256); then it is the key's sha256.
 MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
 REWIND_EVERY_S: Final = 0.5  # how often a skipped offset is asked for again
+REWIND_TRIES: Final = 5
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 VERSIONS_KEPT_EPOCHS: Final = 32  # shared learning: versions kept behind the slowest partition
 # One raw input message: key, value, where it was read, and the token the caller acks.
@@ -343,6 +344,60 @@ class _PartitionDelivery:
         return min(waiting) - 1 if waiting else self.marker.written
 
 
+@dataclass
+class _SkippedOffsets:
+    """Per input partition: the newest offset read since it was (re)assigned here, and the
+    first offset of a stretch Faust skipped, with when and how often it was asked for again."""
+
+    newest: dict[tuple[str, int], int] = field(default_factory=dict)
+    holes: dict[tuple[str, int], int] = field(default_factory=dict)
+    asked: dict[tuple[str, int], float] = field(default_factory=dict)
+    tries: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+    def seen(self, topic: str, partition: int) -> bool:
+        return (topic, partition) in self.newest
+
+    def read(self, topic: str, partition: int, offset: int, start: int | None) -> int | None:
+        """Note `offset` read; returns the first skipped offset if it skipped some. `start`:
+        where reading began (for the first offset read in an assignment)."""
+        tp = (topic, partition)
+        previous = self.newest.get(tp)
+        self.newest[tp] = offset
+        hole = self.holes.get(tp)
+        if hole is not None and offset <= hole:
+            self._filled(tp)  # read again: the hole is being filled
+        expected = start if previous is None else previous + 1
+        if expected is None or offset <= expected:
+            return None
+        self.holes[tp] = min(self.holes.get(tp, expected), expected)
+        return expected
+
+    def due(self, now: float) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+        """The holes to ask for again now, and those given up after REWIND_TRIES."""
+        due, given_up = [], []
+        for tp, offset in list(self.holes.items()):
+            if now - self.asked.get(tp, -math.inf) < REWIND_EVERY_S:
+                continue
+            self.asked[tp] = now
+            self.tries[tp] += 1
+            if self.tries[tp] > REWIND_TRIES:
+                self._filled(tp)
+                given_up.append((tp[0], tp[1], offset))
+            else:
+                due.append((tp[0], tp[1], offset))
+        return due, given_up
+
+    def _filled(self, tp: tuple[str, int]) -> None:
+        self.holes.pop(tp, None)
+        self.asked.pop(tp, None)
+        self.tries.pop(tp, None)
+
+    def forget(self, partitions: set[int]) -> None:
+        for marks in (self.newest, self.holes, self.asked, self.tries):
+            for key in [k for k in marks if k[1] in partitions]:
+                del marks[key]
+
+
 class LivePipeline:
     def __init__(
         self,
@@ -393,9 +448,7 @@ class LivePipeline:
         self._ack_order = OffsetOrderAcks()
         # Per input partition, the newest offset read since it was (re)assigned here, and
         # where to read again from (offsets Faust skipped).
-        self._read_since_assigned: dict[tuple[str, int], int] = {}
-        self._rewinds: dict[tuple[str, int], int] = {}
-        self._rewind_asked: dict[tuple[str, int], float] = {}
+        self._skipped = _SkippedOffsets()
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -575,9 +628,7 @@ class LivePipeline:
         self._assigned -= partitions
         for marks in (self._idle, self._announce_idle, self._waking):
             marks.difference_update(partitions)
-        for offsets in (self._read_since_assigned, self._rewinds, self._rewind_asked):
-            for key in [k for k in offsets if k[1] in partitions]:
-                del offsets[key]  # another worker reads on from here
+        self._skipped.forget(partitions)  # another worker reads on from here
         for partition in partitions:
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
@@ -660,26 +711,14 @@ class LivePipeline:
     def _notice_skipped(self, topic: str, partition: int, offset: int) -> None:
         """Input topics are not compacted: an offset above the one expected means Faust
         skipped what lies between (at the start of an assignment: after its committed offset).
-        The acks after it wait (OffsetOrderAcks), and the consumer is asked to read it again
-        until it does."""
-        tp = (topic, partition)
-        previous = self._read_since_assigned.get(tp)
-        self._read_since_assigned[tp] = offset
-        hole = self._rewinds.get(tp)
-        if hole is not None and offset <= hole:
-            del self._rewinds[tp]  # read again: the hole is being filled
-            self._rewind_asked.pop(tp, None)
-        if previous is None:
-            start = self._committed_offset(topic, partition)
-            if start is None or offset <= start:
-                return
+        The acks after it wait (OffsetOrderAcks), and the consumer is asked to read it again."""
+        first_read = not self._skipped.seen(topic, partition)
+        start = self._committed_offset(topic, partition) if first_read else None
+        expected = self._skipped.read(topic, partition, offset, start)
+        if first_read and start is not None and offset > start:
             self._ack_order.begin(topic, partition, start)
-            expected = start
-        else:
-            expected = previous + 1
-        if offset > expected:
+        if expected is not None:
             self.counts.input_gaps += 1
-            self._rewinds[tp] = min(self._rewinds.get(tp, expected), expected)
             log.warning(
                 "%s[%d]: offsets %d..%d were never handed to the worker: reading them again",
                 topic,
@@ -691,14 +730,20 @@ class LivePipeline:
     def rewinds(self) -> list[tuple[str, int, int]]:
         """(topic, partition, offset) to read again from: offsets Faust skipped (the caller
         seeks its consumer there; what was processed since comes back as duplicates). Asked
-        again every half second until the offset comes (a seek can race Faust's fetcher)."""
-        now = time.monotonic()
-        out = []
-        for (topic, partition), offset in self._rewinds.items():
-            if now - self._rewind_asked.get((topic, partition), -math.inf) >= REWIND_EVERY_S:
-                self._rewind_asked[(topic, partition)] = now
-                out.append((topic, partition, offset))
-        return out
+        again every half second until the offset comes, at most REWIND_TRIES times."""
+        due, given_up = self._skipped.due(time.monotonic())
+        for topic, partition, offset in given_up:
+            # Each try re-reads what follows: stop asking. Its acks keep waiting, so the next
+            # rebalance or restart reads it from the committed offset.
+            log.error(
+                "%s[%d]: offset %d was not read again after %d tries; the partition's acks "
+                "wait, and the next rebalance or restart reads it again",
+                topic,
+                partition,
+                offset,
+                REWIND_TRIES,
+            )
+        return due
 
     def idle_partitions(self) -> list[int]:
         return sorted(self._idle)
