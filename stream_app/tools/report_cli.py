@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stream_app.contracts.events import Event
 from stream_app.errors import UserError
@@ -82,6 +83,10 @@ def run_report(request: ReportRequest, settings: Settings) -> ReportFigures:
         replay_report = read_replay_report(
             request.replay_report.read_bytes(), str(request.replay_report)
         )
+    from_topics = request.changes.startswith(KAFKA_PREFIX)
+    models_source = None
+    if replay_report is None and from_topics:
+        replay_report, models_source = clusters_from_models_topic(settings)
     status.show(f"reading changes from {request.changes}", final=False)
     unit = "message" if request.changes.startswith(KAFKA_PREFIX) else "line"
     log = change_log(lines_of(request.changes, settings), unit)
@@ -95,6 +100,8 @@ def run_report(request: ReportRequest, settings: Settings) -> ReportFigures:
         sources["events"] = str(request.dataset)
     if request.replay_report is not None:
         sources["replay report"] = str(request.replay_report)
+    if models_source is not None:
+        sources["cluster centres"] = models_source
     figures = build_figures(
         log,
         settings.segmentation,
@@ -106,6 +113,36 @@ def run_report(request: ReportRequest, settings: Settings) -> ReportFigures:
     request.out.write_text(render_report(figures, request.title), encoding="utf-8")
     status.clear()
     return figures
+
+
+def clusters_from_models_topic(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
+    """The clusters (id, profile, centre) of the newest model record on the models topic, in
+    the replay report's shape, and where they came from; (None, None) if there is none (or it
+    fails a check: the page then says where centres come from)."""
+    from confluent_kafka import KafkaException
+
+    from stream_app.core.model_format import SnapshotError, record_version
+    from stream_app.core.models import SegmentModels
+    from stream_app.live.trainer import latest_model_record
+
+    try:
+        record = latest_model_record(settings, timeout=10.0)
+    except KafkaException:  # no models topic: the page says where centres come from
+        return None, None
+    if record is None:
+        return None, None
+    models = SegmentModels(settings.segmentation)
+    try:
+        models.restore(record, settings.model_signing_keys)
+    except SnapshotError:
+        return None, None
+    clusters = models.clusters
+    rows = [
+        {"id": cid, "profile": clusters.profile(cid).name, "centre": clusters.profile(cid).traits}
+        for cid in range(len(clusters.sizes))
+    ]
+    topic = settings.model_snapshots_topic
+    return {"clusters": rows}, f"{KAFKA_PREFIX}{topic} ({record_version(record)})"
 
 
 def _events(items: Iterator[Event | RowError]) -> Iterator[Event]:

@@ -56,3 +56,5 @@ def test_the_demo_shows_named_clusters_scored_tiers_and_lifecycle_moves_arriving
     # Self-contained: charts inline, nothing loaded from elsewhere (the browser tests of the
     # report check this in Chromium; here the page the demo wrote is the report's kind).
     assert "<svg" in page and not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    # The clusters' centres come from the newest model record on the models topic.
+    assert 'id="cluster-centres"' in page

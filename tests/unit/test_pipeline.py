@@ -626,3 +626,25 @@ async def test_a_first_message_above_the_committed_offset_is_a_hole_too() -> Non
     assert p.rewinds() == []  # asked again only after a while, and only until it comes
     assert await p.handle_batch([msg(3, "d"), msg(4, "e"), msg(5, "f")]) == [3, 4, 5, 6, 5]
     assert p.rewinds() == [] and p.counts.input_gaps == 1
+
+
+def test_a_skipped_stretch_is_asked_for_again_every_half_second_five_times_at_most() -> None:
+    from stream_app.live.pipeline import REWIND_EVERY_S, REWIND_TRIES, _SkippedOffsets
+
+    skipped = _SkippedOffsets()
+    assert skipped.read("t", 0, 10, start=None) is None  # where reading began: unknown
+    assert skipped.read("t", 0, 14, start=None) == 11
+    asked = []
+    for step in range(20):
+        due, given_up = skipped.due(step * REWIND_EVERY_S / 2)  # twice as often as allowed
+        asked += due
+        if given_up:
+            assert given_up == [("t", 0, 11)] and step == 2 * REWIND_TRIES
+            break
+    assert asked == [("t", 0, 11)] * REWIND_TRIES
+    assert skipped.due(1000.0) == ([], [])  # given up: the next rebalance reads it
+    # Read again before giving up: filled, nothing more to ask.
+    skipped.read("t", 1, 0, start=None)
+    assert skipped.read("t", 1, 5, start=None) == 1
+    assert skipped.read("t", 1, 1, start=None) is None
+    assert skipped.due(2000.0) == ([], [])
