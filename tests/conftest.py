@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,6 +36,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from load_tests.systems import delete_topics
+from stream_app.contracts.events import SegmentChange
 from stream_app.kafka.local import LocalKafka, free_ports
 from stream_app.kafka.topics import create_topics, wait_for_broker
 from stream_app.live import workerproc
@@ -270,6 +272,46 @@ def assert_one_history(
         start = (stored or {}).get(customer, 0) + 1
         assert sorted(seen) == list(range(start, start + len(seen))), f"gap for {customer}: {seen}"
     return by_id
+
+
+def segment_change(
+    customer: str,
+    sequence: int,
+    at: datetime,
+    current: dict[str, Any],
+    previous: dict[str, Any] | None,
+    *,
+    change_id: str,
+    component: str,
+    purchase: float | None = None,
+    churn: float | None = None,
+    version: str = "m1",
+    origin: str = "live",
+) -> SegmentChange:
+    """A valid SegmentChange with the given segments and scores (the report tests' input);
+    `change_id` is any text, made into the contract's 32 hex characters."""
+    return SegmentChange.model_validate(
+        {
+            "change_id": change_id.encode().hex().ljust(32, "0")[:32],
+            "customer_id": customer,
+            "sequence": sequence,
+            "component": component,
+            "previous": previous,
+            "current": current,
+            "scores": {"purchase_propensity": purchase, "churn_risk": churn, "absent": {}},
+            "reason": {
+                "trigger_event_id": "e",
+                "trigger_event_type": "purchase",
+                "summary": "s",
+                "top_contributions": [],
+            },
+            "model_version": version,
+            "segment_definition_version": "s1",
+            "event_time": at,
+            "processed_at": at,
+            "origin": origin,
+        }
+    )
 
 
 def final_segments(changes: Iterable[dict[str, Any]]) -> dict[str, tuple[int, dict[str, Any]]]:

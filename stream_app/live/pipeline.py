@@ -116,7 +116,7 @@ class WorkerCounts:
     dead_letters: Counter[str] = field(default_factory=Counter)
     unsent_dead_letters: int = 0
     rerouted: int = 0
-    input_gaps: int = 0  # an input partition's offsets jumped forward (see LivePipeline._admit)
+    input_gaps: int = 0  # an input partition's offsets jumped (LivePipeline._notice_skipped)
     example_batches_sent: int = 0
     model_switches: int = 0
     # Shared learning: events held until the version that scores them was final, and those

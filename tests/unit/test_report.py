@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import segment_change
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
@@ -63,28 +64,18 @@ def change(
     churn: float | None = None,
     version: str = "m1",
 ) -> SegmentChange:
-    at = T0 + timedelta(hours=hours)
-    return SegmentChange.model_validate(
-        {
-            "change_id": f"{customer}-{sequence}".encode().hex().ljust(32, "0")[:32],
-            "customer_id": customer,
-            "sequence": sequence,
-            "component": component or ("entry" if previous is None else "lifecycle"),
-            "previous": previous,
-            "current": current,
-            "scores": {"purchase_propensity": purchase, "churn_risk": churn, "absent": {}},
-            "reason": {
-                "trigger_event_id": "e",
-                "trigger_event_type": "purchase",
-                "summary": "s",
-                "top_contributions": [],
-            },
-            "model_version": version,
-            "segment_definition_version": "s1",
-            "event_time": at,
-            "processed_at": at,
-            "origin": "replay",
-        }
+    return segment_change(
+        customer,
+        sequence,
+        T0 + timedelta(hours=hours),
+        current,
+        previous,
+        change_id=f"{customer}-{sequence}",
+        component=component or ("entry" if previous is None else "lifecycle"),
+        purchase=purchase,
+        churn=churn,
+        version=version,
+        origin="replay",
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import segment_change
 
 from stream_app.contracts.events import SegmentChange, TransactionEvent, TransactionType, encode
 from stream_app.settings import SegmentationSettings
@@ -44,28 +45,16 @@ def change(
     purchase: float | None = None,
     version: str = "m1",
 ) -> SegmentChange:
-    at = T0 + timedelta(days=day)
-    return SegmentChange.model_validate(
-        {
-            "change_id": f"{customer}{sequence}".encode().hex().ljust(32, "0")[:32],
-            "customer_id": customer,
-            "sequence": sequence,
-            "component": component,
-            "previous": previous,
-            "current": current,
-            "scores": {"purchase_propensity": purchase, "churn_risk": None, "absent": {}},
-            "reason": {
-                "trigger_event_id": "e",
-                "trigger_event_type": "purchase",
-                "summary": "s",
-                "top_contributions": [],
-            },
-            "model_version": version,
-            "segment_definition_version": "s1",
-            "event_time": at,
-            "processed_at": at,
-            "origin": "live",
-        }
+    return segment_change(
+        customer,
+        sequence,
+        T0 + timedelta(days=day),
+        current,
+        previous,
+        change_id=f"{customer}{sequence}",
+        component=component,
+        purchase=purchase,
+        version=version,
     )
 
 
