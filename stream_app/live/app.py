@@ -27,6 +27,7 @@ from stream_app.core.models import SegmentModels
 from stream_app.errors import UserError
 from stream_app.kafka.topics import admin_client, wait_for_broker
 from stream_app.live import faust_internals
+from stream_app.live.log_reader import SkippedReader
 from stream_app.live.metrics import Metrics
 from stream_app.live.pages import add_live_page
 from stream_app.live.pipeline import LivePipeline, RawMessage
@@ -193,6 +194,7 @@ def create_app(
         committed_offset=lambda topic, partition: faust_internals.committed_offset(
             app, topic, partition
         ),
+        read_skipped=SkippedReader(app, settings),
     )
     app.pipeline = pipeline
     app.event_counts = pipeline.counts
@@ -249,7 +251,6 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
             arrived.clear()
             for done in await pipeline.handle_batch(batch, times):
                 done.ack()
-            await read_skipped_again(app, pipeline)
             app.readiness.progressed()
 
     async def release_held() -> None:
@@ -260,21 +261,11 @@ def _add_agent(app: Any, pipeline: LivePipeline, settings: Settings) -> None:
         released = await pipeline.flush_idle()
         for done in released:
             done.ack()
-        await read_skipped_again(app, pipeline)
         if released:
             app.readiness.progressed()
 
     app.agent(inputs, name="segment")(segment)
     app.timer(MERGE_FLUSH_INTERVAL_S, name="release-held-events")(release_held)
-
-
-async def read_skipped_again(app: Any, pipeline: LivePipeline) -> None:
-    """Seek back to offsets Faust never handed over (their acks wait until they are read)."""
-    for topic, partition, offset in pipeline.rewinds():
-        try:
-            await faust_internals.read_again_from(app, topic, partition, offset)
-        except Exception:  # e.g. revoked meanwhile: its next owner reads from the commit
-            log.exception("could not read %s[%d] again from %d", topic, partition, offset)
 
 
 async def more_coming(queue: faust_internals.DeliveryQueue) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import faust.streams as faust_streams
 from faust.types import TP
+from faust.types.tuples import ConsumerMessage
 
 
 @contextmanager
@@ -286,32 +287,57 @@ def rewind_uncommitted_partitions(app: Any, topics: Collection[str]) -> None:
     consumer.seek_to_committed = seek_to_committed_or_beginning
 
 
-async def read_again_from(app: Any, topic: str, partition: int, offset: int) -> None:
-    """Make the consumer read one assigned partition again from `offset`.
+def event_for_record(
+    app: Any,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    timestamp_s: float,
+) -> Any:
+    """A Faust event for a record read from the log by another consumer (one Faust never
+    handed over): acking it acks its offset in Faust's consumer like any event's, and table
+    writes under it go to its partition.
 
-    Relies on: ``Consumer.seek`` (``faust/transport/consumer.py:587``), which seeks aiokafka's
-    consumer (in its thread) and sets Faust's read offset, so the fetcher delivers from there
-    again (``Consumer._drain_messages`` drops only offsets below the read offset).
+    Relies on: ``ConsumerMessage`` (``faust/types/tuples.py:270``), whose final ack calls
+    ``Consumer.ack`` (``transport/consumer.py:825``: the offset joins the acked offsets Faust
+    commits from, if not below the committed one); ``App.create_event``
+    (``app/base.py:1543``), the constructor Faust's channels use for every event; table writes
+    read ``event.message.partition`` (``tables/base.py:305``, ``stores/rocksdb.py:475``). The
+    message carries the app's consumer generation, as the fetcher stamps it
+    (``drivers/aiokafka.py:290``).
 
-    Why: Faust sometimes never hands over some messages of a partition (seen right after a
-    partition was taken over) and then commits past them; the pipeline notices the jump and
-    asks for them again (``LivePipeline.rewinds``)."""
-    await app.consumer.seek(TP(topic, partition), offset)
+    Why: Faust sometimes never hands some messages of a partition to the stream (seen after a
+    takeover) and would commit past them; the worker reads them itself, processes them where
+    they belong and acks them through Faust (``SkippedReader`` in ``app.py``)."""
+    message = ConsumerMessage(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=timestamp_s,
+        timestamp_type=0,
+        headers=None,
+        key=key,
+        value=value,
+        checksum=None,
+        generation_id=app.consumer_generation_id,
+    )
+    return app.create_event(key, value, None, message)
 
 
-def committed_offset(app: Any, topic: str, partition: int) -> int | None:
-    """The offset Faust's consumer began reading an assigned partition from (its committed
-    offset), or None (none, or 0: then reading began at the partition's start).
+def committed_offset(app: Any, topic: str, partition: int) -> int:
+    """The offset Faust's consumer began reading an assigned partition from: its committed
+    offset, or 0 if it has none (reading then begins at the partition's start; an offset below
+    the log's start is simply not there).
 
-    Relies on: ``Consumer._committed_offset`` (``faust/transport/consumer.py:417``), which
-    ``perform_seek`` (``:565``) fills from the broker at every assignment, before streams
-    resume, and every commit updates.
+    Relies on: ``Consumer._committed_offset`` (``faust/transport/consumer.py:417``, a
+    ``defaultdict`` of None), which ``perform_seek`` (``:565``) fills from the broker at every
+    assignment, before streams resume (0 and "none" both stored as None), and every commit
+    updates.
 
     Why: a first message above it means Faust skipped the messages between (seen after a
-    takeover, and then committed past); the pipeline holds the acks after them and reads them
-    again."""
+    takeover, and then committed past); the pipeline reads them itself before going on."""
     consumer = app.consumer
-    if consumer is None:
-        return None
     offset = consumer._committed_offset.get(TP(topic, partition))
-    return int(offset) if offset else None
+    return int(offset) if offset else 0

@@ -79,8 +79,8 @@ DEAD_LETTER_RETRY_MAX_S: Final = 5.0
 # A dead letter's Kafka key is the original's, unless that is too big to publish (the letter
 # itself then carries the key's start, size and sha256); then it is the key's sha256.
 MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
-REWIND_EVERY_S: Final = 0.5  # how often a skipped offset is asked for again
-REWIND_TRIES: Final = 5
+INPUT_STALL_S: Final = 5.0  # unread messages but none handed over: read them from the log
+SKIPPED_READ_CHUNK: Final = 2000  # messages read from the log at a time
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 VERSIONS_KEPT_EPOCHS: Final = 32  # shared learning: versions kept behind the slowest partition
 # One raw input message: key, value, where it was read, and the token the caller acks.
@@ -116,7 +116,11 @@ class WorkerCounts:
     dead_letters: Counter[str] = field(default_factory=Counter)
     unsent_dead_letters: int = 0
     rerouted: int = 0
-    input_gaps: int = 0  # an input partition's offsets jumped (LivePipeline._notice_skipped)
+    # Stretches of input Faust never handed over (LivePipeline._fill_skipped), the messages
+    # then read from the log, and reads that failed (their acks wait for a restart).
+    input_gaps: int = 0
+    input_gap_messages: int = 0
+    input_gaps_unread: int = 0
     example_batches_sent: int = 0
     model_switches: int = 0
     # Shared learning: events held until the version that scores them was final, and those
@@ -134,6 +138,8 @@ class WorkerCounts:
             counts["rerouted"] = self.rerouted
         if self.input_gaps:
             counts["input_gaps"] = self.input_gaps
+            counts["input_gap_messages"] = self.input_gap_messages
+            counts["input_gaps_unread"] = self.input_gaps_unread
         if self.example_batches_sent or self.model_switches:
             counts["example_batches_sent"] = self.example_batches_sent
             counts["model_switches"] = self.model_switches
@@ -249,6 +255,31 @@ class _PartitionAcks:
     next: int  # the lowest offset not handed back yet
     open: Counter[int] = field(default_factory=Counter)  # admitted copies not finished
     finished: dict[int, list[Any]] = field(default_factory=dict)  # tokens waiting for `next`
+    # Ranges [start, end) read from the log, by start: an offset in one that was not admitted
+    # holds no message.
+    read: dict[int, int] = field(default_factory=dict)
+
+    def hand_back(self, done: list[Any]) -> None:
+        while True:
+            if self.next in self.finished and self.next not in self.open:
+                done.extend(self.finished.pop(self.next))
+                self.next += 1
+            elif self.next in self.open:
+                return
+            elif (end := self._read_through(self.next)) is not None:
+                admitted = [o for o in (*self.open, *self.finished) if self.next < o < end]
+                self.next = min(admitted, default=end)  # nothing there up to it
+            else:
+                return
+
+    def _read_through(self, offset: int) -> int | None:
+        """The end of the range read from the log that `offset` lies in, if any."""
+        for start, end in list(self.read.items()):
+            if end <= offset:
+                del self.read[start]  # passed
+            elif start <= offset:
+                return end
+        return None
 
 
 class OffsetOrderAcks:
@@ -259,10 +290,11 @@ class OffsetOrderAcks:
     unacked offset through (``Consumer._new_offset``: ``min(acked) - committed > 1``, and no
     check at all while the committed offset is 0); and after dropping records at a rebalance it
     marks what it never delivered as acknowledged (``Consumer._add_gap``). So a token is handed
-    back only when every offset from the first one read on its partition up to it is finished:
-    a message never handed to the worker holds the acks after it (and the pipeline asks for it
-    again, see :meth:`LivePipeline.rewinds`). A copy of an offset read again finishes at once
-    if that offset was handed back already (Faust ignores a second ack of an offset)."""
+    back only when every offset from where reading began on its partition up to it is finished,
+    or known to hold no message (:meth:`absent`): a message never handed to the worker holds
+    the acks after it until the pipeline has read it itself. A copy of an offset read again
+    finishes at once if that offset was handed back already (Faust ignores a second ack of an
+    offset)."""
 
     def __init__(self) -> None:
         self._parts: dict[tuple[str, int], _PartitionAcks] = {}
@@ -291,9 +323,17 @@ class OffsetOrderAcks:
             done.append(ticket.token)  # handed back before (this is a copy read again)
             return
         part.finished.setdefault(ticket.offset, []).append(ticket.token)
-        while part.next in part.finished and part.next not in part.open:
-            done.extend(part.finished.pop(part.next))
-            part.next += 1
+        part.hand_back(done)
+
+    def absent(self, topic: str, partition: int, start: int, end: int, done: list[Any]) -> None:
+        """Offsets [start, end) of the partition were read from the log, and every one not
+        admitted holds no message (removed by retention, or a transaction marker): nothing
+        waits for those."""
+        part = self._parts.get((topic, partition))
+        if part is None or end <= max(start, part.next):
+            return
+        part.read[start] = max(end, part.read.get(start, end))
+        part.hand_back(done)
 
     def held_back(self) -> int:
         """Finished messages whose ack waits for an earlier offset of their partition."""
@@ -344,58 +384,16 @@ class _PartitionDelivery:
         return min(waiting) - 1 if waiting else self.marker.written
 
 
-@dataclass
-class _SkippedOffsets:
-    """Per input partition: the newest offset read since it was (re)assigned here, and the
-    first offset of a stretch Faust skipped, with when and how often it was asked for again."""
+class ReadSkipped(Protocol):
+    """Reads offsets [start, end) of an input partition from the log itself, for messages Faust
+    never handed over. Returns the messages found, in offset order, with tokens the caller acks
+    like Faust's, and where the read ended (``end``, or the partition's end if that comes
+    first): every other offset before it holds no message. Raises if it could not read the
+    range (then nothing of it counts as absent)."""
 
-    newest: dict[tuple[str, int], int] = field(default_factory=dict)
-    holes: dict[tuple[str, int], int] = field(default_factory=dict)
-    asked: dict[tuple[str, int], float] = field(default_factory=dict)
-    tries: Counter[tuple[str, int]] = field(default_factory=Counter)
-
-    def seen(self, topic: str, partition: int) -> bool:
-        return (topic, partition) in self.newest
-
-    def read(self, topic: str, partition: int, offset: int, start: int | None) -> int | None:
-        """Note `offset` read; returns the first skipped offset if it skipped some. `start`:
-        where reading began (for the first offset read in an assignment)."""
-        tp = (topic, partition)
-        previous = self.newest.get(tp)
-        self.newest[tp] = offset
-        hole = self.holes.get(tp)
-        if hole is not None and offset <= hole:
-            self._filled(tp)  # read again: the hole is being filled
-        expected = start if previous is None else previous + 1
-        if expected is None or offset <= expected:
-            return None
-        self.holes[tp] = min(self.holes.get(tp, expected), expected)
-        return expected
-
-    def due(self, now: float) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
-        """The holes to ask for again now, and those given up after REWIND_TRIES."""
-        due, given_up = [], []
-        for tp, offset in list(self.holes.items()):
-            if now - self.asked.get(tp, -math.inf) < REWIND_EVERY_S:
-                continue
-            self.asked[tp] = now
-            self.tries[tp] += 1
-            if self.tries[tp] > REWIND_TRIES:
-                self._filled(tp)
-                given_up.append((tp[0], tp[1], offset))
-            else:
-                due.append((tp[0], tp[1], offset))
-        return due, given_up
-
-    def _filled(self, tp: tuple[str, int]) -> None:
-        self.holes.pop(tp, None)
-        self.asked.pop(tp, None)
-        self.tries.pop(tp, None)
-
-    def forget(self, partitions: set[int]) -> None:
-        for marks in (self.newest, self.holes, self.asked, self.tries):
-            for key in [k for k in marks if k[1] in partitions]:
-                del marks[key]
+    async def __call__(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> tuple[list[RawMessage], int]: ...
 
 
 class LivePipeline:
@@ -414,10 +412,12 @@ class LivePipeline:
         durable: Callable[[], Awaitable[None]] | None = None,
         examples_sink: ExamplesSink | None = None,
         committed_offset: Callable[[str, int], int | None] | None = None,
+        read_skipped: ReadSkipped | None = None,
     ) -> None:
         self.settings = settings
         # Where reading of an input partition began in this assignment (its committed offset),
-        # if the caller knows: a first message after it means Faust skipped the ones between.
+        # if the caller knows: a first message after it means Faust skipped the ones between,
+        # which `read_skipped` reads from the log (without it their acks wait for a restart).
         self._committed_offset = committed_offset or (lambda topic, partition: None)
         self.models = models or SegmentModels(settings.segmentation)
         # Shared learning: examples go to the trainer through this sink (None: in-process).
@@ -446,9 +446,11 @@ class LivePipeline:
         self._quiet_since: dict[int, float] = {}
         self._dropped: set[tuple[str, int]] = set()  # revoked partitions with messages dropped
         self._ack_order = OffsetOrderAcks()
-        # Per input partition, the newest offset read since it was (re)assigned here, and
-        # where to read again from (offsets Faust skipped).
-        self._skipped = _SkippedOffsets()
+        # Per input partition read since it was (re)assigned here: the next offset expected,
+        # and when (on the input clock) a message of it was last read.
+        self._next_read: dict[tuple[str, int], int] = {}
+        self._read_at: dict[tuple[str, int], float] = {}
+        self._read_skipped = read_skipped
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
         self.sinks = sinks
@@ -628,7 +630,9 @@ class LivePipeline:
         self._assigned -= partitions
         for marks in (self._idle, self._announce_idle, self._waking):
             marks.difference_update(partitions)
-        self._skipped.forget(partitions)  # another worker reads on from here
+        for source in [s for s in self._next_read if s[1] in partitions]:
+            del self._next_read[source]  # another worker reads on from here
+            self._read_at.pop(source, None)
         for partition in partitions:
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
@@ -708,42 +712,62 @@ class LivePipeline:
         self._idle.add(partition)
         log.info("partition %d (none of it read here) is idle: versions do not wait", partition)
 
-    def _notice_skipped(self, topic: str, partition: int, offset: int) -> None:
-        """Input topics are not compacted: an offset above the one expected means Faust
-        skipped what lies between (at the start of an assignment: after its committed offset).
-        The acks after it wait (OffsetOrderAcks), and the consumer is asked to read it again."""
-        first_read = not self._skipped.seen(topic, partition)
-        start = self._committed_offset(topic, partition) if first_read else None
-        expected = self._skipped.read(topic, partition, offset, start)
-        if first_read and start is not None and offset > start:
-            self._ack_order.begin(topic, partition, start)
-        if expected is not None:
-            self.counts.input_gaps += 1
-            log.warning(
-                "%s[%d]: offsets %d..%d were never handed to the worker: reading them again",
-                topic,
-                partition,
-                expected,
-                offset - 1,
-            )
+    async def _fill_skipped(
+        self, topic: str, partition: int, start: int, end: int | None, at: float, done: list[Any]
+    ) -> None:
+        """Offsets [start, end) of an input partition were never handed to this worker (``end``
+        None: Faust stopped delivering a partition with unread messages). Input topics are not
+        compacted, so Faust skipped them, and would commit past them: the worker reads them
+        from the log itself, in chunks, and processes them before anything after them."""
+        self.counts.input_gaps += 1
+        log.warning(
+            "%s[%d]: offsets from %d%s were never handed to the worker: reading them from the log",
+            topic,
+            partition,
+            start,
+            "" if end is None else f" to {end - 1}",
+        )
+        if self._read_skipped is None:
+            return  # their acks wait (OffsetOrderAcks): a restart reads them from the commit
+        source = (topic, partition)
+        while end is None or start < end:
+            want = start + SKIPPED_READ_CHUNK
+            try:
+                found, stop = await self._read_skipped(
+                    topic, partition, start, want if end is None else min(end, want)
+                )
+            except Exception:
+                self.counts.input_gaps_unread += 1
+                log.exception(
+                    "%s[%d]: could not read offsets from %d: their acks wait, and the next "
+                    "rebalance or restart reads them from the committed offset",
+                    topic,
+                    partition,
+                    start,
+                )
+                return
+            for key, value, origin, token in found:
+                self._next_read[source] = origin.offset + 1
+                self.counts.input_gap_messages += 1
+                await self._accept(key, value, origin, token, at, done)
+            self._ack_order.absent(topic, partition, start, stop, done)  # all else: no message
+            self._next_read[source] = max(stop, self._next_read.get(source, stop))
+            if end is None or stop <= start:
+                return  # a stalled partition: one chunk at a time
+            start = stop
 
-    def rewinds(self) -> list[tuple[str, int, int]]:
-        """(topic, partition, offset) to read again from: offsets Faust skipped (the caller
-        seeks its consumer there; what was processed since comes back as duplicates). Asked
-        again every half second until the offset comes, at most REWIND_TRIES times."""
-        due, given_up = self._skipped.due(time.monotonic())
-        for topic, partition, offset in given_up:
-            # Each try re-reads what follows: stop asking. Its acks keep waiting, so the next
-            # rebalance or restart reads it from the committed offset.
-            log.error(
-                "%s[%d]: offset %d was not read again after %d tries; the partition's acks "
-                "wait, and the next rebalance or restart reads it again",
-                topic,
-                partition,
-                offset,
-                REWIND_TRIES,
-            )
-        return due
+    async def _read_stalled(self, now: float, done: list[Any]) -> None:
+        """Input partitions read here that have unread messages but got none for
+        INPUT_STALL_S: Faust stopped handing them over; read what follows from the log."""
+        if self._read_skipped is None:
+            return
+        for (topic, partition), next_read in list(self._next_read.items()):
+            if partition in self._revoked or not self._has_more(topic, partition):
+                continue
+            if now - self._read_at.get((topic, partition), now) < INPUT_STALL_S:
+                continue
+            self._read_at[(topic, partition)] = now
+            await self._fill_skipped(topic, partition, next_read, None, now, done)
 
     def idle_partitions(self) -> list[int]:
         return sorted(self._idle)
@@ -757,6 +781,8 @@ class LivePipeline:
                 done: list[Any] = []
                 now = self.input_clock()
                 await self._notice_idle(now)
+                self._budget = self.settings.batch_max_events
+                await self._read_stalled(now, done)
                 while True:  # in batches of at most batch_max_events
                     self._budget = self.settings.batch_max_events
                     for merge in list(self.merges.values()):
@@ -793,7 +819,38 @@ class LivePipeline:
                     origin.partition,
                 )
             return
-        self._notice_skipped(origin.topic, origin.partition, origin.offset)
+        source = (origin.topic, origin.partition)
+        expected = self._next_read.get(source)
+        if expected is None:  # the first message of this assignment: reading began here
+            expected = self._committed_offset(origin.topic, origin.partition)
+            if expected is None:
+                expected = origin.offset  # (not known: trust the first one)
+            self._ack_order.begin(origin.topic, origin.partition, expected)
+        self._read_at[source] = arrived
+        if origin.offset < expected:
+            # A copy of a message this assignment has read already (and processed, or holds):
+            # its ack waits for the original's.
+            ticket = self._ack_order.admit(origin.topic, origin.partition, origin.offset, token)
+            self._ack_order.finish(ticket, done)
+            return
+        if origin.offset > expected:
+            await self._fill_skipped(
+                origin.topic, origin.partition, expected, origin.offset, arrived, done
+            )
+        self._next_read[source] = origin.offset + 1
+        await self._accept(key, value, origin, token, arrived, done)
+
+    async def _accept(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        origin: MessageOrigin,
+        token: Any,
+        arrived: float,
+        done: list[Any],
+    ) -> None:
+        """Take a message read in order: decode it, then process it or hold it in the ordered
+        merge (anything wrong with it becomes a dead letter)."""
         self.last_offsets[(origin.topic, origin.partition)] = origin.offset
         ticket = self._ack_order.admit(origin.topic, origin.partition, origin.offset, token)
         self._quiet_since.pop(origin.partition, None)

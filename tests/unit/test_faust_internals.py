@@ -407,11 +407,46 @@ async def test_a_raw_send_goes_straight_to_aiokafka_and_is_flushed_before_a_comm
 
 async def test_the_committed_offset_is_where_reading_of_a_partition_began(app: Any) -> None:
     """``Consumer._committed_offset``: filled by ``perform_seek`` at every assignment (0 and
-    absent both mean the partition's start)."""
+    absent both mean the partition's start: offset 0)."""
     offsets = app.consumer._committed_offset
     offsets[TP("in", 0)] = 7
     offsets[TP("in", 1)] = 0
     assert faust_internals.committed_offset(app, "in", 0) == 7
-    assert faust_internals.committed_offset(app, "in", 1) is None
-    assert faust_internals.committed_offset(app, "in", 2) is None
+    assert faust_internals.committed_offset(app, "in", 1) == 0
+    assert faust_internals.committed_offset(app, "in", 2) == 0
     assert "_committed_offset" in inspect.getsource(type(app.consumer).perform_seek)
+
+
+async def test_an_event_for_a_record_read_elsewhere_acks_and_writes_like_a_fetched_one(
+    app: Any,
+) -> None:
+    """``ConsumerMessage`` + ``App.create_event``: an event made for a record the worker read
+    itself goes through Faust's own ack (its offset joins those Faust commits from, unless below
+    the committed offset), and table writes under it go to its partition."""
+    app.topics.add(raw_topic(app, "in"))
+    await app.topics._update_indices()  # what a subscription does (the conductor's indices)
+    assert app.topics.acks_enabled_for("in")
+    app.consumer_generation_id = 4
+    made = faust_internals.event_for_record(app, "in", 2, 41, b"k", b"v", 1_700_000_000.0)
+    assert (made.key, made.value, made.message.offset, made.message.tp) == (
+        b"k",
+        b"v",
+        41,
+        TP("in", 2),
+    )
+    assert faust_internals.generation_of(made.message) == 4
+
+    table = app.Table("t", key_type=bytes, value_type=bytes, partitions=4)
+    changelog: list[Any] = []
+    app.producer.send_soon = changelog.append
+    with faust_internals.as_current_event(made):
+        table[b"a"] = b"1"
+    assert [f.message.partition for f in changelog] == [2]
+
+    consumer = app.consumer
+    consumer._committed_offset[TP("in", 2)] = 40
+    assert made.ack() is True and made.ack() is False  # once
+    assert list(consumer._acked[TP("in", 2)]) == [41]
+    below = faust_internals.event_for_record(app, "in", 2, 39, b"k", b"v", 0.0)
+    assert below.ack() is False  # below the committed offset: Faust ignores it
+    assert consumer._new_offset(TP("in", 2)) == 42  # what Faust commits next

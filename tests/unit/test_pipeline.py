@@ -584,67 +584,163 @@ def test_acks_come_back_in_offset_order_per_partition_whatever_the_finishing_ord
     check()
 
 
-async def test_an_offset_never_handed_over_holds_the_acks_after_it_until_read_again() -> None:
-    """Faust sometimes skips messages (seen after a takeover) and would commit past them. The
-    pipeline acks nothing beyond the hole, asks to read from it again, and the copies of what
-    it had processed since are duplicates, acked once read again."""
-    sinks = ListSinks()
-    p = pipeline_factory({}, sinks)
+def test_offsets_read_from_the_log_with_nothing_there_never_hold_an_ack_back() -> None:
+    """Property: after a stretch is read from the log (some offsets hold messages, the rest
+    nothing), the present ones' tokens come back in offset order, each once, up to the first
+    unfinished one, whatever order they finish in; the empty offsets never hold one back."""
+    from stream_app.live.pipeline import OffsetOrderAcks
 
-    def msg(offset: int, customer: str) -> RawMessage:
-        origin = MessageOrigin(topic=CLICKS, partition=0, offset=offset)
-        return (b"k", message(customer, offset), origin, offset)
+    @given(st.lists(st.booleans(), min_size=1, max_size=40), st.randoms(), st.integers(0, 5))
+    @settings(max_examples=200, deadline=None)
+    def check(present: list[bool], rng: Any, start: int) -> None:
+        acks = OffsetOrderAcks()
+        acks.begin("t", 0, start)
+        offsets = [start + i for i, here in enumerate(present) if here]
+        tickets = {o: acks.admit("t", 0, o, o) for o in offsets}
+        done: list[int] = []
+        acks.absent("t", 0, start, start + len(present), done)
+        order = list(offsets)
+        rng.shuffle(order)
+        finished: set[int] = set()
+        for o in order:
+            acks.finish(tickets[o], done)
+            finished.add(o)
+            expected = []
+            for q in offsets:
+                if q not in finished:
+                    break
+                expected.append(q)
+            assert done == expected
+        assert done == offsets and acks.held_back() == 0
+        # What follows the stretch is handed back at once.
+        later: list[int] = []
+        acks.finish(acks.admit("t", 0, start + len(present), -1), later)
+        assert later == [-1]
 
-    assert await p.handle_batch([msg(0, "a"), msg(1, "b"), msg(4, "e")]) == [0, 1]
-    assert p.rewinds() == [(CLICKS, 0, 2)] and p.rewinds() == []
-    assert p.counts.input_gaps == 1
-    again = await p.handle_batch([msg(2, "c"), msg(3, "d"), msg(4, "e")])
-    assert again == [2, 3, 4, 4]  # the first copy of 4 too (Faust ignores a second ack)
-    customers = [c["customer_id"] for c in sinks.changes]
-    assert customers == ["a", "b", "e", "c", "d"]  # e once: its copy was a duplicate
-    assert p.metrics.duplicates._value.get() == 1
+    check()
 
 
-async def test_a_first_message_above_the_committed_offset_is_a_hole_too() -> None:
-    """After a takeover Faust's first message may already be past the committed offset (what
-    lay between was never handed over, and Faust would commit past it)."""
-    sinks = ListSinks()
-    p = LivePipeline(
+class LogReader:
+    """Stands in for the worker's own reader of the log (``SkippedReader``): serves offsets of
+    `log` (offset -> customer; a missing offset holds no message), and records what it read."""
+
+    def __init__(self, log: dict[int, str], fail: bool = False) -> None:
+        self.log = log
+        self.fail = fail
+        self.reads: list[tuple[int, int]] = []
+
+    async def __call__(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> tuple[list[RawMessage], int]:
+        if self.fail:
+            raise ConnectionError("broker gone")
+        stop = min(end, max(self.log) + 1)
+        self.reads.append((start, stop))
+        found = [
+            gap_msg(offset, self.log[offset], token=("log", offset))
+            for offset in range(start, stop)
+            if offset in self.log
+        ]
+        return found, stop
+
+
+def gap_msg(offset: int, customer: str, token: Any = None) -> RawMessage:
+    origin = MessageOrigin(topic=CLICKS, partition=0, offset=offset)
+    return (b"k", message(customer, offset), origin, offset if token is None else token)
+
+
+def gap_pipeline(
+    sinks: ListSinks,
+    reader: LogReader | None,
+    committed: int | None = None,
+    has_more: Any = None,
+) -> LivePipeline:
+    return LivePipeline(
         Settings(state_dir="/nonexistent", partitions=1),
         lambda partition: TableStore({}, partition, 1, cache_size=0),
         sinks,
         clock=lambda: T0 + timedelta(days=365),
-        committed_offset=lambda topic, partition: 3,
+        committed_offset=lambda topic, partition: committed,
+        read_skipped=reader,
+        has_more=has_more,
     )
 
-    def msg(offset: int, customer: str) -> RawMessage:
-        origin = MessageOrigin(topic=CLICKS, partition=0, offset=offset)
-        return (b"k", message(customer, offset), origin, offset)
 
-    assert await p.handle_batch([msg(5, "f"), msg(6, "g")]) == []
-    assert p.rewinds() == [(CLICKS, 0, 3)]
-    assert p.rewinds() == []  # asked again only after a while, and only until it comes
-    assert await p.handle_batch([msg(3, "d"), msg(4, "e"), msg(5, "f")]) == [3, 4, 5, 6, 5]
-    assert p.rewinds() == [] and p.counts.input_gaps == 1
+async def test_offsets_never_handed_over_are_read_from_the_log_before_what_follows() -> None:
+    """Faust sometimes skips messages (seen after a takeover) and would commit past them. The
+    pipeline reads the stretch from the log itself and processes it in offset order, before the
+    message after it; every token (Faust's and the reader's) comes back in offset order."""
+    sinks = ListSinks()
+    reader = LogReader({0: "a", 1: "b", 2: "c", 3: "d", 4: "e"})
+    p = gap_pipeline(sinks, reader)
+    done = await p.handle_batch([gap_msg(0, "a"), gap_msg(1, "b"), gap_msg(4, "e")])
+    assert done == [0, 1, ("log", 2), ("log", 3), 4]
+    assert reader.reads == [(2, 4)]
+    assert [c["customer_id"] for c in sinks.changes] == ["a", "b", "c", "d", "e"]
+    assert (p.counts.input_gaps, p.counts.input_gap_messages) == (1, 2)
+    # Faust handing the skipped ones over after all: copies, acked, not processed again.
+    assert await p.handle_batch([gap_msg(2, "c"), gap_msg(3, "d"), gap_msg(5, "f")]) == [2, 3, 5]
+    assert [c["customer_id"] for c in sinks.changes] == ["a", "b", "c", "d", "e", "f"]
+    assert p.metrics.duplicates._value.get() == 0
 
 
-def test_a_skipped_stretch_is_asked_for_again_every_half_second_five_times_at_most() -> None:
-    from stream_app.live.pipeline import REWIND_EVERY_S, REWIND_TRIES, _SkippedOffsets
+async def test_a_first_message_above_the_committed_offset_is_a_hole_too() -> None:
+    """After a takeover Faust's first message may already be past the committed offset (what
+    lay between was never handed over, and Faust would commit past it); with no committed
+    offset reading begins at the partition's start (0)."""
+    for committed, first in ((3, 3), (0, 0)):
+        sinks = ListSinks()
+        reader = LogReader({i: f"c{i}" for i in range(7)})
+        p = gap_pipeline(sinks, reader, committed=committed)
+        assert await p.handle_batch([gap_msg(5, "c5"), gap_msg(6, "c6")]) == [
+            *[("log", i) for i in range(first, 5)],
+            5,
+            6,
+        ]
+        assert reader.reads == [(first, 5)]
+        assert [c["customer_id"] for c in sinks.changes] == [f"c{i}" for i in range(first, 7)]
 
-    skipped = _SkippedOffsets()
-    assert skipped.read("t", 0, 10, start=None) is None  # where reading began: unknown
-    assert skipped.read("t", 0, 14, start=None) == 11
-    asked = []
-    for step in range(20):
-        due, given_up = skipped.due(step * REWIND_EVERY_S / 2)  # twice as often as allowed
-        asked += due
-        if given_up:
-            assert given_up == [("t", 0, 11)] and step == 2 * REWIND_TRIES
-            break
-    assert asked == [("t", 0, 11)] * REWIND_TRIES
-    assert skipped.due(1000.0) == ([], [])  # given up: the next rebalance reads it
-    # Read again before giving up: filled, nothing more to ask.
-    skipped.read("t", 1, 0, start=None)
-    assert skipped.read("t", 1, 5, start=None) == 1
-    assert skipped.read("t", 1, 1, start=None) is None
-    assert skipped.due(2000.0) == ([], [])
+
+async def test_offsets_that_hold_no_message_do_not_hold_the_acks() -> None:
+    """Offsets removed by retention, or taken by transaction markers, hold no message: once the
+    log says so, nothing waits for them."""
+    sinks = ListSinks()
+    reader = LogReader({3: "d", 6: "g", 9: "j"})  # 0-2 gone, 4-5 and 7-8 markers
+    p = gap_pipeline(sinks, reader, committed=0)
+    assert await p.handle_batch([gap_msg(9, "j")]) == [("log", 3), ("log", 6), 9]
+    assert [c["customer_id"] for c in sinks.changes] == ["d", "g", "j"]
+
+
+async def test_a_stretch_that_cannot_be_read_holds_the_acks_after_it() -> None:
+    """Without a reader, or when the read fails, what follows is processed, but its acks wait:
+    the next rebalance or restart reads the stretch from the committed offset."""
+    for reader in (None, LogReader({}, fail=True)):
+        sinks = ListSinks()
+        p = gap_pipeline(sinks, reader)
+        assert await p.handle_batch([gap_msg(0, "a"), gap_msg(1, "b"), gap_msg(4, "e")]) == [0, 1]
+        assert p.counts.input_gaps == 1
+        assert p.counts.input_gaps_unread == (0 if reader is None else 1)
+        assert [c["customer_id"] for c in sinks.changes] == ["a", "b", "e"]
+
+
+async def test_a_partition_that_stops_delivering_unread_messages_is_read_from_the_log() -> None:
+    """Faust may also stop handing a partition over with messages still unread (and nothing
+    after them to show the jump): after INPUT_STALL_S without one, the pipeline reads on from
+    the log, a chunk at a time."""
+    from stream_app.live.pipeline import INPUT_STALL_S
+
+    sinks = ListSinks()
+    reader = LogReader({0: "a", 1: "b", 2: "c"})
+    unread = {"n": 2}
+    p = gap_pipeline(
+        sinks, reader, has_more=lambda topic, partition: topic == CLICKS and unread["n"] > 0
+    )
+    now = p.input_clock()
+    assert await p.handle_batch([gap_msg(0, "a")], arrived=[now]) == [0]
+    assert await p.flush_idle() == [] and reader.reads == []  # not yet stalled
+    assert await p.handle_batch([gap_msg(0, "a")], arrived=[now - INPUT_STALL_S]) == [0]
+    assert await p.flush_idle() == [("log", 1), ("log", 2)]
+    assert reader.reads == [(1, 3)]
+    unread["n"] = 0
+    assert await p.flush_idle() == []
+    assert [c["customer_id"] for c in sinks.changes] == ["a", "b", "c"]
