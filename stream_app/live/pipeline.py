@@ -81,6 +81,9 @@ DEAD_LETTER_RETRY_MAX_S: Final = 5.0
 MAX_DEAD_LETTER_KEY_BYTES: Final = 1024
 INPUT_STALL_S: Final = 5.0  # unread messages but none handed over: read them from the log
 SKIPPED_READ_CHUNK: Final = 2000  # messages read from the log at a time
+# Examples per example record: ~184 B each as JSON, so ~184 KB, well under the broker's 1 MB
+# (the record is also a state-table value, so a changelog record).
+EXAMPLES_PER_RECORD: Final = 1000
 YIELD_EVERY: Final = 200  # events processed between two turns given to the event loop
 VERSIONS_KEPT_EPOCHS: Final = 32  # shared learning: versions kept behind the slowest partition
 # One raw input message: key, value, where it was read, and the token the caller acks.
@@ -526,11 +529,11 @@ class LivePipeline:
         if self._shared or self._examples_sink is None:
             return
         source = f"p{partition}"
-        for batch, encoded in sorted(marker.examples):
-            if batch > self.progress.sources.get(source, -1):
+        for _, number, encoded in sorted(marker.examples, key=lambda entry: entry[1]):
+            if number > self.progress.sources.get(source, -1):
                 for example in ExampleBatch.from_bytes(encoded.encode()).examples:
                     learn_example(self.models, example)
-                self.progress.sources[source] = batch
+                self.progress.sources[source] = number
 
     async def snapshot_models(self, signing_key: bytes | None) -> bytes:
         """A model record between batches (every durable batch learned, nothing else), with
@@ -565,7 +568,7 @@ class LivePipeline:
         if self._shelf is not None and marker.max_event_time is not None:
             proc.progress.max_event_time = marker.max_event_time  # what it promised from
         self._relearn_pending(partition, marker)
-        for batch, encoded in marker.examples:  # the trainer drops those it has learned
+        for batch, _, encoded in marker.examples:  # the trainer drops those it has learned
             if batch > marker.delivered:
                 self._example_sends.append((partition, batch, encoded))
         # Batches after the newest one seen, so a half-written batch's number is never reused.
@@ -1056,7 +1059,7 @@ class LivePipeline:
         learning = None if processor is None else processor.learning
         if not isinstance(learning, CollectedLearning | RecordingLearning):
             return
-        kept = [(batch, encoded) for batch, encoded in marker.examples if batch > marker.delivered]
+        kept = [entry for entry in marker.examples if entry[0] > marker.delivered]
         examples = learning.drain()
         promise = None
         if self._shelf is not None and processor is not None:
@@ -1074,20 +1077,27 @@ class LivePipeline:
             if idle and not examples:
                 self._idle.add(partition)
                 log.info("partition %d is idle: versions no longer wait for it", partition)
-            batch = ExampleBatch.model_construct(
-                format=EXAMPLES_FORMAT,
-                version=EXAMPLES_VERSION,
-                source=source,
-                batch=marker.written,
-                examples=examples,
-                promise=promise,
-                idle=partition in self._idle,
-            )
-            encoded = batch.to_bytes().decode()
-            kept.append((marker.written, encoded))
-            self._example_sends.append((partition, marker.written, encoded))
+            # Records of bounded size (a watermark jump can fire thousands of due checks in
+            # one batch; one record of them would exceed the broker's 1 MB).
+            step = EXAMPLES_PER_RECORD
+            parts = [examples[i : i + step] for i in range(0, len(examples), step)] or [[]]
+            for i, part in enumerate(parts):
+                marker.records += 1
+                last = i == len(parts) - 1
+                record = ExampleBatch.model_construct(
+                    format=EXAMPLES_FORMAT,
+                    version=EXAMPLES_VERSION,
+                    source=source,
+                    batch=marker.records,
+                    examples=part,
+                    promise=promise if last else None,  # the batch's promise: after all of it
+                    idle=partition in self._idle if last else False,
+                )
+                encoded = record.to_bytes().decode()
+                kept.append((marker.written, marker.records, encoded))
+                self._example_sends.append((partition, marker.written, encoded))
             if not self._shared:
-                self.progress.sources[source] = marker.written
+                self.progress.sources[source] = marker.records
         marker.examples = kept
 
     async def _send_examples(self, partition: int, batch: int, encoded: str) -> None:

@@ -15,7 +15,8 @@ what only the live layer needs to deliver exactly what it recorded, never anythi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+import logging
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -25,6 +26,8 @@ from aiokafka.partitioner import murmur2
 from stream_app.contracts.events import SegmentChange, encode
 from stream_app.core.processor import Position
 from stream_app.core.state import STATE_FORMAT, STATE_VERSION, CustomerState, read_record
+
+log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT: Final = 256
 DELIVERY_KEY_PREFIX: Final = b"\x00delivery:"  # not a customer id: ids are validated text
@@ -99,9 +102,14 @@ class DeliveryMarker:
 
     written: int = 0
     delivered: int = 0
-    # Shared learning: the example batches (encoded, with their batch numbers) of batches
-    # written but not known delivered, sent again after a crash; the trainer drops repeats.
-    examples: list[tuple[int, str]] = field(default_factory=list)
+    # Example records (batch, record number, encoded ExampleBatch) of batches written but not
+    # known delivered, sent again after a crash; the trainer drops repeats by record number.
+    # Each is stored under its own table key (:meth:`TableStore.flush`), the marker holds only
+    # their numbers: a batch's examples may be split into many records of bounded size.
+    examples: list[tuple[int, int, str]] = field(default_factory=list)
+    # The newest example record number this partition has used (numbers only grow, across
+    # owners: they are the trainer's duplicate check).
+    records: int = 0
     # Shared learning: the partition's clock (newest event time accepted, or declared) as of
     # `written`. The trainer holds the partition to the promises sent with those batches, so a
     # new owner must not accept, as on time, events its previous owner had made late.
@@ -111,23 +119,38 @@ class DeliveryMarker:
         record: dict[str, Any] = {
             "written": self.written,
             "delivered": self.delivered,
-            "examples": self.examples,
+            "records": self.records,
+            "example_records": [[batch, number] for batch, number, _ in self.examples],
         }
         if self.max_event_time is not None:
             record["max_event_time"] = self.max_event_time
         return orjson.dumps(record)
 
     @classmethod
-    def from_bytes(cls, raw: bytes | None) -> DeliveryMarker:
+    def from_bytes(
+        cls, raw: bytes | None, load: Callable[[int], bytes | None] = lambda number: None
+    ) -> DeliveryMarker:
+        """`load(number)`: the stored example record of that number (None if absent)."""
         if raw is None:
             return cls()
         v = orjson.loads(raw)
-        examples = [(int(batch), str(value)) for batch, value in v.get("examples", [])]
+        written = int(v["written"])
+        # Markers written before example records had numbers of their own kept them inline,
+        # numbered by their batch.
+        examples = [(int(batch), int(batch), str(value)) for batch, value in v.get("examples", [])]
+        for batch, number in v.get("example_records", []):
+            stored = load(int(number))
+            if stored is None:
+                log.error("example record %d of the delivery marker is missing", number)
+                continue
+            examples.append((int(batch), int(number), stored.decode()))
+        newest = max((number for _, number, _ in examples), default=0)
         clock = v.get("max_event_time")
         return cls(
-            written=int(v["written"]),
+            written=written,
             delivered=int(v["delivered"]),
             examples=examples,
+            records=max(int(v.get("records", written)), newest),
             max_event_time=None if clock is None else float(clock),
         )
 
@@ -167,6 +190,7 @@ class TableStore:
         self.batch = 1  # stamped on every state written until the next flush
         self._marker_key = DELIVERY_KEY_PREFIX + str(partition).encode()
         self._working: dict[str, Delivery] = {}  # envelopes filled for the coming put
+        self._stored_records: set[int] = set()  # example records under their own keys
 
     def _load(self, customer_id: str) -> tuple[CustomerState, Delivery] | None:
         cached = self._cache.get(customer_id)
@@ -218,7 +242,14 @@ class TableStore:
         self._working.pop(customer_id, None)
 
     def marker(self) -> DeliveryMarker:
-        return DeliveryMarker.from_bytes(self.table.get(self._marker_key))
+        marker = DeliveryMarker.from_bytes(
+            self.table.get(self._marker_key), lambda n: self.table.get(self._record_key(n))
+        )
+        self._stored_records = {number for _, number, _ in marker.examples}
+        return marker
+
+    def _record_key(self, number: int) -> bytes:
+        return b"%s%d/examples/%d" % (DELIVERY_KEY_PREFIX, self.partition, number)
 
     def _remember(self, customer_id: str, loaded: tuple[CustomerState, Delivery]) -> None:
         cache = self._cache
@@ -242,8 +273,21 @@ class TableStore:
             else:
                 table[customer_id.encode()] = raw
         if marker is not None:
+            self._write_example_records(marker)
             table[self._marker_key] = marker.to_bytes()
         return len(pending)
+
+    def _write_example_records(self, marker: DeliveryMarker) -> None:
+        """Each example record the marker keeps under its own key (a table value, so one
+        changelog record, of bounded size), written once; those it no longer keeps deleted."""
+        kept: set[int] = set()
+        for _, number, encoded in marker.examples:
+            kept.add(number)
+            if number not in self._stored_records:
+                self.table[self._record_key(number)] = encoded.encode()
+        for number in self._stored_records - kept:
+            self.table.pop(self._record_key(number), None)
+        self._stored_records = kept
 
     def discard_cached(self) -> None:
         self._cache.clear()

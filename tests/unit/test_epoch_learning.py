@@ -77,7 +77,7 @@ class PartitionedTable(dict[bytes, bytes]):
 
     def _check(self, key: bytes) -> None:
         if key.startswith(DELIVERY_KEY_PREFIX):
-            partition = int(key[len(DELIVERY_KEY_PREFIX) :])
+            partition = int(key[len(DELIVERY_KEY_PREFIX) :].split(b"/")[0])
         else:
             partition = partition_of(key.decode(), PARTITIONS)
         assert CURRENT.get() == partition, (key, CURRENT.get())
@@ -89,6 +89,10 @@ class PartitionedTable(dict[bytes, bytes]):
     def __setitem__(self, key: bytes, value: bytes) -> None:
         self._check(key)
         super().__setitem__(key, value)
+
+    def pop(self, key: bytes, default: Any = None) -> Any:
+        self._check(key)
+        return super().pop(key, default)
 
 
 @contextlib.contextmanager

@@ -166,9 +166,7 @@ def learned(models: SegmentModels) -> dict[str, Any]:
 
 
 def marker(table: dict[bytes, bytes]) -> DeliveryMarker:
-    return DeliveryMarker.from_bytes(
-        next(v for k, v in table.items() if k.startswith(DELIVERY_KEY_PREFIX))
-    )
+    return TableStore(table, 0, 1).marker()
 
 
 async def test_a_trainer_fed_what_the_pipeline_sent_learns_what_in_process_learns() -> None:
@@ -188,7 +186,7 @@ async def test_a_trainer_fed_what_the_pipeline_sent_learns_what_in_process_learn
     assert learned(trainer.models) == learned(in_process_models(items))
     assert learned(scoring) == learned(SegmentModels(SEG))  # the scoring version learned nothing
     # Acknowledged batches leave the marker at its next write: only the last batch is kept.
-    assert [batch for batch, _ in marker(table).examples] == [batches[-1].batch]
+    assert [number for _, number, _ in marker(table).examples] == [batches[-1].batch]
 
 
 async def test_after_a_crash_unacknowledged_examples_are_sent_again_and_learned_once() -> None:
@@ -250,3 +248,61 @@ async def test_deterministic_mode_restarts_with_exactly_the_models_it_had() -> N
     second = shared_pipeline(table, ExampleLog(), models, learning="in_process")
     await run(second, items, 250, batch=25)
     assert learned(models) == learned(in_process_models(items))
+
+
+async def test_a_batch_with_many_examples_is_split_into_records_of_bounded_size(
+    monkeypatch: Any,
+) -> None:
+    """A watermark jump can fire thousands of due checks in one batch: its examples go out as
+    several records, numbered on (the trainer's duplicate check), the batch's promise on the
+    last; each is kept under its own table key until acknowledged, so no record and no table
+    value grows with the batch. The trainer learns exactly what in-process learning does, also
+    after a crash that re-sends the split records."""
+    import stream_app.live.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "EXAMPLES_PER_RECORD", 7)
+    items = events(400)
+    table: dict[bytes, bytes] = {}
+    lost = ExampleLog(ack=False)  # the first life dies before the broker answers
+    await run(shared_pipeline(table, lost, SegmentModels(SEG)), items[:200], 0, batch=50)
+    kept = marker(table).examples
+    assert len(kept) > 1 and len({batch for batch, _, _ in kept}) < len(kept)  # split batches
+    stored = [k for k in table if k.startswith(DELIVERY_KEY_PREFIX) and b"/examples/" in k]
+    assert len(stored) == len(kept)
+    log = ExampleLog()
+    await run(shared_pipeline(table, log, SegmentModels(SEG)), items, 200, batch=50)
+    records = [ExampleBatch.from_bytes(raw) for raw in [*lost.sent, *log.sent]]
+    assert all(len(r.examples) <= 7 for r in records)
+    numbers = [ExampleBatch.from_bytes(raw).batch for raw in log.sent]
+    assert numbers == sorted(set(numbers))  # each record of the second life numbered on
+    trainer = Trainer(SegmentModels(SEG))
+    for offset, record in enumerate(records):
+        trainer.learn(record, offset)
+    assert trainer.progress.duplicates >= len(kept)  # the re-sent ones, dropped
+    assert learned(trainer.models) == learned(in_process_models(items))
+    # Acknowledged: the kept records' keys are deleted with the marker's next write.
+    assert len([k for k in table if b"/examples/" in k]) == len(marker(table).examples)
+
+
+def test_a_marker_written_before_example_records_had_numbers_still_reads() -> None:
+    """Markers of earlier versions kept the encoded batches inline, numbered by batch."""
+    old = orjson.dumps({"written": 9, "delivered": 7, "examples": [[8, "x"], [9, "y"]]})
+    read = DeliveryMarker.from_bytes(old)
+    assert read.examples == [(8, 8, "x"), (9, 9, "y")] and read.records == 9
+    assert DeliveryMarker.from_bytes(orjson.dumps({"written": 4, "delivered": 4})).records == 4
+    again = DeliveryMarker.from_bytes(read.to_bytes(), lambda n: {8: b"x", 9: b"y"}[n].upper())
+    assert again.examples == [(8, 8, "X"), (9, 9, "Y")] and again.records == 9
+
+
+async def test_a_full_example_record_stays_far_below_the_brokers_one_megabyte() -> None:
+    """EXAMPLES_PER_RECORD examples of the largest kind seen encode well under 1 MB (Kafka's
+    default message.max.bytes, and Faust's producer limit for the state table's records)."""
+    from stream_app.live.pipeline import EXAMPLES_PER_RECORD
+
+    log = ExampleLog()
+    await run(shared_pipeline({}, log, SegmentModels(SEG)), events(400), 0, batch=400)
+    examples = [e for raw in log.sent for e in ExampleBatch.from_bytes(raw).examples]
+    assert examples
+    largest = max(examples, key=lambda e: len(orjson.dumps(e.model_dump(mode="json"))))
+    record = ExampleBatch(source="p0", batch=1, examples=[largest] * EXAMPLES_PER_RECORD)
+    assert len(record.to_bytes()) < 512 * 1024
