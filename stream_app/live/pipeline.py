@@ -1030,7 +1030,7 @@ class LivePipeline:
         the event is recognised as applied and the outbox re-sends the very same bytes."""
         for partition, token in self._tokens.items():
             store = self._stores.get(partition)
-            if store is not None:
+            if store is not None and (store.dirty or self._has_news(partition)):
                 tracker = self.delivery[partition]
                 tracker.marker.delivered = tracker.delivered()  # before this batch counts
                 tracker.marker.written = store.batch
@@ -1050,6 +1050,28 @@ class LivePipeline:
         deliveries, self._deliveries = self._deliveries, []
         for delivery in deliveries:
             await self._deliver(delivery)
+
+    def _has_news(self, partition: int) -> bool:
+        """Anything for the partition's marker besides states: examples, a new promise or
+        clock, idleness. (A partition whose next event waits for its version is visited every
+        0.1 s, and wrote a marker each time.)"""
+        processor = self.processors.get(partition)
+        if processor is None:
+            return False
+        learning = processor.learning
+        if isinstance(learning, CollectedLearning | RecordingLearning) and learning.examples:
+            return True
+        if partition in self._announce_idle or partition in self._waking:
+            return True
+        if self._shelf is None:
+            return False
+        promise = processor.promise
+        if promise != -math.inf and promise > self._promised.get(partition, -math.inf):
+            return True
+        clock = processor.progress.max_event_time
+        return (None if clock == -math.inf else clock) != self.delivery[
+            partition
+        ].marker.max_event_time
 
     def _collect_examples(self, partition: int, marker: DeliveryMarker) -> None:
         """Shared learning: the batch's examples of this partition join its marker (written

@@ -351,6 +351,32 @@ def test_a_quiet_partition_holds_every_other_one_until_it_says_it_is_idle() -> N
     assert not any(b.idle and b.examples for b in sent)  # an idle record carries nothing
 
 
+def test_a_partition_waiting_for_its_version_does_not_rewrite_its_marker() -> None:
+    """While events wait for a version, the timer visits their partitions every 0.1 s; with
+    nothing new (no state, example, promise or clock) no marker is written (each write is a
+    changelog record)."""
+    stuck = QuietPartition(idle_after_s=3600.0)
+    with pytest.raises(AssertionError, match="stuck"):
+        asyncio.run(stuck.run([1]))
+    writes: list[bytes] = []
+
+    class Counted(PartitionedTable):
+        def __setitem__(self, key: bytes, value: bytes) -> None:
+            writes.append(key)
+            super().__setitem__(key, value)
+
+    stuck.table.__class__ = Counted
+    worker = stuck.workers[0][0]
+    assert worker.held() > 0  # events wait for their version
+
+    async def visits() -> None:
+        for _ in range(30):
+            assert await worker.flush_idle() == []
+
+    asyncio.run(visits())
+    assert writes == []
+
+
 def test_an_idle_source_is_left_out_of_the_frontier_until_it_sends_again() -> None:
     s = settings()
     trainer = SharedTrainer(SegmentModels(s.segmentation), s.epochs(), 2)
