@@ -149,6 +149,21 @@ class LogLossParams(_Params):
     mean: Real
 
 
+CALIBRATION_BINS: Final = 10
+
+
+class CalibrationParams(_Params):
+    """Predict-then-learn calibration over CALIBRATION_BINS equal-width score bins: per bin,
+    the labels whose prediction fell in it, the sum of those predictions and how many were
+    positive (expected calibration error = sum over bins of n/N * |mean prediction - rate|)."""
+
+    counts: list[Count] = Field(min_length=CALIBRATION_BINS, max_length=CALIBRATION_BINS)
+    predicted: list[NonNegativeReal] = Field(
+        min_length=CALIBRATION_BINS, max_length=CALIBRATION_BINS
+    )
+    positives: list[Count] = Field(min_length=CALIBRATION_BINS, max_length=CALIBRATION_BINS)
+
+
 class PropensityParams(_Params):
     """A Propensity: River ``StandardScaler | LogisticRegression`` (SGD, constant learning rate
     from the knobs) and its predict-then-learn quality."""
@@ -162,6 +177,8 @@ class PropensityParams(_Params):
     labels: Count
     positives: Count
     largest_scaled_input: NonNegativeReal
+    # Absent in records written before it existed: then counted from the next label on.
+    calibration: CalibrationParams | None = None
 
 
 class TrainerParams(_Params):

@@ -29,8 +29,10 @@ from river import cluster, compose, linear_model, metrics, optim, preprocessing,
 
 from stream_app.contracts.model_record import (
     AUC_BINS,
+    CALIBRATION_BINS,
     MODEL_PARAMS_VERSION,
     AucParams,
+    CalibrationParams,
     ClusterParams,
     LogLossParams,
     ModelParams,
@@ -305,7 +307,8 @@ class BehaviourClusters:
             spread = variances[f] ** 0.5  # a Python float power, as River computes it
             columns.append((values - means[f]) / spread if variances[f] else np.zeros(len(raw)))
         bound = CLUSTER_INPUT_BOUND
-        return np.clip(np.stack(columns, axis=1), -bound, bound)
+        rows: NDArray[np.float64] = np.clip(np.stack(columns, axis=1), -bound, bound)
+        return rows
 
     def _scaled(self, features: dict[str, float]) -> dict[str, float]:
         scaled: dict[str, float] = self.scaler.transform_one(
@@ -742,6 +745,50 @@ class Assessment:
     probability: float
 
 
+class Calibration:
+    """Expected calibration error, predict-then-learn, in constant space: CALIBRATION_BINS
+    equal-width bins of the predicted probability, each with its count, the sum of its
+    predictions and its positives (the offline audit's `expected_calibration_error`, kept
+    as a stream)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * CALIBRATION_BINS
+        self.predicted = [0.0] * CALIBRATION_BINS
+        self.positives = [0] * CALIBRATION_BINS
+
+    def update(self, outcome: bool, predicted: float) -> None:
+        b = min(int(predicted * CALIBRATION_BINS), CALIBRATION_BINS - 1)
+        self.counts[b] += 1
+        self.predicted[b] += predicted
+        self.positives[b] += int(outcome)
+
+    def get(self) -> float | None:
+        """The expected calibration error (None before any label)."""
+        total = sum(self.counts)
+        if not total:
+            return None
+        return sum(
+            abs(p / n - k / n) * n / total
+            for n, p, k in zip(self.counts, self.predicted, self.positives, strict=True)
+            if n
+        )
+
+    def to_params(self) -> CalibrationParams:
+        return CalibrationParams(
+            counts=list(self.counts), predicted=list(self.predicted), positives=list(self.positives)
+        )
+
+    @classmethod
+    def from_params(cls, params: CalibrationParams, where: str) -> Calibration:
+        if any(k > n for n, k in zip(params.counts, params.positives, strict=True)):
+            raise _invalid(f"{where}.calibration", "has more positives than labels in a bin")
+        calibration = cls()
+        calibration.counts = list(params.counts)
+        calibration.predicted = [float(p) for p in params.predicted]
+        calibration.positives = list(params.positives)
+        return calibration
+
+
 class Propensity:
     """Online logistic regression for one binary outcome, evaluated predict-then-learn.
 
@@ -762,6 +809,7 @@ class Propensity:
         )
         self.auc = TieAwareROCAUC()
         self.log_loss = metrics.LogLoss()
+        self.calibration = Calibration()
         self.labels = 0
         self.positives = 0
 
@@ -786,6 +834,7 @@ class Propensity:
         """Score the prediction made back then against the outcome, then learn from it."""
         self.auc.update(outcome, predicted)
         self.log_loss.update(outcome, predicted)
+        self.calibration.update(outcome, predicted)
         scaler, logreg = self.model.steps.values()
         scaler.learn_one(features)
         logreg.learn_one(_clipped(_robustly_scaled(scaler, features)), outcome)
@@ -823,6 +872,7 @@ class Propensity:
             labels=self.labels,
             positives=self.positives,
             largest_scaled_input=float(self.largest_scaled_input),
+            calibration=self.calibration.to_params(),
         )
 
     @classmethod
@@ -852,6 +902,8 @@ class Propensity:
         propensity.positives = params.positives
         if params.largest_scaled_input:
             propensity.largest_scaled_input = params.largest_scaled_input
+        if params.calibration is not None:
+            propensity.calibration = Calibration.from_params(params.calibration, where)
         return propensity
 
     def quality(self) -> dict[str, Any]:
@@ -861,6 +913,7 @@ class Propensity:
             "positive_rate": round(self.positives / self.labels, 4) if self.labels else None,
             "roc_auc": None if auc is None else round(auc, 4),
             "log_loss": round(float(self.log_loss.get()), 4) if self.labels else None,
+            "ece": None if (ece := self.calibration.get()) is None else round(ece, 4),
         }
 
 

@@ -183,6 +183,7 @@ def _quality_section(figures: LiveFigures) -> str:
                 ("positive_rate", _decimal(q.get("positive_rate"))),
                 ("roc_auc", _decimal(q.get("roc_auc"))),
                 ("log_loss", _decimal(q.get("log_loss"))),
+                ("ece", _decimal(q.get("ece"))),
             )
         )
         rows.append(f"<tr><td>{esc(title)}</td>{cells}</tr>")
@@ -190,7 +191,8 @@ def _quality_section(figures: LiveFigures) -> str:
         '<section id="live-quality"><h2>Model quality</h2><p class="note">Progressive '
         "(predict, then learn) on the labels matured so far.</p>"
         '<table id="live-quality-table"><thead><tr><th>model</th><th>labels</th>'
-        "<th>positive rate</th><th>AUC</th><th>log loss</th></tr></thead>"
+        "<th>positive rate</th><th>AUC</th><th>log loss</th>"
+        '<th title="expected calibration error, 10 bins">ECE</th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></section>"
     )
 

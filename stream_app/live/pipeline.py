@@ -1280,6 +1280,6 @@ class LivePipeline:
     def update_quality_metrics(self) -> None:
         for name, model in (("purchase", self.models.purchase), ("churn", self.models.churn)):
             quality = model.quality()
-            for metric in ("roc_auc", "log_loss"):
+            for metric in ("roc_auc", "log_loss", "ece"):
                 if quality[metric] is not None:
                     self.metrics.model_quality.labels(name, metric).set(quality[metric])

@@ -240,9 +240,11 @@ def build_report(result: ReplayResult, processor: Processor, meters: Meters) -> 
         else None,
         "purchase_auc": purchase["roc_auc"],
         "purchase_log_loss": purchase["log_loss"],
+        "purchase_ece": purchase["ece"],
         "purchase_labels": purchase["labels"],
         "churn_auc": churn["roc_auc"],
         "churn_log_loss": churn["log_loss"],
+        "churn_ece": churn["ece"],
         "churn_labels": churn["labels"],
         "clusters": [
             {

@@ -110,7 +110,7 @@ def test_live_page_shows_this_workers_segments_and_model_quality(
     assert quality["purchase"]["roc_auc"] is not None  # the figure is a real one
     for name in ("purchase", "churn"):
         assert by_id[f"live-auc-{name}"] == quality[name]["roc_auc"]
-        for figure in ("labels", "positive_rate", "log_loss"):
+        for figure in ("labels", "positive_rate", "log_loss", "ece"):
             (cell,) = [
                 f for f in figures if f["data"].get("model") == name
                 and f["data"].get("figure") == figure

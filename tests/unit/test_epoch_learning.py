@@ -241,7 +241,7 @@ def learned(data: bytes) -> tuple[Any, ...]:
     params = orjson.loads(orjson.loads(data)["params"])
     trainer = params.pop("trainer")
     for name in ("purchase", "churn"):
-        for what in ("auc", "log_loss", "largest_scaled_input"):
+        for what in ("auc", "log_loss", "largest_scaled_input", "calibration"):
             params[name].pop(what)
     return (
         trainer["valid_from"],

@@ -62,8 +62,20 @@ def test_the_page_shows_the_figures_and_escapes_names() -> None:
         sizes=sizes,
         cluster_names={"c10": HOSTILE, "c2": "name 2"},
         quality={
-            "purchase": {"labels": 250, "positive_rate": 0.3, "roc_auc": 0.71, "log_loss": 0.5},
-            "churn": {"labels": 0, "positive_rate": None, "roc_auc": None, "log_loss": None},
+            "purchase": {
+                "labels": 250,
+                "positive_rate": 0.3,
+                "roc_auc": 0.71,
+                "log_loss": 0.5,
+                "ece": 0.04,
+            },
+            "churn": {
+                "labels": 0,
+                "positive_rate": None,
+                "roc_auc": None,
+                "log_loss": None,
+                "ece": None,
+            },
         },
         model_version='v"><img src=x>',
         events=1234,

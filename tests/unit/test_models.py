@@ -50,6 +50,7 @@ from stream_app.core.models import (
 from stream_app.core.processor import MemoryStore, Processor
 from stream_app.settings import SegmentationSettings
 from stream_app.tools.datasets import RowError, read_dataset
+from stream_app.tools.score_audit import expected_calibration_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 Row = dict[str, float]
@@ -854,6 +855,7 @@ def test_quality_before_any_label() -> None:
         "positive_rate": None,
         "roc_auc": None,
         "log_loss": None,
+        "ece": None,
     }
 
 
@@ -865,6 +867,7 @@ def test_quality_needs_both_classes_for_auc(rows_factory: RowsFactory) -> None:
         "positive_rate": 1.0,
         "roc_auc": None,
         "log_loss": round(hand_log_loss([True] * 3, [0.9, 0.8, 0.7]), 4),
+        "ece": 0.2,  # each alone in its bin: |0.9-1|, |0.8-1|, |0.7-1|, averaged
     }
 
 
@@ -886,6 +889,7 @@ def test_quality_is_predict_then_learn(
         "positive_rate": round(sum(labels) / len(labels), 4),
         "roc_auc": round(hand_auc(labels, predictions), 4),
         "log_loss": round(hand_log_loss(labels, predictions), 4),
+        "ece": expected_calibration_error(predictions, labels)["ece"],
     }
 
 
@@ -898,6 +902,7 @@ def test_quality_of_known_values() -> None:
         "positive_rate": 0.6,
         "roc_auc": 0.8333,  # 5 of 6 (positive, negative) pairs ranked right
         "log_loss": round(-(math.log(0.9 * 0.8 * 0.4 * 0.4 * 0.8)) / 5, 4),
+        "ece": 0.34,  # one label per bin: (0.1 + 0.2 + 0.6 + 0.6 + 0.2) / 5
     }
 
 
@@ -1134,3 +1139,37 @@ def test_vectorised_seeding_is_bit_identical_to_the_loops(
     got = [tuple(clusters.kmeans.centers[c][f] for f in CLUSTER_FEATURES) for c in range(k)]
     assert got == expected_centres
     assert clusters.sizes == expected_counts
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0.0, 1.0, allow_nan=False), st.booleans()), min_size=1, max_size=200
+    )
+)
+def test_the_streamed_calibration_error_equals_the_audits_over_the_same_scores(
+    labelled: list[tuple[float, bool]],
+) -> None:
+    """Propensity.calibration (constant space, predict-then-learn) against the offline audit's
+    expected_calibration_error over the same (score, outcome) pairs; it survives the model
+    record, and a record written before it existed counts from the next label on."""
+    from stream_app.core.models import Calibration, Propensity
+    from stream_app.tools.score_audit import expected_calibration_error
+
+    calibration = Calibration()
+    for score, outcome in labelled:
+        calibration.update(outcome, score)
+    oracle = expected_calibration_error([s for s, _ in labelled], [o for _, o in labelled])
+    ece = calibration.get()
+    assert ece is not None and round(ece, 4) == pytest.approx(oracle["ece"], abs=1e-4)
+    again = Calibration.from_params(calibration.to_params(), "purchase")
+    assert again.get() == ece
+
+    model = Propensity(0.01)
+    for score, outcome in labelled[:5]:
+        model.learn({"order_count": 1.0}, outcome, score)
+    params = model.to_params()
+    assert Propensity.from_params(params, 0.01, "purchase").calibration.get() == pytest.approx(
+        model.calibration.get()
+    )
+    older = params.model_copy(update={"calibration": None})
+    assert Propensity.from_params(older, 0.01, "purchase").calibration.get() is None

@@ -154,7 +154,7 @@ def learned(models: SegmentModels) -> dict[str, Any]:
     params = models.to_params().model_dump()
     for name in ("purchase", "churn"):
         # Quality and diagnostics come from scoring (which version scored); learning does not.
-        for what in ("auc", "log_loss", "largest_scaled_input"):
+        for what in ("auc", "log_loss", "largest_scaled_input", "calibration"):
             params[name].pop(what)
         scaler = params[name]["scaler"]  # River's defaultdicts gain a 0.0 entry when read
         for what in ("means", "vars"):
