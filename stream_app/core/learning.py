@@ -98,16 +98,7 @@ class ExampleBatch(BaseModel):
             "version": self.version,
             "source": self.source,
             "batch": self.batch,
-            "examples": [
-                {
-                    "kind": e.kind.value,
-                    "at": e.at,
-                    "features": e.features,
-                    "outcome": e.outcome,
-                    "predicted": e.predicted,
-                }
-                for e in self.examples
-            ],
+            "examples": [example_record(e) for e in self.examples],
             "promise": self.promise,
         }
         if self.idle:
@@ -131,6 +122,28 @@ def cluster_example(x: dict[str, float], at: float) -> Example:
     packed = base64.b64encode(_CLUSTER_PACK.pack(*_CLUSTER_VALUES(x))).decode()
     return Example.model_construct(
         kind=ExampleKind.CLUSTER, at=at, features=packed, outcome=None, predicted=None
+    )
+
+
+def example_record(e: Example) -> dict[str, Any]:
+    """An example as JSON-ready fields (in example records, and in a customer's state)."""
+    return {
+        "kind": e.kind.value,
+        "at": e.at,
+        "features": e.features,
+        "outcome": e.outcome,
+        "predicted": e.predicted,
+    }
+
+
+def example_from_record(r: dict[str, Any]) -> Example:
+    """An example this worker stored itself (trusted: not validated again)."""
+    return Example.model_construct(
+        kind=ExampleKind(r["kind"]),
+        at=float(r["at"]),
+        features=str(r["features"]),
+        outcome=r.get("outcome"),
+        predicted=r.get("predicted"),
     )
 
 

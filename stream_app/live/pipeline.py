@@ -54,10 +54,12 @@ from stream_app.core.learning import (
     EXAMPLES_FORMAT,
     EXAMPLES_VERSION,
     CollectedLearning,
+    Example,
     ExampleBatch,
     ModelShelf,
     RecordingLearning,
     TrainerProgress,
+    example_from_record,
     learn_example,
 )
 from stream_app.core.models import SegmentModels
@@ -512,6 +514,9 @@ class LivePipeline:
                 proc.model_at = self._shelf.at
                 proc.use_models(self._shelf.newest)
             self.processors[partition] = proc
+            learning = proc.learning
+            if isinstance(learning, CollectedLearning | RecordingLearning):
+                store.keep_examples_of(lambda: learning.examples)
             self._recover(partition, proc, store)
         return proc
 
@@ -535,6 +540,31 @@ class LivePipeline:
                     learn_example(self.models, example)
                 self.progress.sources[source] = number
 
+    def _recover_examples(
+        self,
+        partition: int,
+        proc: Processor,
+        marker: DeliveryMarker,
+        batch: int,
+        found: list[tuple[float, str, int, dict[str, Any]]],
+    ) -> None:
+        """A batch whose states were partly durable when the worker died, but not its marker:
+        its durable customers' events are duplicates now (never processed again), so their
+        examples, stored with their states, go out as records of their own (and are learned
+        now, in deterministic mode)."""
+        examples = [example_from_record(record) for _, _, _, record in found]
+        if not self._shared:
+            for example in examples:
+                learn_example(self.models, example)
+        self._add_records(partition, marker, batch, examples, None, False)
+        log.warning(
+            "partition %d: batch %d was half written when the worker stopped; %d examples of "
+            "its durable states recovered",
+            partition,
+            batch,
+            len(examples),
+        )
+
     async def snapshot_models(self, signing_key: bytes | None) -> bytes:
         """A model record between batches (every durable batch learned, nothing else), with
         how far it has learned, so a restart re-learns exactly what it lacks."""
@@ -551,10 +581,15 @@ class LivePipeline:
         newest = marker.written
         now = self._clock()
         due: list[tuple[float, str]] = []
+        half_written: list[tuple[float, str, int, dict[str, Any]]] = []
         for state, envelope in store.records():
             if state.due_at is not None:
                 due.append((state.due_at, state.customer_id))
             newest = max(newest, envelope.written_batch)
+            if envelope.written_batch > marker.written:
+                # Durable, but its batch's marker is not: nothing else has these examples.
+                for i, example in enumerate(envelope.examples):
+                    half_written.append((float(example["at"]), state.customer_id, i, example))
             if not envelope.outbox:
                 continue
             if envelope.written_batch > marker.delivered:
@@ -571,6 +606,8 @@ class LivePipeline:
         for batch, _, encoded in marker.examples:  # the trainer drops those it has learned
             if batch > marker.delivered:
                 self._example_sends.append((partition, batch, encoded))
+        if half_written:
+            self._recover_examples(partition, proc, marker, newest, sorted(half_written))
         # Batches after the newest one seen, so a half-written batch's number is never reused.
         marker.written = newest
         store.batch = newest + 1
@@ -1081,7 +1118,7 @@ class LivePipeline:
         learning = None if processor is None else processor.learning
         if not isinstance(learning, CollectedLearning | RecordingLearning):
             return
-        kept = [entry for entry in marker.examples if entry[0] > marker.delivered]
+        marker.examples = [entry for entry in marker.examples if entry[0] > marker.delivered]
         examples = learning.drain()
         promise = None
         if self._shelf is not None and processor is not None:
@@ -1091,7 +1128,6 @@ class LivePipeline:
         idle = partition in self._announce_idle
         waking = partition in self._waking
         if examples or promise is not None or idle or waking:
-            source = f"p{partition}"
             if promise is not None:
                 self._promised[partition] = promise
             self._announce_idle.discard(partition)
@@ -1099,28 +1135,42 @@ class LivePipeline:
             if idle and not examples:
                 self._idle.add(partition)
                 log.info("partition %d is idle: versions no longer wait for it", partition)
-            # Records of bounded size (a watermark jump can fire thousands of due checks in
-            # one batch; one record of them would exceed the broker's 1 MB).
-            step = EXAMPLES_PER_RECORD
-            parts = [examples[i : i + step] for i in range(0, len(examples), step)] or [[]]
-            for i, part in enumerate(parts):
-                marker.records += 1
-                last = i == len(parts) - 1
-                record = ExampleBatch.model_construct(
-                    format=EXAMPLES_FORMAT,
-                    version=EXAMPLES_VERSION,
-                    source=source,
-                    batch=marker.records,
-                    examples=part,
-                    promise=promise if last else None,  # the batch's promise: after all of it
-                    idle=partition in self._idle if last else False,
-                )
-                encoded = record.to_bytes().decode()
-                kept.append((marker.written, marker.records, encoded))
-                self._example_sends.append((partition, marker.written, encoded))
-            if not self._shared:
-                self.progress.sources[source] = marker.records
-        marker.examples = kept
+            idle_now = partition in self._idle
+            self._add_records(partition, marker, marker.written, examples, promise, idle_now)
+
+    def _add_records(
+        self,
+        partition: int,
+        marker: DeliveryMarker,
+        batch: int,
+        examples: list[Example],
+        promise: float | None,
+        idle: bool,
+    ) -> None:
+        """The examples as records of bounded size, numbered on from the marker's newest, kept
+        in the marker until `batch` is delivered and sent once its states are durable. (A
+        watermark jump can fire thousands of due checks in one batch; one record of them would
+        exceed the broker's 1 MB.) The promise and idleness go with the last record."""
+        source = f"p{partition}"
+        step = EXAMPLES_PER_RECORD
+        parts = [examples[i : i + step] for i in range(0, len(examples), step)] or [[]]
+        for i, part in enumerate(parts):
+            marker.records += 1
+            last = i == len(parts) - 1
+            record = ExampleBatch.model_construct(
+                format=EXAMPLES_FORMAT,
+                version=EXAMPLES_VERSION,
+                source=source,
+                batch=marker.records,
+                examples=part,
+                promise=promise if last else None,
+                idle=idle if last else False,
+            )
+            encoded = record.to_bytes().decode()
+            marker.examples.append((batch, marker.records, encoded))
+            self._example_sends.append((partition, batch, encoded))
+        if not self._shared:
+            self.progress.sources[source] = marker.records
 
     async def _send_examples(self, partition: int, batch: int, encoded: str) -> None:
         assert self._examples_sink is not None

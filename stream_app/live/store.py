@@ -24,6 +24,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from stream_app.contracts.events import SegmentChange, encode
+from stream_app.core.learning import Example, example_record
 from stream_app.core.processor import Position
 from stream_app.core.state import STATE_FORMAT, STATE_VERSION, CustomerState, read_record
 
@@ -41,6 +42,10 @@ class Delivery:
     offsets: dict[str, int] = field(default_factory=dict)
     outbox: list[str] = field(default_factory=list)
     written_batch: int = 0
+    # What the models learn from this customer's processing in `written_batch` (example
+    # fields, `core.learning.example_record`): written with the state, so after a crash that
+    # left the state durable but not its batch's marker, the examples are not lost.
+    examples: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, r: dict[str, Any] | None) -> Delivery:
@@ -50,20 +55,24 @@ class Delivery:
             offsets=dict(r.get("offsets", {})),
             outbox=list(r.get("outbox", [])),
             written_batch=int(r.get("written_batch", 0)),
+            examples=list(r.get("examples", [])),
         )
 
 
 def encode_record(state: CustomerState, delivery: Delivery) -> bytes:
+    envelope: dict[str, Any] = {
+        "offsets": delivery.offsets,
+        "outbox": delivery.outbox,
+        "written_batch": delivery.written_batch,
+    }
+    if delivery.examples:
+        envelope["examples"] = delivery.examples
     return orjson.dumps(
         {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             **state.to_record(),
-            "delivery": {
-                "offsets": delivery.offsets,
-                "outbox": delivery.outbox,
-                "written_batch": delivery.written_batch,
-            },
+            "delivery": envelope,
         }
     )
 
@@ -191,6 +200,11 @@ class TableStore:
         self._marker_key = DELIVERY_KEY_PREFIX + str(partition).encode()
         self._working: dict[str, Delivery] = {}  # envelopes filled for the coming put
         self._stored_records: set[int] = set()  # example records under their own keys
+        # The examples the models are given, in order (the partition's Learning), and how many
+        # of them earlier puts of this batch took: each put takes the rest (the processor
+        # learns from a customer just before it puts their state).
+        self._produced: Callable[[], list[Example]] | None = None
+        self._taken = 0
 
     def _load(self, customer_id: str) -> tuple[CustomerState, Delivery] | None:
         cached = self._cache.get(customer_id)
@@ -228,10 +242,22 @@ class TableStore:
             self._working[customer_id] = envelope
         return envelope
 
+    def keep_examples_of(self, produced: Callable[[], list[Example]]) -> None:
+        """Store with each customer's state the examples learned from them in its batch."""
+        self._produced = produced
+
     def put(self, state: CustomerState) -> None:
         customer = state.customer_id
         envelope = self._working.pop(customer, None) or self.delivery_for(customer)
         self._working.pop(customer, None)
+        if self._produced is not None:
+            produced = self._produced()
+            start = min(self._taken, len(produced))
+            if envelope.written_batch == self.batch:  # written before in this batch: add
+                envelope.examples.extend(example_record(e) for e in produced[start:])
+            else:
+                envelope.examples = [example_record(e) for e in produced[start:]]
+            self._taken = len(produced)
         envelope.written_batch = self.batch
         self._pending[customer] = encode_record(state, envelope)
         self._remember(customer, (state, envelope))
@@ -275,6 +301,7 @@ class TableStore:
         if marker is not None:
             self._write_example_records(marker)
             table[self._marker_key] = marker.to_bytes()
+        self._taken = 0  # the batch's examples were taken into its records
         return len(pending)
 
     def _write_example_records(self, marker: DeliveryMarker) -> None:
