@@ -30,7 +30,7 @@ from typing import Any, Final
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from stream_app.core.learning import ExampleBatch, SharedTrainer, Trainer
-from stream_app.core.model_format import SnapshotError, record_version
+from stream_app.core.model_format import SnapshotError, is_progress_record, record_version
 from stream_app.core.models import SegmentModels
 from stream_app.live.model_log import ModelHistory, newest_key, pin_key, read_model_log
 from stream_app.settings import Settings
@@ -384,7 +384,12 @@ class TrainerService(_Thread):
         for data in records:
             self.published = record_version(data)
             self.publications += 1
-            self._history.after_publish(producer, data, self.published)
+        # The history keeps the newest version of the lot, stamped after it: one kept for an
+        # earlier record was stamped later than the newest, and `models list` (in time order)
+        # showed an older version as the last one.
+        versions = [data for data in records if not is_progress_record(data)]
+        if versions:
+            self._history.after_publish(producer, versions[-1], record_version(versions[-1]))
         trainer = self.trainer
         log.info(
             "published %d model record(s), newest %s (%s examples learned)",

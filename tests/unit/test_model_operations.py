@@ -414,3 +414,23 @@ def test_the_newest_version_is_the_latest_boundary_not_the_last_record() -> None
     found = catalogue(SETTINGS, records)
     assert found.newest == record_version(later)
     assert [v.version for v in found.versions if v.following] == [record_version(later)]
+
+
+def test_the_history_keeps_the_newest_of_the_versions_published_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trainer publishes what one read completes at once; the history keeps the newest of
+    them, stamped after it (keeping an earlier one stamped it later than the newest, and
+    `models list` showed an older version last: seen in test_model_pins)."""
+    from stream_app.live.trainer import TrainerService
+
+    monkeypatch.setattr(model_log, "read_model_log", lambda s: [])
+    service, producer = TrainerService(SETTINGS), FakeProducer()
+    v = versions(3)
+    service._publish(producer, v)
+    newest = record_version(v[-1])
+    assert producer.sent == [
+        *[(APP.encode(), data) for data in v],
+        (history_key(APP, newest), v[-1]),
+    ]
+    assert service.published == newest and service.publications == 3
