@@ -24,7 +24,7 @@ import pytest
 from test_shared_learning import Sinks
 
 from stream_app.contracts.events import encode
-from stream_app.core.learning import ExampleBatch, SharedTrainer
+from stream_app.core.learning import ExampleBatch, ModelShelf, SharedTrainer
 from stream_app.core.models import SegmentModels
 from stream_app.live.pipeline import LivePipeline
 from stream_app.live.store import DELIVERY_KEY_PREFIX, TableStore, partition_of
@@ -310,6 +310,41 @@ def test_a_trainer_restored_from_any_record_makes_the_same_records() -> None:
             restored.examples + restored.pending
             == cluster.trainer.examples + cluster.trainer.pending
         )
+
+
+def test_a_zombie_trainers_late_records_change_nothing() -> None:
+    """A trainer paused past its session timeout (a zombie) wakes up after another took over
+    and publishes what it had, once more, after the newest records. That is not fenced, and
+    need not be: a trainer's records are a function of the examples log alone. The zombie's
+    versions equal those already published for their boundaries, a worker's shelf only moves
+    forward, and a trainer that restores from the zombie's stale record (now the newest under
+    the app key) makes exactly the versions that followed it."""
+    cluster = run([[0, 1], [2, 3]], [1, 2], seed=3)
+    s, log, records = cluster.s, cluster.log, cluster.records
+    asleep_at = records[len(records) // 3]
+    zombie = SharedTrainer(decode_version(s, asleep_at), s.epochs(), PARTITIONS)
+    late: list[bytes] = []
+    for offset in range(zombie.next_offset, zombie.next_offset + 20):
+        late += zombie.read(ExampleBatch.from_bytes(log[offset]), offset)
+    late.append(zombie.progress_record())  # what it publishes when it learns it was revoked
+    assert versions(late)  # it had versions to publish
+    published = {v[0]: v for v in versions(records)}
+    assert all(published[v[0]] == v for v in versions(late))
+
+    shelf = ModelShelf(SegmentModels(s.segmentation), s.epochs())
+    for data in records:
+        shelf.offer(decode_version(s, data))
+    known, boundaries = shelf.known_until, list(shelf._boundaries)
+    for data in late:
+        shelf.offer(decode_version(s, data))
+    assert (shelf.known_until, shelf._boundaries) == (known, boundaries)
+
+    stale = SharedTrainer(decode_version(s, late[-1]), s.epochs(), PARTITIONS)
+    again: list[bytes] = []
+    for offset in range(stale.next_offset, len(log)):
+        again += stale.read(ExampleBatch.from_bytes(log[offset]), offset)
+    cut_at = learned(late[-1])[1]
+    assert versions(again) == [v for v in versions(records) if v[0] > cut_at]
 
 
 def test_workers_killed_between_batches_emit_the_same_trails() -> None:
