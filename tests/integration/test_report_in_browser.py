@@ -157,12 +157,14 @@ def test_flows_funnel_and_versions_are_the_python_figures(
     for dimension, flow in flows.items():
         for (source, target), count in flow.counts.items():
             assert one(figures, flow=dimension, **{"from": source, "to": target}) == count
-    assert sum(flow.total for flow in flows.values()) == 31100 - 4372  # all but the entries
+    # The offline replay of Online Retail makes 31,148 changes (2,377 of them cluster moves,
+    # since cluster inputs are winsorised at 3 std), 4,372 of them entries.
+    assert sum(flow.total for flow in flows.values()) == 31148 - 4372  # all but the entries
     for stage, count in made.figures.funnel.items():
         assert one(figures, stage=stage) == count
     assert made.figures.funnel["new"] == 4372
     (version,) = made.figures.versions
-    assert one(figures, version=version.version, figure="changes") == 31100
+    assert one(figures, version=version.version, figure="changes") == 31148
 
 
 def test_every_chart_is_drawn(dom: tuple[list[dict[str, Any]], Any]) -> None:
