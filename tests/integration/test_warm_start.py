@@ -308,3 +308,78 @@ def test_refusals_force_and_emit(
         assert msg.key().decode() == orjson.loads(msg.value())["customer_id"]
         assert msg.partition() == partition_of(msg.key().decode(), settings.partitions)
     assert f"{len(reader.received)} history changes were sent" in forced.stdout
+
+
+def record_sizes(settings: Settings, topic: str) -> list[int]:
+    """The size of every record of `topic` now (tombstones count 0), read by a plain consumer."""
+    from confluent_kafka import TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"{settings.app_id}-sizes-{topic}",
+            "enable.auto.commit": False,
+        }
+    )
+    sizes: list[int] = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        for partition in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, partition, low)])
+            last = low - 1
+            deadline = time.monotonic() + 60
+            while last + 1 < high:
+                assert time.monotonic() < deadline, (topic, partition, last, high)
+                for msg in consumer.consume(1000, timeout=1.0):
+                    if msg.error() is None:
+                        sizes.append(len(msg.value() or b""))
+                        last = msg.offset()
+    finally:
+        consumer.close()
+    return sizes
+
+
+def test_a_leap_in_event_time_that_fires_every_customers_due_work_fits_kafkas_limits(
+    settings_factory: Callable[..., Settings],
+    topics_factory: Callable[[Settings], dict[str, str]],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    """After a bootstrap, one event eleven months later makes every customer's lifecycle and
+    label work due in one batch: thousands of examples at once. Their records and the state
+    table's values stay far under Kafka's 1 MB, and the worker goes on (one record of them,
+    as before, was over 1 MB: the batch failed on every restart)."""
+    settings = settings_factory(partitions=1)
+    topics_factory(settings)
+    done = bootstrap_cli(
+        settings, str(RETAIL), "--format", "online-retail", "--until", "2011-11-01"
+    )
+    assert done.returncode == 0, done.stderr
+    worker = worker_factory(settings)
+    worker.wait_ready()
+    leap = [e for e in live_rest() if e.event_time >= datetime(2011, 12, 9, tzinfo=UTC)][:1]
+    later = leap[0].model_copy(
+        update={"event_time": datetime(2012, 10, 1, tzinfo=UTC), "event_id": "leap-1"}
+    )
+    publish([later], settings)
+    counts = worker.wait_for(lambda c: processed_count(c) >= 1, timeout=120)
+    assert counts["dead_letters"] == {}
+    reader = TopicReader(settings, settings.learning_examples_topic)
+    try:
+        assert reader.until(lambda got: sum(len(r["examples"]) for r in got) > 5400, 120)
+        reader.read_to_end()
+    finally:
+        reader.close()
+    examples = sum(len(r["examples"]) for r in reader.received)
+    log.info(
+        "%d examples in %d records, largest %d B", examples, len(reader.sizes), max(reader.sizes)
+    )
+    assert max(reader.sizes) < 512 * 1024
+    changelog_sizes = record_sizes(settings, settings.customers_changelog_topic)
+    assert max(changelog_sizes) < 512 * 1024
+    # Still working: the next event is processed too.
+    publish([later.model_copy(update={"event_id": "leap-2"})], settings)
+    worker.wait_for(lambda c: processed_count(c) >= 2, timeout=60)
+    assert worker.stop() == 0, worker.log_tail()
