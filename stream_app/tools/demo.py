@@ -41,6 +41,7 @@ DAY_S: Final = 86400.0
 # What the subscriber shows of each day of event time: a tally, and the first change of these
 # kinds with its reason (entries are every new customer: counted, not shown).
 SHOWN_KINDS: Final = (Component.CLUSTER, Component.PROPENSITY, Component.LIFECYCLE)
+WARMING_UP: Final = "warming up"
 SUBSCRIBER_IDLE_S: Final = 8.0
 
 
@@ -91,6 +92,9 @@ class Ticker:
     today: Counter[str] = field(default_factory=Counter)
     shown: set[Component] = field(default_factory=set)
     received: Counter[str] = field(default_factory=Counter)
+    # Changes that leave the customer unscored or in a cluster still warming up (a warm
+    # start should leave almost none: issue 14, < 1%).
+    cold: int = 0
 
     def act(self, change: SegmentChange) -> None:
         day = change.event_time.date()
@@ -99,6 +103,9 @@ class Ticker:
             self.day, self.today, self.shown = day, Counter(), set()
         self.today[change.component.value] += 1
         self.received[change.component.value] += 1
+        now = change.current
+        if now.propensity_tier.value == "unscored" or now.cluster_profile.startswith(WARMING_UP):
+            self.cold += 1
         if change.component in SHOWN_KINDS and change.component not in self.shown:
             self.shown.add(change.component)
             self.say("    " + describe(change))
@@ -199,7 +206,8 @@ def run_demo(
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(ticker.received.items()))
             print(
                 f"  ... {state.received} changes received, {state.acted} acted on ({kinds}), "
-                f"{state.repeats} repeats ignored, {state.gaps} sequence gaps"
+                f"{state.repeats} repeats ignored, {state.gaps} sequence gaps; "
+                f"{ticker.cold} left a customer unscored or warming up"
             )
             _say("worker counts (GET /counts) and a few metrics (GET /metrics)")
             print("  " + (worker.get("/counts") or b"unavailable").decode())

@@ -39,12 +39,18 @@ def test_the_demo_shows_named_clusters_scored_tiers_and_lifecycle_moves_arriving
     assert any("propensity:" in s and re.search(r"purchase propensity 0\.\d\d", s) for s in shown)
     assert any("lifecycle:" in s and "days without activity" in s for s in shown)
     assert all("[live]" in s for s in shown)
-    # Warm from the bootstrap: almost nothing shown is unscored or warming up.
-    now = [s.split(" -> ", 1)[1] for s in shown]  # the segment the customer is in now
-    cold = [s for s in now if s.split(" ", 1)[0].count("/unscored/") or "warming up" in s]
-    assert len(cold) <= 0.01 * len(shown), cold[:5]
-    received = re.search(r"\.\.\. (\d+) changes received, (\d+) acted on \(.*\), 0 repeats", out)
+    received = re.search(
+        r"\.\.\. (\d+) changes received, (\d+) acted on \(.*\), 0 repeats.*; "
+        r"(\d+) left a customer unscored or warming up",
+        out,
+    )
     assert received is not None and int(received.group(2)) > 1000, out[-2000:]
+    # Warm from the bootstrap: almost no change leaves a customer unscored or warming up
+    # (issue 14: < 1% of live changes), counted over every change acted on. The ~100 lines
+    # shown are too few for a 1% bound: they are the first of each kind per day, and a customer
+    # lapsed since before the tiers warmed up shows the old `unscored` on the lifecycle move
+    # that comes before the event's re-scoring (2 of 101 shown in one CI run).
+    assert int(received.group(3)) <= 0.01 * int(received.group(2)), received.group(0)
     assert 'dead_letters_total{reason="invalid_json"} 1.0' in out
     # It ends with the segment report of what it emitted, and says where it is.
     where = re.search(r"open it in a browser: file://(\S+)", out)
