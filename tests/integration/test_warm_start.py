@@ -26,6 +26,7 @@ from conftest import TopicReader, assert_one_history, final_segments
 
 from load_tests.systems import processed_count
 from stream_app.contracts.events import Event, Origin
+from stream_app.kafka.ranges import Bounds, range_consumer, read_ranges, resolve
 from stream_app.live.store import decode_record, partition_of
 from stream_app.live.workerproc import child_env, wait_until
 from stream_app.settings import Settings
@@ -311,35 +312,14 @@ def test_refusals_force_and_emit(
 
 
 def record_sizes(settings: Settings, topic: str) -> list[int]:
-    """The size of every record of `topic` now (tombstones count 0), read by a plain consumer."""
-    from confluent_kafka import TopicPartition
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"{settings.app_id}-sizes-{topic}",
-            "enable.auto.commit": False,
-        }
-    )
-    sizes: list[int] = []
+    """The size of every record of `topic` now (tombstones count 0), read without a group
+    (`kafka.ranges`, as shadow runs and `compare` read)."""
+    consumer = range_consumer(settings, f"{settings.app_id}-sizes")
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        for partition in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
-            if high <= low:
-                continue
-            consumer.assign([TopicPartition(topic, partition, low)])
-            last = low - 1
-            deadline = time.monotonic() + 60
-            while last + 1 < high:
-                assert time.monotonic() < deadline, (topic, partition, last, high)
-                for msg in consumer.consume(1000, timeout=1.0):
-                    if msg.error() is None:
-                        sizes.append(len(msg.value() or b""))
-                        last = msg.offset()
+        ranges = resolve(consumer, [topic], Bounds())
+        return [len(msg.value() or b"") for msg in read_ranges(consumer, ranges)]
     finally:
         consumer.close()
-    return sizes
 
 
 def test_a_leap_in_event_time_that_fires_every_customers_due_work_fits_kafkas_limits(
