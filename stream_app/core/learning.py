@@ -583,7 +583,12 @@ class ModelShelf:
         self.pinned: SegmentModels | None = None
         self._boundaries: list[float] = []
         self._versions: dict[float, SegmentModels] = {}
-        self.offer(base)
+        if _closed_until(base) == -math.inf:
+            self.offer(base)  # untrained or bootstrapped: it scores before the first version
+        # A trainer's record (a worker starts with the newest on the models topic) is not
+        # taken: it would make every boundary up to its own final without the versions cut
+        # before it, and an event needing one of them would be scored by the base. They come
+        # in order from the follower, which reads the topic from its start.
 
     def offer(self, models: SegmentModels) -> None:
         """Take a record the models topic holds: a version, a progress record, or a version

@@ -152,13 +152,14 @@ class Cluster:
             self.seen.append(0)
         self.seen = [0 for _ in self.workers]
 
-    def _pipeline(self) -> LivePipeline:
+    def _pipeline(self, models: SegmentModels | None = None) -> LivePipeline:
         sinks = Sinks()
         self.sinks.append(sinks)
         return LivePipeline(
             self.s,
             lambda partition: TableStore(self.table, partition, PARTITIONS, cache_size=0),
             sinks,
+            models=models,
             has_more=self._has_more,
             as_current=as_current,
             examples_sink=self._send,
@@ -176,8 +177,11 @@ class Cluster:
             )
             for offset, topic, item in reversed(held):
                 self.feeds[merge.partition].insert(0, (topic, item.key, item.payload, offset))
-        self.workers[n] = (self._pipeline(), partitions, size)
-        self.seen[n] = 0  # it reads the models topic from the start
+        # As a worker starts (`app.run_worker`): with the newest record on the models topic; its
+        # follower reads the topic from the start.
+        newest = decode_version(self.s, self.records[-1]) if self.records else None
+        self.workers[n] = (self._pipeline(newest), partitions, size)
+        self.seen[n] = 0
         if n == 0 and self.records:  # the trainer ran there: another takes over
             newest = decode_version(self.s, self.records[-1])
             self.trainer = SharedTrainer(newest, self.s.epochs(), PARTITIONS)
