@@ -29,7 +29,9 @@ from stream_app.contracts.events import (
     encode,
 )
 from stream_app.core.features import DAY
+from stream_app.core.learning import Epochs
 from stream_app.core.models import WARM_UP_LABELS, SegmentModels
+from stream_app.core.one_process_trainer import OneProcessTrainer
 from stream_app.core.processor import MemoryStore, Processor, Status
 from stream_app.errors import UserError
 from stream_app.progress import Progress
@@ -98,10 +100,13 @@ def replay_offline(
     out: IO[bytes] | None = None,
     progress: Progress | None = None,
     on_change: Callable[[SegmentChange], object] | None = None,
+    epochs: Epochs | None = None,
 ) -> tuple[ReplayResult, Processor, Meters]:
     """Run every event through a fresh Processor; write each change as one JSON line to `out`
-    (and hand it to `on_change`)."""
+    (and hand it to `on_change`). With `epochs`, the models learn as a ``learning=shared``
+    deployment's do (``core.one_process_trainer``); without, as they score (``in_process``)."""
     processor = Processor(settings, SegmentModels(settings), MemoryStore())
+    shared = None if epochs is None else OneProcessTrainer(processor, epochs)
     result = ResultSink(settings, out, on_change)
     clock = time.perf_counter
     for item in items:
@@ -113,6 +118,8 @@ def replay_offline(
             # the cyclic collector's sight, so each full collection stops rescanning ~10^5 events.
             gc.freeze()
         started = clock()
+        if shared is not None:
+            result.emit(shared.before(item.event_time.timestamp()))
         outcome = processor.process(item)
         result.data.process_seconds += clock() - started
         result.data.events += 1
@@ -127,12 +134,20 @@ def replay_offline(
         if progress is not None and result.data.events % 1024 == 0:
             progress.update(result.data.events)
     started = clock()
-    result.emit(processor.advance(processor.max_event_time))
+    if shared is None:
+        result.emit(processor.advance(processor.max_event_time))
+    else:
+        result.emit(shared.finish())
     result.data.process_seconds += clock() - started
     gc.unfreeze()
     if progress is not None:
         progress.finish(result.data.events)
     return result.data, processor, result.meters
+
+
+def learning_epochs(settings: Settings) -> Epochs | None:
+    """What `replay_offline` needs to learn as a deployment with these settings does."""
+    return settings.epochs() if settings.learning == "shared" else None
 
 
 @dataclass
@@ -301,12 +316,15 @@ def run_replay_command(args: argparse.Namespace, settings: Settings) -> int:
     progress = Progress(sys.stderr, enabled=not args.no_progress)
     out = args.out.open("wb") if args.out else None
     try:
-        result, processor, meters = replay_offline(items, settings.segmentation, out, progress)
+        result, processor, meters = replay_offline(
+            items, settings.segmentation, out, progress, epochs=learning_epochs(settings)
+        )
     finally:
         if out is not None:
             out.close()
     report = build_report(result, processor, meters)
     report["outside_window"] = outside[OUTSIDE_WINDOW]
+    report["learning"] = settings.learning
     rendered = orjson.dumps(report, option=orjson.OPT_INDENT_2)
     if args.report:
         args.report.write_bytes(rendered + b"\n")
