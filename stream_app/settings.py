@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     # workers score with the newest version one trainer publishes and send it what to learn
     # from; "in_process": each worker learns as it scores (deterministic: one worker on one
     # partition equals the offline replay; snapshots every model_snapshot_interval_s).
-    learning: Literal["shared", "in_process"] = "in_process"
+    learning: Literal["shared", "in_process"] = "shared"
     # Shared learning in event-time epochs (docs/how-it-works.md): the trainer cuts a version
     # at every multiple of `model_epoch_s` of event time (all examples before it, none after),
     # and an event at time t is scored by the newest version cut at least `model_lag_s` before

@@ -427,7 +427,9 @@ class LivePipeline:
         self.models = models or SegmentModels(settings.segmentation)
         # Shared learning: examples go to the trainer through this sink (None: in-process).
         self._examples_sink = examples_sink
-        self._shared = settings.learning == "shared"
+        # Without a sink there is no trainer to feed: the models learn in process (as the
+        # learning objects below do), and nothing waits for versions no one would cut.
+        self._shared = settings.learning == "shared" and examples_sink is not None
         # Deterministic mode: how far this worker's own models have learned (each partition's
         # newest batch, and the examples log's offset after the newest acknowledged batch).
         self.progress = TrainerProgress.of(self.models)
@@ -1222,7 +1224,9 @@ class LivePipeline:
         self.counts.model_switches += 1
 
     def _forget_old_versions(self, shelf: ModelShelf) -> None:
-        clocks = [proc.watermark for proc in self.processors.values()]
+        # The promise, not the watermark: due work held behind the watermark (its versions were
+        # not final yet) still fires, and is scored with the version of its own time.
+        clocks = [proc.promise for proc in self.processors.values()]
         if clocks and min(clocks) > -math.inf:
             # With a margin: a partition handed back by a rebalance may be a little behind.
             shelf.forget_before(min(clocks) - VERSIONS_KEPT_EPOCHS * shelf.epochs.epoch_s)

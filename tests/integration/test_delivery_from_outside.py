@@ -28,7 +28,7 @@ from stream_app.contracts.events import Event
 from stream_app.settings import SegmentationSettings, Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.publish import make_producer, publish
-from stream_app.tools.replay import replay_offline
+from stream_app.tools.replay import learning_epochs, replay_offline
 
 if TYPE_CHECKING:
     from conftest import WorkerProcess
@@ -66,7 +66,12 @@ def offline(events: Iterable[Event], settings: Settings) -> list[Change]:
             collected.append(orjson.loads(line))
             return len(line)
 
-    _, processor, _ = replay_offline(list(events), settings.segmentation, Collect())  # type: ignore[arg-type]
+    _, processor, _ = replay_offline(
+        list(events),
+        settings.segmentation,
+        Collect(),  # type: ignore[arg-type]
+        epochs=learning_epochs(settings),  # the deployment's learning, shared or in process
+    )
     watermark = processor.watermark
     return [
         c
@@ -81,21 +86,29 @@ def unique_ids(changes: list[Change]) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "snapshot_interval_s",
-    # Short: restarts restore a recent snapshot and re-learn the examples after its position.
-    # Long (lives shorter than it): everything comes back from the examples log (a crash loop
-    # used to restore untrained models).
-    [0.3, 30.0],
-    ids=["short-snapshots", "lives-shorter-than-snapshots"],
+    ("learning", "snapshot_interval_s"),
+    [
+        # The default: the worker hosts the trainer, which every SIGKILL kills too; it comes
+        # back from its newest record on the models topic and re-reads the examples after it.
+        ("shared", 30.0),
+        # In process, short: restarts restore a recent snapshot and re-learn the examples after
+        # its position. Long (lives shorter than it): everything comes back from the examples
+        # log (a crash loop used to restore untrained models).
+        ("in_process", 0.3),
+        ("in_process", 30.0),
+    ],
+    ids=["shared", "short-snapshots", "lives-shorter-than-snapshots"],
 )
 def test_seeded_sigkills_never_fork_the_change_stream(
     settings_factory: Callable[..., Settings],
     topics_factory: Callable[[Settings], dict[str, str]],
     worker_factory: Callable[[Settings], WorkerProcess],
+    learning: str,
     snapshot_interval_s: float,
 ) -> None:
     settings = settings_factory(
         partitions=1,
+        learning=learning,
         model_snapshot_interval_s=snapshot_interval_s,
         batch_max_events=20,
         consumer_session_timeout_s=6,  # the dead life's partition comes back sooner
@@ -140,9 +153,10 @@ def test_seeded_sigkills_never_fork_the_change_stream(
     assert {i for i, c in live.items() if c["component"] == "entry"} == entries
     stages = {k: v[1]["lifecycle"] for k, v in final_segments(live.values()).items()}
     assert stages == {k: v[1]["lifecycle"] for k, v in final_segments(expected).items()}
-    # And the model-dependent parts too (issue 14, deterministic mode): each restart restores
-    # the last snapshot and re-learns the durable examples after it, so cluster and tier end as
-    # in the offline replay (they drifted for 95-98% of customers when a SIGKILL lost learning).
+    # And the model-dependent parts too (issue 14): in process, each restart restores the last
+    # snapshot and re-learns the durable examples after it; shared, the trainer re-reads the
+    # examples after its newest record; so cluster and tier end as in the offline replay of the
+    # same learning (they drifted for 95-98% of customers when a SIGKILL lost learning).
     live_final, offline_final = final_segments(live.values()), final_segments(expected)
     scored = [s for _, s in offline_final.values() if s["propensity_tier"] != "unscored"]
     clustered = [s for _, s in offline_final.values() if s["cluster"] != 0]

@@ -45,7 +45,12 @@ class Harness:
 
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
         name = f"unit-{uuid.uuid4().hex[:8]}"
-        self.settings = Settings(state_dir=tmp_path, partitions=1).renamed(name, **overrides)
+        # Learning in process: no trainer runs here (it reads the examples topic from a broker);
+        # shared learning through the pipeline is test_epoch_learning's, on Kafka the
+        # integration tests'.
+        self.settings = Settings(state_dir=tmp_path, partitions=1, learning="in_process").renamed(
+            name, **overrides
+        )
         self.app = create_app(self.settings, store="memory://")
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.offsets: dict[str, int] = {}
