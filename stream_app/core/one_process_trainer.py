@@ -58,8 +58,8 @@ class OneProcessTrainer:
         """The next event is at `t`: the time-driven changes before it, once its version is
         final (the trainer is fed until it is)."""
         proc, shelf = self.processor, self.shelf
-        if t < proc.watermark:
-            return []  # late: the processor refuses it without scoring
+        if t < proc.watermark or proc.is_future(t, None):
+            return []  # late or far ahead: the processor refuses it, the clock stays
         proc.declare(t)
         changes: list[SegmentChange] = []
         while True:

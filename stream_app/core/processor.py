@@ -376,11 +376,13 @@ class Processor:
         )
         if redelivered:  # the same message again, e.g. after a crash before the offset commit
             return self._count(Outcome(Status.DUPLICATE, [], st))
-        if at < self.watermark:
-            return self._count(Outcome(Status.LATE, []))
         digest = _id_hash(event.event_id)
         if st is not None and digest in st.recent_ids:
+            # Before the lateness check: an event applied already is a duplicate however late
+            # it comes again (a history replayed twice into a worker that kept its clock).
             return self._count(Outcome(Status.DUPLICATE, [], st))
+        if at < self.watermark:
+            return self._count(Outcome(Status.LATE, []))
         trigger = _Trigger(event.event_id, event.event_type.value, at, event.origin, processed_at)
         changes = [] if st is None else self._catch_up(st, at)
         self._score_at(at)

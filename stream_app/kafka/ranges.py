@@ -17,6 +17,7 @@ from typing import Final
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from stream_app.errors import UserError
+from stream_app.kafka.topics import librdkafka_log
 from stream_app.settings import Settings
 
 OFFSET_SPEC: Final = re.compile(r"^(?P<topic>[^:=,\s]+):(?P<partition>\d+)=(?P<offset>\d+)$")
@@ -60,7 +61,8 @@ def range_consumer(settings: Settings, group_id: str) -> Consumer:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
-        }
+        },
+        logger=librdkafka_log(),
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from stream_app.kafka.topics import librdkafka_log
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def read_model_log(settings: Settings, timeout: float = 10.0) -> list[LogRecord]
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"{settings.app_id}-model-log",
             "enable.auto.commit": False,
-        }
+        },
+        logger=librdkafka_log(),
     )
     try:
         tp = TopicPartition(settings.model_snapshots_topic, 0)

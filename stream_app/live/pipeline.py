@@ -971,8 +971,8 @@ class LivePipeline:
         with the batch, so the versions it waits for get cut."""
         shelf, proc, t = self._shelf, self.processor(partition), head.order[0]
         assert shelf is not None
-        if t < proc.watermark:
-            return True  # late: refused without scoring
+        if t < proc.watermark or proc.is_future(t, self._clock().timestamp()):
+            return True  # late or far in the future: refused without scoring, clock unmoved
         proc.declare(t)
         fired = proc.advance(min(proc.watermark, shelf.scoreable_until()))
         self._tokens[partition] = head.item.token

@@ -32,6 +32,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from stream_app.core.learning import ExampleBatch, SharedTrainer, Trainer
 from stream_app.core.model_format import SnapshotError, is_progress_record, record_version
 from stream_app.core.models import SegmentModels
+from stream_app.kafka.topics import librdkafka_log
 from stream_app.live.model_log import ModelHistory, newest_key, pin_key, read_model_log
 from stream_app.settings import Settings
 
@@ -67,7 +68,8 @@ def relearn_examples(settings: Settings, models: SegmentModels, timeout: float =
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"{settings.app_id}-relearn",
             "enable.auto.commit": False,
-        }
+        },
+        logger=librdkafka_log(),
     )
     topic = settings.learning_examples_topic
     try:
@@ -167,7 +169,8 @@ class ModelFollower(_Thread):
                 "bootstrap.servers": s.bootstrap_servers,
                 "group.id": f"{s.app_id}-model-follower-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
-            }
+            },
+            logger=librdkafka_log(),
         )
         consumer.assign([TopicPartition(s.model_snapshots_topic, 0, OFFSET_BEGINNING)])
         try:
@@ -277,10 +280,12 @@ class TrainerService(_Thread):
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": int(s.consumer_session_timeout_s * 1000),
                 "heartbeat.interval.ms": int(min(3.0, s.consumer_session_timeout_s / 3) * 1000),
-            }
+            },
+            logger=librdkafka_log(),
         )
         producer = Producer(
-            {"bootstrap.servers": s.bootstrap_servers, "acks": "all", "enable.idempotence": True}
+            {"bootstrap.servers": s.bootstrap_servers, "acks": "all", "enable.idempotence": True},
+            logger=librdkafka_log(),
         )
 
         def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:

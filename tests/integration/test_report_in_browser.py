@@ -42,6 +42,8 @@ CHARTS = """[...document.querySelectorAll('svg.chart')].map(s => {
 def stream_app(cwd: Path, *args: str) -> str:
     """The command as a user runs it; its standard output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    # The figures below are of the in-process replay (one model version for the whole file).
+    env["STREAM_APP_LEARNING"] = "in_process"
     done = subprocess.run(
         [sys.executable, "-m", "stream_app.cli", *args],
         cwd=cwd,

@@ -13,6 +13,7 @@ from random import Random
 from typing import Any
 
 import orjson
+import pytest
 
 from stream_app.contracts.events import ClickEvent, ClickType, Component, MessageOrigin
 from stream_app.core.models import SegmentModels
@@ -20,7 +21,7 @@ from stream_app.core.processor import MemoryStore, Processor
 from stream_app.live.pipeline import LivePipeline, RawMessage
 from stream_app.live.store import TableStore, partition_of
 from stream_app.settings import SegmentationSettings, Settings
-from stream_app.tools.replay import replay_offline
+from stream_app.tools.replay import learning_epochs, replay_offline
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 NOW = T0 + timedelta(days=800)  # the worker's wall clock: after every test event
@@ -176,8 +177,14 @@ async def test_a_far_future_event_is_dead_lettered_and_the_partition_goes_on() -
     assert p.processors[0].max_event_time == (T0 + timedelta(hours=3)).timestamp()
 
 
-def test_offline_a_far_future_event_is_refused_against_the_streams_own_progress() -> None:
+@pytest.mark.parametrize("learning", ["in_process", "shared"])
+def test_offline_a_far_future_event_is_refused_against_the_streams_own_progress(
+    learning: str,
+) -> None:
+    """Shared learning moves the stream's clock to an event before scoring it (its version
+    must be final): a far-future event must be refused first, or its time becomes the clock."""
     s = SegmentationSettings()
+    epochs = learning_epochs(Settings(learning=learning))
     events = [
         ClickEvent(
             event_id=f"e{n}",
@@ -187,7 +194,7 @@ def test_offline_a_far_future_event_is_refused_against_the_streams_own_progress(
         )
         for n, at in enumerate([T0, datetime(2099, 12, 31, tzinfo=UTC), T0 + timedelta(days=200)])
     ]
-    result, processor, _ = replay_offline(events, s)
+    result, processor, _ = replay_offline(events, s, epochs=epochs)
     assert result.invalid == {"future_event": 1}
     assert processor.max_event_time == (T0 + timedelta(days=200)).timestamp()
 

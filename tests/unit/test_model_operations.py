@@ -154,7 +154,7 @@ class FakeConsumer:
 
     topic: list[tuple[bytes | None, bytes | None]] = []
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], **kwargs: Any) -> None:  # logger=...
         self.messages = [FakeMessage(i, k, v) for i, (k, v) in enumerate(self.topic)]
 
     def get_watermark_offsets(self, tp: Any, timeout: float) -> tuple[int, int]:

@@ -153,6 +153,15 @@ def test_event_before_watermark_is_late_and_not_applied() -> None:
     assert p.store.get("carol") is None
 
 
+def test_an_applied_event_sent_again_after_the_watermark_passed_it_is_a_duplicate() -> None:
+    """Not a late event: a history published twice into a worker that kept its clock must not
+    dead-letter every event of the second copy."""
+    p = processor_factory()
+    run(p, [click("alice", 0), click("bob", 1)])
+    assert p.process(click("alice", 0)).status is Status.DUPLICATE
+    assert p.process(click("alice", 0, n=1)).status is Status.LATE  # a new event: late
+
+
 def test_out_of_order_event_within_lateness_is_applied() -> None:
     p = processor_factory()
     run(p, [click("alice", 1)])
