@@ -334,7 +334,11 @@ def test_a_leap_in_event_time_that_fires_every_customers_due_work_fits_kafkas_li
     label work due in one batch: thousands of examples at once. Their records and the state
     table's values stay far under Kafka's 1 MB, and the worker goes on (one record of them,
     as before, was over 1 MB: the batch failed on every restart)."""
-    settings = settings_factory(partitions=1)
+    # In process, as written: with shared learning (the default now) one CI run out of two
+    # never got the one input message from Faust (nothing read at all in the assignment, so
+    # the stall reader, which starts from the first message read, does not step in; noted on
+    # issue 14, to be fixed there).
+    settings = settings_factory(partitions=1, learning="in_process")
     topics_factory(settings)
     done = bootstrap_cli(
         settings, str(RETAIL), "--format", "online-retail", "--until", "2011-11-01"
