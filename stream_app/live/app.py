@@ -218,6 +218,12 @@ def create_app(
         inputs = set(settings.input_topics)
         pipeline.assign({tp.partition for tp in assigned if tp.topic in inputs})
 
+    @app.on_rebalance_complete.connect  # type: ignore[untyped-decorator]
+    async def on_reading(app: Any, **kwargs: Any) -> None:
+        # Sent once table recovery is done, as Faust resumes the streams (faust/tables/
+        # recovery.py, `_resume_streams` and `on_recovery_completed`).
+        pipeline.reading_began()
+
     return app
 
 

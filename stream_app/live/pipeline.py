@@ -350,6 +350,17 @@ class OffsetOrderAcks:
             del self._parts[source]
 
 
+@dataclass(slots=True)
+class _InputReading:
+    """Per input partition read since it was (re)assigned here: the next offset expected, and
+    when (on the input clock) a message of it was last read; per assigned partition, when
+    Faust resumed reading it (after the rebalance's table recovery)."""
+
+    next_offset: dict[tuple[str, int], int] = field(default_factory=dict)
+    read_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    began: dict[int, float] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     event: Event
@@ -453,10 +464,7 @@ class LivePipeline:
         self._quiet_since: dict[int, float] = {}
         self._dropped: set[tuple[str, int]] = set()  # revoked partitions with messages dropped
         self._ack_order = OffsetOrderAcks()
-        # Per input partition read since it was (re)assigned here: the next offset expected,
-        # and when (on the input clock) a message of it was last read.
-        self._next_read: dict[tuple[str, int], int] = {}
-        self._read_at: dict[tuple[str, int], float] = {}
+        self._reading = _InputReading()
         self._read_skipped = read_skipped
         self._example_sends: list[tuple[int, int, str]] = []  # (partition, batch, encoded)
         self.metrics = metrics or Metrics()
@@ -666,15 +674,23 @@ class LivePipeline:
         self._dropped = {tp for tp in self._dropped if tp[1] not in partitions}
         log.info("partitions %s assigned", sorted(partitions))
 
+    def reading_began(self, at: float | None = None) -> None:
+        """Faust resumed the input streams after a rebalance (its table recovery is done): the
+        assigned partitions are read from now (``at`` on the input clock; default: now)."""
+        since = self.input_clock() if at is None else at
+        self._reading.began = dict.fromkeys(self._assigned, since)
+
     def forget_partitions(self, partitions: set[int]) -> None:
         """On revocation: another worker owns these customers (and their held events) now."""
         self._ack_order.forget(partitions)
         self._assigned -= partitions
+        for partition in partitions:
+            self._reading.began.pop(partition, None)
         for marks in (self._idle, self._announce_idle, self._waking):
             marks.difference_update(partitions)
-        for source in [s for s in self._next_read if s[1] in partitions]:
-            del self._next_read[source]  # another worker reads on from here
-            self._read_at.pop(source, None)
+        for source in [s for s in self._reading.next_offset if s[1] in partitions]:
+            del self._reading.next_offset[source]  # another worker reads on from here
+            self._reading.read_at.pop(source, None)
         for partition in partitions:
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
@@ -789,27 +805,52 @@ class LivePipeline:
                 )
                 return
             for key, value, origin, token in found:
-                self._next_read[source] = origin.offset + 1
+                self._reading.next_offset[source] = origin.offset + 1
                 self.counts.input_gap_messages += 1
                 await self._accept(key, value, origin, token, at, done)
             self._ack_order.absent(topic, partition, start, stop, done)  # all else: no message
-            self._next_read[source] = max(stop, self._next_read.get(source, stop))
+            self._reading.next_offset[source] = max(
+                stop, self._reading.next_offset.get(source, stop)
+            )
             if end is None or stop <= start:
                 return  # a stalled partition: one chunk at a time
             start = stop
 
     async def _read_stalled(self, now: float, done: list[Any]) -> None:
-        """Input partitions read here that have unread messages but got none for
-        INPUT_STALL_S: Faust stopped handing them over; read what follows from the log."""
+        """Input partitions with unread messages that got none for INPUT_STALL_S: Faust
+        stopped handing them over (or never began: seen with a partition's only message);
+        read what follows from the log."""
         if self._read_skipped is None:
             return
-        for (topic, partition), next_read in list(self._next_read.items()):
+        await self._read_never_handed_over(now, done)
+        for (topic, partition), next_read in list(self._reading.next_offset.items()):
             if partition in self._revoked or not self._has_more(topic, partition):
                 continue
-            if now - self._read_at.get((topic, partition), now) < INPUT_STALL_S:
+            if now - self._reading.read_at.get((topic, partition), now) < INPUT_STALL_S:
                 continue
-            self._read_at[(topic, partition)] = now
+            self._reading.read_at[(topic, partition)] = now
             await self._fill_skipped(topic, partition, next_read, None, now, done)
+
+    async def _read_never_handed_over(self, now: float, done: list[Any]) -> None:
+        """Assigned input partitions of which nothing was read INPUT_STALL_S after reading
+        began (`reading_began`): reading begins at the committed offset, as Faust's would
+        have. Until then nothing is known to be read of them, so what is before that offset is
+        marked read (the lag and `has_more` count from there, not from the partition's start)."""
+        for partition in sorted(self._assigned - self._revoked):
+            if now - self._reading.began.get(partition, now) < INPUT_STALL_S:
+                continue
+            for topic in self.settings.input_topics:
+                source = (topic, partition)
+                if source in self._reading.next_offset:
+                    continue
+                start = self._committed_offset(topic, partition) or 0
+                self._ack_order.begin(topic, partition, start)
+                self._reading.next_offset[source] = start
+                self._reading.read_at[source] = now
+                if start > 0:
+                    self.last_offsets.setdefault(source, start - 1)
+                if self._has_more(topic, partition):
+                    await self._fill_skipped(topic, partition, start, None, now, done)
 
     def idle_partitions(self) -> list[int]:
         return sorted(self._idle)
@@ -862,13 +903,13 @@ class LivePipeline:
                 )
             return
         source = (origin.topic, origin.partition)
-        expected = self._next_read.get(source)
+        expected = self._reading.next_offset.get(source)
         if expected is None:  # the first message of this assignment: reading began here
             expected = self._committed_offset(origin.topic, origin.partition)
             if expected is None:
                 expected = origin.offset  # (not known: trust the first one)
             self._ack_order.begin(origin.topic, origin.partition, expected)
-        self._read_at[source] = arrived
+        self._reading.read_at[source] = arrived
         if origin.offset < expected:
             # A copy of a message this assignment has read already (and processed, or holds):
             # its ack waits for the original's.
@@ -879,7 +920,7 @@ class LivePipeline:
             await self._fill_skipped(
                 origin.topic, origin.partition, expected, origin.offset, arrived, done
             )
-        self._next_read[source] = origin.offset + 1
+        self._reading.next_offset[source] = origin.offset + 1
         await self._accept(key, value, origin, token, arrived, done)
 
     async def _accept(

@@ -744,3 +744,34 @@ async def test_a_partition_that_stops_delivering_unread_messages_is_read_from_th
     unread["n"] = 0
     assert await p.flush_idle() == []
     assert [c["customer_id"] for c in sinks.changes] == ["a", "b", "c"]
+
+
+async def test_an_assigned_partition_never_handed_over_is_read_from_its_committed_offset() -> None:
+    """Faust may also never begin handing a partition over (seen with a partition's only
+    message): INPUT_STALL_S after reading began, the pipeline reads it from the committed
+    offset itself; before that, and for a partition with nothing unread, it reads nothing."""
+    from stream_app.live.pipeline import INPUT_STALL_S
+
+    sinks = ListSinks()
+    reader = LogReader({0: "a", 1: "b", 2: "c"})
+    unread = {"n": 1}
+    p = gap_pipeline(
+        sinks,
+        reader,
+        committed=2,
+        has_more=lambda topic, partition: topic == CLICKS and unread["n"] > 0,
+    )
+    p.assign({0})
+    assert await p.flush_idle() == [] and reader.reads == []  # Faust has not resumed reading
+    p.reading_began()
+    assert await p.flush_idle() == [] and reader.reads == []  # not yet stalled
+    p.reading_began(at=p.input_clock() - INPUT_STALL_S)
+    assert await p.flush_idle() == [("log", 2)]
+    assert reader.reads == [(2, 3)]
+    assert p.last_offsets[(CLICKS, 0)] == 2
+    unread["n"] = 0
+    assert await p.flush_idle() == []
+    assert [c["customer_id"] for c in sinks.changes] == ["c"]
+    # Faust handing it over after all: a copy, acked, not processed again.
+    assert await p.handle_batch([gap_msg(2, "c")]) == [2]
+    assert [c["customer_id"] for c in sinks.changes] == ["c"]
