@@ -7,7 +7,9 @@ and the HMAC cover are exact and need no re-serialisation to check:
 
 * ``params_sha256``: sha256 of the UTF-8 bytes of ``params``;
 * ``hmac_sha256``: HMAC-SHA256 of the same bytes under the operator's signing key, or null;
-* ``version``: the content id, ``<knob digest>.<first 12 hex of params_sha256>``.
+* ``version``: the content id, ``<knob digest>.<first 12 hex of the sha256 of the learned
+  parameters>`` (``params`` without ``trainer``, canonical: the trainer's bookkeeping is not
+  part of what a version is).
 
 The parameters are written canonically (orjson, keys sorted, no whitespace), so equal models
 give equal bytes and so the same version, and every float is a float64 that orjson writes in its
@@ -255,7 +257,8 @@ class ModelRecord(BaseModel):
     format: Literal["stream-app-model"]
     version: str = Field(
         pattern=CONTENT_VERSION_PATTERN,
-        description="Content id: the knob digest, then the first 12 hex of params_sha256.",
+        description="Content id: the knob digest, then the first 12 hex of the sha256 of the "
+        "learned parameters (params without `trainer`, canonical JSON).",
     )
     params_sha256: str = Field(pattern=HEX64, description="sha256 of the UTF-8 bytes of params.")
     hmac_sha256: str | None = Field(

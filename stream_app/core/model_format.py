@@ -6,14 +6,19 @@ Every refusal is a :class:`SnapshotError` with a one-line reason, checked in thi
 
 1. not our format (not JSON, not an object, no ``"format": "stream-app-model"``);
 2. the envelope violates its schema;
-3. the bytes changed: ``params`` does not hash to ``params_sha256``, or ``version`` does not
-   end with that hash;
+3. the bytes changed: ``params`` does not hash to ``params_sha256``;
 4. signature: with a signing key configured, a record without an HMAC, or with one that no
    configured key produces, is refused (without a key, a signed record is accepted: its digest
    still holds);
 5. another model: the knob digest is not this worker's;
 6. the parameters violate their schema (wrong types, missing fields, NaN or infinities,
-   negative counts), then, in the core, what the schema cannot say (dimensions, names).
+   negative counts), or ``version`` is not their content id; then, in the core, what the
+   schema cannot say (dimensions, names).
+
+The content id hashes the learned parameters only, not the shared trainer's bookkeeping
+(``trainer``: offsets, duplicates dropped, promises): a version cut again by a trainer that took
+over, or a progress record that learned nothing new, is the same model and carries the same id.
+``params_sha256`` covers every byte, bookkeeping included.
 """
 
 from __future__ import annotations
@@ -49,9 +54,17 @@ def encode_params(params: ModelParams) -> bytes:
     return orjson.dumps(params.model_dump(mode="python"), option=orjson.OPT_SORT_KEYS)
 
 
-def content_version(knobs: str, encoded: bytes) -> str:
-    """``<knob digest>.<first 12 hex of sha256(encoded params)>``."""
-    return f"{knobs}.{hashlib.sha256(encoded).hexdigest()[:CONTENT_HASH_HEX]}"
+def learned_bytes(params: ModelParams) -> bytes:
+    """The canonical bytes of the learned parameters: every field but ``trainer``."""
+    learned = params.model_dump(mode="python", exclude={"trainer"})
+    return orjson.dumps(learned, option=orjson.OPT_SORT_KEYS)
+
+
+def content_version(params: ModelParams) -> str:
+    """``<knob digest>.<first 12 hex of sha256(learned_bytes)>``: equal learned numbers, equal
+    id, whatever the trainer's bookkeeping."""
+    digest = hashlib.sha256(learned_bytes(params)).hexdigest()
+    return f"{params.knobs}.{digest[:CONTENT_HASH_HEX]}"
 
 
 def sign(key: bytes, encoded: bytes) -> str:
@@ -63,12 +76,18 @@ def encode_record(params: ModelParams, signing_key: bytes | None = None) -> byte
     record = ModelRecord(
         schema_version=MODEL_RECORD_VERSION,
         format=RECORD_FORMAT,
-        version=content_version(params.knobs, encoded),
+        version=content_version(params),
         params_sha256=hashlib.sha256(encoded).hexdigest(),
         hmac_sha256=None if signing_key is None else sign(signing_key, encoded),
         params=encoded.decode(),
     )
     return orjson.dumps(record.model_dump(mode="json"))
+
+
+def record_digest(data: bytes) -> str:
+    """The sha256 of a record's whole parameters, bookkeeping included (two records of one
+    version differ here when the trainer got further). Nothing is checked."""
+    return str(orjson.loads(data).get("params_sha256"))
 
 
 def record_version(data: bytes) -> str:
@@ -128,8 +147,6 @@ def decode_record(data: bytes, knobs: str, signing_keys: Sequence[bytes] = ()) -
     digest = hashlib.sha256(encoded).hexdigest()
     if not hmac.compare_digest(digest, record.params_sha256):
         raise SnapshotError("model record digest mismatch: its parameters were changed or cut")
-    if not record.version.endswith("." + digest[:CONTENT_HASH_HEX]):
-        raise SnapshotError(f"model record version {record.version} does not match its digest")
     if signing_keys:
         if record.hmac_sha256 is None:
             raise SnapshotError("model record is unsigned and a signing key is configured")
@@ -146,4 +163,6 @@ def decode_record(data: bytes, knobs: str, signing_keys: Sequence[bytes] = ()) -
         ) from None
     if params.knobs != knobs:
         raise SnapshotError(f"model parameters are model {params.knobs}, this worker runs {knobs}")
+    if record.version != content_version(params):
+        raise SnapshotError(f"model record version {record.version} is not its parameters' id")
     return params

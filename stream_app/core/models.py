@@ -953,9 +953,10 @@ class SegmentModels:
         return model_format.encode_params(self.to_params())
 
     def content_version(self) -> str:
-        """``<knob digest>.<first 12 hex of sha256(encoded)>``: equal models share it, models
-        with different learned numbers never do."""
-        return model_format.content_version(self.version, self.encoded())
+        """``<knob digest>.<first 12 hex of sha256(learned numbers)>``: equal models share it,
+        models with different learned numbers never do (the trainer's bookkeeping is not
+        part of it)."""
+        return model_format.content_version(self.to_params())
 
     def snapshot(self, signing_key: bytes | None = None) -> bytes:
         """A model record of every learned parameter, signed (HMAC-SHA256) if given a key."""
