@@ -183,6 +183,12 @@ class Settings(BaseSettings):
     # them), the newest `model_history_keep` of them (older ones get tombstones).
     model_history_interval_s: float = Field(3600.0, gt=0)
     model_history_keep: int = Field(168, ge=1)
+    # And so that compaction never takes a version a restarted worker needs (events it reads
+    # again are scored by the version of their own time): every version also goes under
+    # `<app_id>/recent/<epoch number mod model_recent_keep>`, so the newest this many epochs'
+    # versions survive compaction. It must cover the event time a worker's uncommitted input
+    # spans (a backlog read at 25,000x covers about a day per commit interval).
+    model_recent_keep: int = Field(32, ge=2)
     # With a key, model records (docs/operations.md, "Model records") are signed with
     # HMAC-SHA256 and a record without a valid signature is refused. The previous key only
     # verifies, so records written before a key rotation still load; it never signs.

@@ -28,6 +28,7 @@ import math
 import operator
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Protocol
@@ -409,9 +410,16 @@ class SharedTrainer:
         epochs: Epochs,
         sources: int,
         signing_key: bytes | None = None,
+        still_idle: Callable[[set[str]], set[str]] | None = None,
     ) -> None:
+        """`still_idle`: of the sources that said they are idle, those with nothing unread
+        now (live: their input partitions' ends against the group's committed offsets). Asked
+        only when idleness would let versions go further: a source that said it is idle but
+        has input again (a backlog published into a quiet deployment) is waited for, or the
+        sources that read first would cut versions past its examples, which came late."""
         self.models = models
         self.epochs = epochs
+        self._still_idle = still_idle or (lambda sources: sources)
         self.required = [f"p{n}" for n in range(sources)]
         self._key = signing_key
         r = models.trainer
@@ -444,9 +452,16 @@ class SharedTrainer:
 
     def frontier(self) -> float:
         """Every source that is not idle has promised no more examples before this event time
-        (-inf until each of them has said anything; the least promise when all are idle)."""
+        (-inf until each of them has said anything; the least promise when all are idle).
+        Where idleness lets it go further, the sources with input again count as active."""
+        frontier = self._frontier(self.idle)
+        if self.idle and frontier > self._frontier(set()):
+            frontier = self._frontier(self._still_idle(set(self.idle)) & self.idle)
+        return frontier
+
+    def _frontier(self, idle: set[str]) -> float:
         known = set(self.required) | set(self.promises)
-        active = [source for source in known if source not in self.idle]
+        active = [source for source in known if source not in idle]
         if any(source not in self.promises for source in active):
             return -math.inf
         promised = active or [source for source in known if source in self.promises]

@@ -41,12 +41,18 @@ class OneProcessTrainer:
     """Makes `processor` learn as a shared deployment does: examples collected, learned by an
     in-process trainer on the epoch grid, every event scored by the version of its time."""
 
-    def __init__(self, processor: Processor, epochs: Epochs) -> None:
+    def __init__(self, processor: Processor, epochs: Epochs, warm: bool = False) -> None:
+        """`warm`: the processor's models are a bootstrap's. A deployment then scores with
+        that record until the first version, stamped with its id, and its trainer continues
+        from it; otherwise everything starts untrained."""
         self.processor = processor
+        if warm:  # as a worker restores it: the record's bytes, stamped with its id
+            processor.use_models(_decoded(processor, processor.models.snapshot()))
         self.learning = CollectedLearning(processor.models)
         processor.learning = self.learning
         self.shelf = ModelShelf(processor.models, epochs)
-        self.trainer = SharedTrainer(SegmentModels(processor.s), epochs, 1)
+        start = _decoded(processor, processor.models.snapshot()) if warm else None
+        self.trainer = SharedTrainer(start or SegmentModels(processor.s), epochs, 1)
         processor.model_at = self.shelf.at
         processor.use_models(self.shelf.newest)
         self._batch = 0

@@ -8,6 +8,11 @@ The topic has one partition and is compacted: Kafka keeps the newest record per 
   something to list and ``models pin`` something to pin: the first version, then at most one
   per ``model_history_interval_s``. Each key is unique, so compaction keeps every one; the
   trainer bounds them to the newest ``model_history_keep`` by writing tombstones for older ones.
+* ``<app_id>/recent/<n>``: every version a trainer cuts, again, with ``n`` its epoch number
+  modulo ``model_recent_keep``: compaction keeps the newest versions of that many epochs, which
+  a restarted worker needs to score the events it reads again as they were scored before.
+* ``<app_id>/bootstrap``: the record `stream-app bootstrap` wrote (it scores what comes before
+  the trainer's first version, and the trainer's first version replaces it under the app key).
 * ``<app_id>/pin``: set by ``stream-app models pin``: a copy of the pinned version's record
   (so it outlives the history), with the time that version was published in the header
   ``stream-app-published-ms``. While it is set, every worker scores with it and ignores newer
@@ -29,6 +34,8 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 HISTORY: Final = "/history/"
+RECENT: Final = "/recent/"
+BOOTSTRAP: Final = "/bootstrap"
 PIN: Final = "/pin"
 PUBLISHED_HEADER: Final = "stream-app-published-ms"
 
@@ -39,6 +46,24 @@ def newest_key(app_id: str) -> bytes:
 
 def history_key(app_id: str, version: str) -> bytes:
     return f"{app_id}{HISTORY}{version}".encode()
+
+
+def recent_key(app_id: str, boundary: float, epoch_s: float, keep: int) -> bytes:
+    """Where the version cut at epoch `boundary` is kept against compaction (a ring of `keep`)."""
+    return f"{app_id}{RECENT}{int(boundary // epoch_s) % keep}".encode()
+
+
+def bootstrap_key(app_id: str) -> bytes:
+    return f"{app_id}{BOOTSTRAP}".encode()
+
+
+def is_followed_key(app_id: str, key: bytes | None) -> bool:
+    """A key whose records workers follow: the newest, the recent versions, the bootstrap."""
+    if key is None:
+        return False
+    return key in (newest_key(app_id), bootstrap_key(app_id)) or key.startswith(
+        f"{app_id}{RECENT}".encode()
+    )
 
 
 def pin_key(app_id: str) -> bytes:

@@ -23,17 +23,38 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from stream_app.core.learning import ExampleBatch, SharedTrainer, Trainer
-from stream_app.core.model_format import SnapshotError, is_progress_record, record_version
+from stream_app.core.model_format import (
+    SnapshotError,
+    is_progress_record,
+    record_digest,
+    record_version,
+    version_boundary,
+)
 from stream_app.core.models import SegmentModels
 from stream_app.kafka.topics import librdkafka_log
-from stream_app.live.model_log import ModelHistory, newest_key, pin_key, read_model_log
+from stream_app.live.model_log import (
+    ModelHistory,
+    is_followed_key,
+    newest_key,
+    pin_key,
+    read_model_log,
+    recent_key,
+)
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,7 +179,7 @@ class ModelFollower(_Thread):
         self.pinned: str | None = None  # the pinned version while a good pin is set
         self.refused = 0
         self._records: list[bytes] = []
-        self._seen: set[str] = set()
+        self._seen: set[str] = set()  # params_sha256 of the records offered
         self._pin: bytes | None = None
         self._pin_changed = False
 
@@ -189,7 +210,7 @@ class ModelFollower(_Thread):
     def take(self, key: bytes | None, value: bytes | None) -> bool:
         """Note one record of the models topic; True if it may change what to follow."""
         app = self.settings.app_id
-        if key == newest_key(app) and value is not None:
+        if is_followed_key(app, key) and value is not None:
             self._records.append(value)
             return True
         if key == pin_key(app):
@@ -223,12 +244,13 @@ class ModelFollower(_Thread):
             self.offer(None, False)
 
     def _decode(self, data: bytes, pinned: bool, again: bool = False) -> SegmentModels | None:
-        """The version in `data`, checked; None if refused, or (unless `again`) seen before."""
+        """The version in `data`, checked; None if refused, or (unless `again`) this very record
+        was seen before (a record of a version seen before may carry the trainer further)."""
         try:
-            version = record_version(data)
+            version, digest = record_version(data), record_digest(data)
         except Exception:
-            version = "?"
-        if version in self._seen and not again:
+            version = digest = "?"
+        if digest in self._seen and not again:
             return None
         try:
             models = decode_version(self.settings, data)
@@ -239,10 +261,71 @@ class ModelFollower(_Thread):
             else:
                 log.warning("refused model record %s, keeping %s: %s", version, self.current, exc)
             return None
-        self._seen.add(models.stamp)
+        self._seen.add(digest)
         if not pinned:
             log.debug("model version %s offered", models.stamp)
         return models
+
+
+IDLE_CHECK_S: Final = 0.1
+
+
+class InputProgress:
+    """Whether the workers have read their input partitions to the end: the app group's
+    committed offsets against the partitions' ends (a plain consumer in the app's group id that
+    never joins it: it only asks for the group's commits)."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._consumer: Consumer | None = None
+        self._clock = clock
+        self._idle: dict[str, float] = {}  # source -> when it was last seen with nothing unread
+
+    def still_idle(self, sources: set[str]) -> set[str]:
+        """Of these sources (``p<n>``: input partition n), those with nothing unread (an answer
+        at most IDLE_CHECK_S old: the trainer asks at every batch while idleness matters); a
+        source that cannot be told now counts as having input (versions wait, nothing drops)."""
+        now = self._clock()
+        idle = set()
+        for source in sorted(sources):
+            if now - self._idle.get(source, -math.inf) < IDLE_CHECK_S:
+                idle.add(source)
+                continue
+            try:
+                unread = self._unread(int(source[1:]))
+            except (KafkaException, ValueError) as exc:
+                log.debug("input progress unknown (%s): idle sources are waited for", exc)
+                unread = True
+            if unread:
+                self._idle.pop(source, None)
+            else:
+                self._idle[source] = now
+                idle.add(source)
+        return idle
+
+    def _unread(self, partition: int) -> bool:
+        s = self.settings
+        if self._consumer is None:
+            self._consumer = Consumer(
+                {
+                    "bootstrap.servers": s.bootstrap_servers,
+                    "group.id": s.app_id,
+                    "enable.auto.commit": False,
+                },
+                logger=librdkafka_log(),
+            )
+        tps = [TopicPartition(topic, partition) for topic in s.input_topics]
+        committed = self._consumer.committed(tps, timeout=5)
+        for tp in committed:
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=5)
+            if high > max(tp.offset, low):
+                return True
+        return False
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
 
 
 class TrainerService(_Thread):
@@ -258,6 +341,7 @@ class TrainerService(_Thread):
         keys = settings.model_signing_keys
         self._signing_key = keys[0] if keys else None
         self._history = ModelHistory(settings)  # `stream-app models`: a bounded history
+        self._inputs = InputProgress(settings)
 
     def snapshot(self) -> dict[str, Any]:
         """For /counts: whether this worker trains now, and how far."""
@@ -325,6 +409,7 @@ class TrainerService(_Thread):
                 self.trainer = None
                 consumer.close()  # leave the group at once: another worker takes over
                 producer.flush(10)
+                self._inputs.close()
 
     def _restore(self) -> SharedTrainer:
         s = self.settings
@@ -340,7 +425,7 @@ class TrainerService(_Thread):
                 log.error(
                     "trainer cannot continue from the stored version (%s): starting fresh", exc
                 )
-        return SharedTrainer(models, s.epochs(), s.partitions, key)
+        return SharedTrainer(models, s.epochs(), s.partitions, key, self._inputs.still_idle)
 
     def _learn(self, msg: Any, producer: Producer) -> None:
         error = msg.error()
@@ -379,8 +464,13 @@ class TrainerService(_Thread):
         s = self.settings
         for data in records:
             producer.produce(
-                s.model_snapshots_topic, key=s.app_id.encode(), value=data, partition=0
+                s.model_snapshots_topic, key=newest_key(s.app_id), value=data, partition=0
             )
+            boundary = version_boundary(data)
+            if math.isfinite(boundary) and not is_progress_record(data):
+                # A version cut at an epoch boundary: kept against compaction too.
+                key = recent_key(s.app_id, boundary, s.model_epoch_s, s.model_recent_keep)
+                producer.produce(s.model_snapshots_topic, key=key, value=data, partition=0)
         remaining = producer.flush(30)
         if remaining:
             # The workers wait for them; a restarted trainer makes the very same records.

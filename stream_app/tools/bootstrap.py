@@ -6,7 +6,8 @@ the offline replay (:func:`stream_app.tools.replay.replay_offline`, the very pro
 agents do), then writes what it learned where a worker starting afterwards finds it:
 
 * the models to the compacted model-snapshots topic, as the worker's snapshot timer does (key
-  ``app_id``, value ``SegmentModels.snapshot()``, partition 0), so the worker restores them;
+  ``app_id``, value ``SegmentModels.snapshot()``, partition 0), so the worker restores them,
+  and again under ``<app_id>/bootstrap``, which the trainer's versions never replace;
 * every customer's state to the customers table's changelog, so the worker's table recovery
   loads it: key the customer id, value the worker's envelope (``live.store.encode_record``) with
   an empty outbox (history is delivered) and no offsets (the live inputs are new), on the
@@ -43,6 +44,7 @@ from stream_app.core.state import CustomerState
 from stream_app.errors import UserError
 from stream_app.kafka.ranges import partitions_of, range_consumer, watermarks
 from stream_app.kafka.topics import require_topics
+from stream_app.live.model_log import bootstrap_key, newest_key
 from stream_app.live.pipeline import membership_record
 from stream_app.live.store import Delivery, encode_record, partition_of
 from stream_app.progress import Progress
@@ -243,14 +245,10 @@ def run_bootstrap(settings: Settings, request: BootstrapRequest) -> BootstrapSum
     acks = _Deliveries()
     snapshot = processor.models.snapshot()
     summary.snapshot_bytes = len(snapshot)
-    send(
-        producer,
-        settings.model_snapshots_topic,
-        settings.app_id.encode(),
-        snapshot,
-        acks,
-        partition=0,
-    )
+    for key in (newest_key(settings.app_id), bootstrap_key(settings.app_id)):
+        # Under its own key too: the trainer's versions replace it under the app key, and it
+        # still scores what comes before the first of them (after compaction too).
+        send(producer, settings.model_snapshots_topic, key, snapshot, acks, partition=0)
     written = Progress(sys.stderr, enabled=request.show_progress, verb="written", total=len(store))
     summary.records_written = write_states(producer, settings, store, acks, written)
     acks.check(producer, "state record")  # the states are durable before any change leaves

@@ -101,12 +101,17 @@ def replay_offline(
     progress: Progress | None = None,
     on_change: Callable[[SegmentChange], object] | None = None,
     epochs: Epochs | None = None,
+    start: Processor | None = None,
 ) -> tuple[ReplayResult, Processor, Meters]:
-    """Run every event through a fresh Processor; write each change as one JSON line to `out`
-    (and hand it to `on_change`). With `epochs`, the models learn as a ``learning=shared``
-    deployment's do (``core.one_process_trainer``); without, as they score (``in_process``)."""
-    processor = Processor(settings, SegmentModels(settings), MemoryStore())
-    shared = None if epochs is None else OneProcessTrainer(processor, epochs)
+    """Run every event through a fresh Processor (or `start`: one that replayed a history
+    before, as a bootstrap did); write each change as one JSON line to `out` (and hand it to
+    `on_change`). With `epochs`, the models learn as a ``learning=shared`` deployment's do
+    (``core.one_process_trainer``; from `start`'s models, as its trainer continues from the
+    bootstrapped version); without, as they score (``in_process``)."""
+    processor = start or Processor(settings, SegmentModels(settings), MemoryStore())
+    shared = (
+        None if epochs is None else OneProcessTrainer(processor, epochs, warm=start is not None)
+    )
     result = ResultSink(settings, out, on_change)
     clock = time.perf_counter
     for item in items:

@@ -164,6 +164,14 @@ def test_seeded_sigkills_never_fork_the_change_stream(
     same = [c for c, (_, segment) in offline_final.items() if live_final[c][1] == segment]
     differ = [(c, live_final[c][1], s) for c, (_, s) in offline_final.items() if c not in same]
     assert not differ, (len(same), len(offline_final), differ[:3])  # every one, exactly
+    # Stamped with the same versions: a version id is the learned numbers, not the trainer's
+    # offsets, which differ after every takeover (and offline).
+    offline_by_id = {c["change_id"]: c for c in expected}
+    stamps = {
+        (offline_by_id.get(i, {}).get("model_version"), c["model_version"]) for i, c in live.items()
+    }
+    assert {(a, b) for a, b in stamps if a != b} == set()
+    assert len({a for a, _ in stamps}) > (2 if learning == "shared" else 0)
 
 
 def test_one_far_future_event_is_dead_lettered_and_its_partition_goes_on(

@@ -510,3 +510,58 @@ def test_an_idle_source_is_left_out_of_the_frontier_until_it_sends_again() -> No
     assert fresh.frontier() == -math.inf
     fresh.read(ExampleBatch(source="p0", batch=0, examples=[], idle=True), 1)
     assert fresh.frontier() == 50.0
+
+
+def test_an_idle_source_with_input_again_is_waited_for() -> None:
+    """A backlog published into a quiet deployment: the source that reads first must not cut
+    versions past a source that said it is idle but has input again (its examples would all be
+    late). The trainer asks which idle sources are still idle, only when idleness would let
+    versions go further."""
+    s = settings()
+    asked: list[set[str]] = []
+    unread = {"p0"}
+
+    def still_idle(sources: set[str]) -> set[str]:
+        asked.append(set(sources))
+        return sources - unread
+
+    trainer = SharedTrainer(SegmentModels(s.segmentation), s.epochs(), 2, still_idle=still_idle)
+    trainer.read(ExampleBatch(source="p0", batch=0, examples=[], idle=True), 0)
+    assert asked == []  # p1 has said nothing: idleness changes nothing yet
+    trainer.read(ExampleBatch(source="p1", batch=1, examples=[], promise=500.0), 1)
+    assert trainer.frontier() == -math.inf and asked[-1] == {"p0"}  # p0 has input: waited for
+    unread.clear()
+    assert trainer.frontier() == 500.0  # read to its end: idle after all
+    unread.add("p0")
+    trainer.read(ExampleBatch(source="p0", batch=1, examples=[], promise=100.0), 2)
+    assert trainer.idle == set() and trainer.frontier() == 100.0 and trainer.late == 0
+    calls = len(asked)
+    assert trainer.frontier() == 100.0 and len(asked) == calls  # nobody idle: nothing asked
+
+
+def test_the_trainers_input_progress_tells_idle_sources_from_awake_ones() -> None:
+    """Live, a source is still idle when the app group's committed offsets are at its input
+    partitions' ends; an answer is reused for IDLE_CHECK_S, and a broker that cannot answer
+    makes the source count as awake (versions wait; nothing is dropped as late)."""
+    from confluent_kafka import KafkaException
+
+    from stream_app.live.trainer import IDLE_CHECK_S, InputProgress
+
+    now = [0.0]
+    progress = InputProgress(settings(), clock=lambda: now[0])
+    ends = {0: False, 1: True}  # partition -> has unread input
+    calls: list[int] = []
+
+    def unread(partition: int) -> bool:
+        calls.append(partition)
+        if partition == 2:
+            raise KafkaException("broker gone")
+        return ends[partition]
+
+    progress._unread = unread  # type: ignore[method-assign]
+    assert progress.still_idle({"p0", "p1", "p2"}) == {"p0"}
+    ends[0] = True
+    now[0] += IDLE_CHECK_S / 2
+    assert progress.still_idle({"p0"}) == {"p0"} and calls == [0, 1, 2]  # reused
+    now[0] += IDLE_CHECK_S
+    assert progress.still_idle({"p0"}) == set() and calls[-1] == 0

@@ -38,10 +38,12 @@ SETTINGS = Settings(state_dir="/nonexistent", app_id=APP, learning="shared")
 
 
 def versions(n: int) -> list[bytes]:
-    """`n` distinct model records, as a trainer publishes them (more examples each time)."""
+    """`n` distinct model versions, as a trainer publishes them (more learned each time: a
+    version is its learned numbers, not the trainer's count)."""
     out = []
     t = Trainer(SegmentModels(SETTINGS.segmentation))
     for i in range(n):
+        t.models.purchase.learn({"order_count": float(i)}, i % 2 == 0, 0.5)
         t.progress.examples = 100 * (i + 1)
         out.append(t.version())
     return out
@@ -327,7 +329,7 @@ def test_show_says_one_fact_a_line_with_each_clusters_name_and_size() -> None:
     assert clusters[0].endswith("(0 members)")
     details = info.details()
     assert {c["cluster"] for c in details["clusters"]} == set(range(len(clusters)))
-    assert details["purchase"]["labels"] == 0 and details["examples"] == 100
+    assert details["purchase"]["labels"] == 1 and details["examples"] == 100
 
 
 def test_pinning_a_version_before_the_warm_ups_is_a_step_back_for_everyone() -> None:
@@ -434,3 +436,66 @@ def test_the_history_keeps_the_newest_of_the_versions_published_together(
         (history_key(APP, newest), v[-1]),
     ]
     assert service.published == newest and service.publications == 3
+
+
+def test_each_version_is_kept_under_its_epochs_slot_against_compaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compaction keeps one record per key: besides the app key, each version cut at an epoch
+    boundary goes under `<app>/recent/<epoch number mod model_recent_keep>`, so the newest
+    epochs' versions survive it (a later epoch of the same slot replaces an older one); a
+    progress record, which scores nothing, does not."""
+    from stream_app.live.model_log import is_followed_key, recent_key
+    from stream_app.live.trainer import TrainerService
+
+    monkeypatch.setattr(model_log, "read_model_log", lambda s: [])
+    settings = SETTINGS.model_copy(update={"model_recent_keep": 6})
+    day = settings.model_epoch_s
+    t = Trainer(SegmentModels(settings.segmentation))
+    cut = []
+    for epoch, closed in ((10, 10), (11, 11), (17, 17), (17, 18)):  # the last: progress
+        t.models.purchase.learn({"order_count": float(epoch)}, True, 0.5)
+        t.progress.examples += 1
+        params = t.progress.to_params().model_copy(
+            update={"valid_from": epoch * day, "closed_until": closed * day}
+        )
+        t.models.trainer = params
+        cut.append(t.models.snapshot())
+    service, producer = TrainerService(settings), FakeProducer()
+    service._publish(producer, cut)
+    recent = [(key, data) for key, data in producer.sent if b"/recent/" in key]
+    assert recent == [
+        (f"{APP}/recent/4".encode(), cut[0]),
+        (f"{APP}/recent/5".encode(), cut[1]),
+        (f"{APP}/recent/5".encode(), cut[2]),
+    ]
+    assert recent_key(APP, 17 * day, day, 6) == f"{APP}/recent/5".encode()
+    assert all(is_followed_key(APP, key) for key, _ in recent)
+    assert not is_followed_key(APP, history_key(APP, "v")) and not is_followed_key(APP, None)
+
+
+def test_the_follower_takes_the_recent_and_bootstrap_keys_and_every_record_once() -> None:
+    """A compacted topic may hold a version only under its recent key, and the bootstrap only
+    under its own; the follower offers those. A record read twice (app key and recent key) is
+    offered once, but a progress record of the same version (same learned numbers, the trainer
+    further on) is offered too: it tells the workers how far versions are final."""
+    from stream_app.live.model_log import bootstrap_key, recent_key
+
+    (v1,) = versions(1)
+    models = SegmentModels(SETTINGS.segmentation)
+    models.restore(v1)
+    models.trainer = TrainerParams(next_offset=99, sources={}, examples=100, duplicates=0)
+    further = models.snapshot()
+    boot = versions(2)[1]
+    f, offered = follower()
+    day = SETTINGS.model_epoch_s
+    feed(
+        f,
+        (recent_key(APP, 3 * day, day, 32), v1),
+        (newest_key(APP), v1),
+        (newest_key(APP), further),
+        (bootstrap_key(APP), boot),
+        (history_key(APP, record_version(boot)), boot),  # the history is not followed
+    )
+    assert offered == [record_version(v1), record_version(v1), record_version(boot)]
+    assert record_version(further) == record_version(v1)
