@@ -15,7 +15,11 @@ decodes with :func:`stream_app.contracts.events.decode_event`.
 
 The event time of a record is the wall-clock time at which it is handed to the producer, so a
 segment change's ``event_time`` (the trigger's event time) gives the end-to-end latency a
-subscriber sees. Pacing (:class:`Pacer`) is a pure function of elapsed time, tested without sleeps.
+subscriber sees. With a ``time_scale`` above 1 (:class:`EventClock`) event time runs that many
+times faster than the wall clock, from far enough in the past that it reaches now only at the
+end of the run: labels mature, customers go at risk and the trainer cuts versions during a run
+of minutes, and the send time of a record is still known from its event time (the inverse).
+Pacing (:class:`Pacer`) is a pure function of elapsed time, tested without sleeps.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class TrafficConfig(BaseModel):
 
     seed: int = 7
     run_id: str = Field("lt", pattern=r"^[A-Za-z0-9_-]{1,24}$")
+    # Customer ids are `<customer_prefix>-c<n>` (default the run id): a history generated for a
+    # bootstrap and the run after it share the returning customers by sharing the prefix.
+    customer_prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,24}$")
     returning_customers: int = Field(20_000, ge=1)
     new_customer_share: float = Field(0.2, ge=0, le=1)
     anonymous_share: float = Field(0.15, ge=0, le=1)
@@ -132,7 +139,11 @@ class TrafficGenerator:
         return self._records
 
     def _customer_id(self, n: int) -> str:
-        return f"{self.config.run_id}-c{n}"
+        """A returning customer's id (n below `returning_customers`), or a new one's (new to
+        this run, so under the run id even when the returning ones are shared)."""
+        cfg = self.config
+        shared = n < cfg.returning_customers and cfg.customer_prefix is not None
+        return f"{cfg.customer_prefix if shared else cfg.run_id}-c{n}"
 
     def _new_session(self) -> _Session:
         cfg, rng = self.config, self._rng
@@ -402,6 +413,30 @@ class Pacer:
 # --- the producer process -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class EventClock:
+    """Event time against the wall clock: `scale` event seconds per wall second, at
+    `origin` (event time) when the wall clock reads `start_at`."""
+
+    start_at: float
+    origin: float
+    scale: float = 1.0
+
+    @classmethod
+    def ending_now(cls, start_at: float, duration_s: float, scale: float) -> EventClock:
+        """A clock that reaches the wall clock's time at the end of the run, never before (no
+        event from the future), and runs `scale` times faster until then."""
+        return cls(start_at, start_at - duration_s * (scale - 1.0), scale)
+
+    def event_time(self, wall: float) -> float:
+        """Never after `wall`: a record sent after the run's end is stamped now, not later."""
+        return min(self.origin + (wall - self.start_at) * self.scale, wall)
+
+    def wall_time(self, event_time: float) -> float:
+        """When a record of this event time was sent (for the latency a subscriber sees)."""
+        return self.start_at + (event_time - self.origin) / self.scale
+
+
 class GeneratorJob(BaseModel):
     """Everything the generator process needs (it is spawned, so this must pickle)."""
 
@@ -417,6 +452,10 @@ class GeneratorJob(BaseModel):
     linger_ms: float = 5.0
     tolerance_s: float = 0.5
     count: int | None = None  # produce exactly this many records, as fast as possible
+    time_scale: float = Field(1.0, ge=1.0)  # event seconds per wall second (EventClock)
+
+    def event_clock(self) -> EventClock:
+        return EventClock.ending_now(self.start_at, self.duration_s, self.time_scale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +493,7 @@ def produce_paced(
     """The paced loop (I/O injected, so tests drive it with a fake clock). Returns records sent."""
     generator = TrafficGenerator(job.traffic)
     pacer = Pacer(schedule_of(job), tolerance_s=job.tolerance_s)
+    event_time = job.event_clock().event_time
     while clock() < job.start_at and not stop():
         sleep(min(job.start_at - clock(), 0.05))
     second, sent_in_second, malformed_in_second, behind = 0, 0, 0, 0.0
@@ -498,7 +538,7 @@ def produce_paced(
             sleep(pacer.sleep_for(elapsed))
             continue
         for _ in range(count):
-            record = generator.next(clock())
+            record = generator.next(event_time(clock()))
             send(record)
             if record.malformed is not None:
                 malformed_in_second += 1

@@ -19,7 +19,7 @@ import threading
 import time
 from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -79,8 +79,16 @@ class Subscriber:
         partitions: int,
         t0: float,
         event_prefix: str,
+        sent_at: Callable[[float], float] = lambda event_time: event_time,
+        bootstrapped: bool = False,
     ) -> None:
+        """`sent_at`: when the record of an event time was sent (the generator's EventClock;
+        by default the event time itself, the wall clock at the send). `bootstrapped`: the
+        customers may have a history, so a customer's first change here may continue a
+        sequence (only gaps after it count)."""
         self.t0 = t0
+        self._sent_at = sent_at
+        self._bootstrapped = bootstrapped
         self.changes_topic = changes_topic
         self.prefix = event_prefix
         self.buckets: dict[int, SecondBucket] = defaultdict(SecondBucket)
@@ -142,6 +150,8 @@ class Subscriber:
                 change = orjson.loads(msg.value())
                 customer, sequence = change["customer_id"], change["sequence"]
                 last = self.last_sequence.get(customer, 0)
+                if self._bootstrapped and customer not in self.last_sequence:
+                    last = sequence - 1  # continues the bootstrapped history
                 if sequence <= last:
                     self.duplicates += 1  # a redelivery: a subscriber drops it by change_id
                     continue
@@ -153,7 +163,7 @@ class Subscriber:
                 if not change["reason"]["trigger_event_id"].startswith(self.prefix):
                     self.other_triggers += 1  # time-driven (no event of ours to time from)
                     continue
-                sent = datetime.fromisoformat(change["event_time"]).timestamp()
+                sent = self._sent_at(datetime.fromisoformat(change["event_time"]).timestamp())
                 latency_ms = (arrived - sent) * 1000
                 bucket.latencies_ms.append(latency_ms)
                 self.all_latencies.append(latency_ms)

@@ -36,6 +36,7 @@ from load_tests.generator import (
     TrafficConfig,
     run_generator,
 )
+from load_tests.history import CUSTOMERS, bootstrap_history
 from load_tests.measure import (
     Probe,
     ProcessWatch,
@@ -55,6 +56,7 @@ from load_tests.systems import (
 from stream_app.kafka.topics import create_topics
 from stream_app.live.workerproc import wait_until
 from stream_app.progress import StatusLine
+from stream_app.settings import Settings
 
 SPIKE_FACTOR: Final = 10.0
 WARMUP_PHASE: Final = "warm-up"
@@ -138,6 +140,23 @@ class RunOptions(BaseModel):
     )
     bootstrap: str | None = Field(
         None, description="use this running broker instead of starting a local one"
+    )
+    time_scale: float = Field(
+        1.0,
+        ge=1.0,
+        le=100_000,
+        description="event seconds per wall second: above 1, event time runs faster (ending at "
+        "now), so labels mature, time-driven changes fire and the trainer learns during the run",
+    )
+    history_days: float = Field(
+        0.0,
+        ge=0,
+        le=400,
+        description="bootstrap the worker with this many days of generated history first (its "
+        "returning customers are the run's; 0: start cold)",
+    )
+    history_events: int = Field(
+        200_000, ge=1000, description="events in that history, spread evenly over its days"
     )
     report_dir: Annotated[Path, Flag("--report", metavar="DIR", required=True)] = Field(
         Path("load-report"), description="directory for report.json, report.md and the PNG charts"
@@ -278,6 +297,31 @@ class RunLoop:
         self.broker, self.workdir, self.progress, self.label = broker, workdir, progress, label
         self.schedule = build_schedule(options)
 
+    def _traffic(self, run_id: str) -> TrafficConfig:
+        o = self.options
+        return TrafficConfig(
+            seed=o.seed,
+            run_id=run_id,
+            customer_prefix=CUSTOMERS if o.history_days > 0 else None,
+            returning_customers=o.customers,
+            malformed_rate=o.malformed_rate,
+        )
+
+    def _bootstrap(self, settings: Settings, result: SystemRun) -> None:
+        """Create the system's topics; with `history_days`, bootstrap our worker with a
+        generated history that ends before the run's event clock begins (the baselines start
+        cold: they have no bootstrap)."""
+        create_topics(settings)
+        o = self.options
+        if o.history_days <= 0 or self.kind is not SystemKind.WORKER:
+            return
+        self.progress.show(f"[{self.label}] bootstrapping {o.history_days:g} days of history")
+        margin = 600.0  # the run starts after the bootstrap: its clock begins later still
+        end = time.time() - self.schedule.duration_s * (o.time_scale - 1.0) - margin
+        result.summary["bootstrap"] = bootstrap_history(
+            settings, self._traffic("hist"), o.history_days, o.history_events, end, self.workdir
+        )
+
     def run(self) -> SystemRun:
         settings = run_settings(
             self.broker.settings, str(self.kind), self.options.partitions, self.workdir
@@ -297,12 +341,24 @@ class RunLoop:
             settings.bootstrap_servers, settings.input_topics, settings.partitions, system.group_id
         )
         try:
+            self._bootstrap(settings, result)
             self.progress.show(f"[{self.label}] starting {self.kind}")
-            system.start()
+            system.start(create=False)
             watch.watch("system", system.pid)
             result.summary["ready_s"] = round(system.wait_ready(), 1)
             t0 = time.time() + 1.5
             run_id = f"lt{int(t0) % 100000}{self.kind.value[:1]}"
+            job = GeneratorJob(
+                bootstrap=settings.bootstrap_servers,
+                clickstream_topic=settings.clickstream_topic,
+                transactions_topic=settings.transactions_topic,
+                traffic=self._traffic(run_id),
+                phases=[(p.start_s, p.rate, p.name) for p in self.schedule.phases],
+                duration_s=self.schedule.duration_s,
+                start_at=t0,
+                tolerance_s=0.5,
+                time_scale=self.options.time_scale,
+            )
             subscriber = Subscriber(
                 settings.bootstrap_servers,
                 settings.segment_changes_topic,
@@ -310,23 +366,10 @@ class RunLoop:
                 settings.partitions,
                 t0,
                 event_prefix=f"{run_id}-",
+                sent_at=job.event_clock().wall_time,
+                bootstrapped="bootstrap" in result.summary,
             )
             subscriber.start()
-            job = GeneratorJob(
-                bootstrap=settings.bootstrap_servers,
-                clickstream_topic=settings.clickstream_topic,
-                transactions_topic=settings.transactions_topic,
-                traffic=TrafficConfig(
-                    seed=self.options.seed,
-                    run_id=run_id,
-                    returning_customers=self.options.customers,
-                    malformed_rate=self.options.malformed_rate,
-                ),
-                phases=[(p.start_s, p.rate, p.name) for p in self.schedule.phases],
-                duration_s=self.schedule.duration_s,
-                start_at=t0,
-                tolerance_s=0.5,
-            )
             try:
                 with generator_process(job) as (process, stop, ticks):
                     watch.watch("generator", process.pid)

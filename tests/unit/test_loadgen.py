@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +527,7 @@ EVERY_FLAG = [
     *("--spike-factor", "4", "--spike-s", "7", "--step-rate", "100", "--step-s", "5"),
     *("--max-rate", "900", "--drain-timeout", "9", "--baseline", "--capacity-events", "2000"),
     *("--capacity-repeats", "3", "--bootstrap", "h:1", "--report", "r", "--no-progress"),
+    *("--time-scale", "600", "--history-days", "45", "--history-events", "5000"),
 ]
 
 
@@ -537,6 +539,7 @@ def test_every_run_option_is_a_flag_spelled_as_before() -> None:
         | {"spike_s": 7, "step_rate": 100, "step_s": 5, "max_rate": 900, "drain_timeout_s": 9}
         | {"baseline": True, "capacity_events": 2000, "capacity_repeats": 3}
         | {"bootstrap": "h:1", "report_dir": "r", "progress": False}
+        | {"time_scale": 600, "history_days": 45, "history_events": 5000}
     )
     assert set(options.model_fields_set) == set(RunOptions.model_fields)  # each one a flag
 
@@ -709,6 +712,40 @@ def test_subscriber_times_changes_and_spots_duplicates_and_gaps() -> None:
         subscriber._consumer.close()
 
 
+def test_a_bootstrapped_subscriber_times_the_event_clock_and_lets_sequences_continue() -> None:
+    """With a history, a customer's first change may continue its stored sequence: only gaps
+    after it count. With a faster event clock, latency runs from the send the event time
+    maps back to."""
+    from load_tests.generator import EventClock
+
+    clock = EventClock.ending_now(NOW, 100.0, 600.0)
+    sent = datetime.fromtimestamp(clock.event_time(NOW + 10.0), UTC).isoformat()
+    subscriber = Subscriber(
+        "127.0.0.1:9",
+        "changes",
+        "dead",
+        1,
+        NOW,
+        event_prefix="run-",
+        sent_at=clock.wall_time,
+        bootstrapped=True,
+    )
+    try:
+        subscriber._take(
+            [
+                _change("a", 7, "run-e1", sent),
+                _change("a", 8, "run-e2", sent),
+                _change("b", 3, "run-e3", sent),
+                _change("b", 5, "run-e4", sent),
+            ],
+            arrived=NOW + 10.25,
+        )
+        assert subscriber.gaps == 1  # b's 4, not a's or b's first
+        assert subscriber.latencies_between(0, 11) == pytest.approx([250.0] * 4, abs=0.01)
+    finally:
+        subscriber._consumer.close()
+
+
 def test_soak_figures_fit_memory_per_customer() -> None:
     options = RunOptions(scenario=ScenarioName.SOAK, duration_s=100, warmup_s=10)
     rows = [
@@ -726,3 +763,91 @@ def test_soak_figures_fit_memory_per_customer() -> None:
     # Medians of the first and last 9 measured seconds: t=14 and t=95.
     assert figures["rss_growth_mb"] == round((95 - 14) * 100 / 1024, 1)
     assert figures["p99_first_quarter_median_ms"] == 40.0
+
+
+# --- event time faster than the wall clock, and a history to bootstrap --------------------------
+
+
+@given(
+    scale=st.floats(1.0, 100_000.0),
+    duration=st.floats(1.0, 7 * 86400.0),
+    at=st.floats(0.0, 1.0),
+)
+def test_a_faster_event_clock_never_gets_ahead_of_now_and_inverts(
+    scale: float, duration: float, at: float
+) -> None:
+    """Event time runs `scale` times faster and reaches the wall clock at the end of the run,
+    never before (the worker refuses events from the future); the send time of a record is
+    its event time mapped back (the latency a subscriber sees)."""
+    from load_tests.generator import EventClock
+
+    clock = EventClock.ending_now(NOW, duration, scale)
+    wall = NOW + at * duration
+    event = clock.event_time(wall)
+    assert event <= wall + 1e-6 * max(1.0, scale * duration)
+    assert clock.event_time(NOW + duration) == pytest.approx(NOW + duration)
+    assert clock.wall_time(event) == pytest.approx(wall, abs=1e-6 * max(1.0, duration))
+    if wall + 1.0 <= NOW + duration:
+        later = clock.event_time(wall + 1.0)
+        assert later - event == pytest.approx(scale, rel=1e-6)
+    assert clock.event_time(NOW + duration + 5.0) == NOW + duration + 5.0  # past the end: now
+
+
+def test_the_paced_loop_stamps_the_event_clock() -> None:
+    from load_tests.generator import EventClock
+
+    job = GeneratorJob(
+        bootstrap="-",
+        clickstream_topic="c",
+        transactions_topic="t",
+        traffic=TrafficConfig(malformed_rate=0.0),
+        phases=[(0.0, 100.0, "steady")],
+        duration_s=10.0,
+        start_at=NOW,
+        time_scale=600.0,
+    )
+    sent: list[Record] = []
+    now = [NOW]
+
+    def sleep(seconds: float) -> None:
+        now[0] += max(seconds, 0.01)
+
+    produce_paced(
+        job,
+        sent.append,
+        lambda: None,
+        lambda tick: None,
+        lambda: False,
+        clock=lambda: now[0],
+        sleep=sleep,
+    )
+    decoded = [decode_event(r.value, r.kind, MessageOrigin(topic="t")) for r in sent]
+    times = [e.event_time.timestamp() for e in decoded if not isinstance(e, DeadLetter)]
+    clock = EventClock.ending_now(NOW, 10.0, 600.0)
+    assert len(sent) == 1000
+    assert min(times) >= clock.origin - 1 and max(times) <= now[0]  # never ahead of the clock
+    assert max(times) - min(times) > 0.9 * 600.0 * 10.0  # ten wall seconds: about 100 minutes
+
+
+def test_a_history_shares_the_runs_returning_customers_but_not_its_new_ones(
+    tmp_path: Path,
+) -> None:
+    """The history a load run bootstraps: valid events only, spread over its days, readable as
+    `stream-app bootstrap --format events` reads them; its returning customers are the run's,
+    its new customers are its own."""
+    from load_tests.history import CUSTOMERS, write_history
+    from stream_app.tools.datasets import RowError, read_dataset
+
+    traffic = TrafficConfig(returning_customers=50, customer_prefix=CUSTOMERS, malformed_rate=0.5)
+    path = tmp_path / "history.jsonl"
+    assert write_history(path, traffic, NOW - 10 * 86400, NOW, 3000) == 3000
+    read = list(read_dataset(path, "events"))
+    items = [i for i in read if not isinstance(i, RowError)]
+    assert len(items) == len(read) == 3000
+    times = [e.event_time.timestamp() for e in items]
+    assert min(times) >= NOW - 10 * 86400 and max(times) < NOW
+    history = {e.customer_id for e in items}
+    run = {r.key.decode() for r in records(traffic.model_copy(update={"run_id": "run1"}), 3000)}
+    returning = {c for c in run if c.startswith(f"{CUSTOMERS}-c")}
+    assert returning and returning <= history | returning and len(returning & history) > 25
+    assert not {c for c in run if c.startswith("run1-c")} & history
