@@ -73,4 +73,9 @@ without_settings() { # run a command without the developer's STREAM_APP_* settin
 echo "== ruff";   ruff check stream_app tests load_tests && ruff format --check stream_app tests load_tests
 echo "== mypy";   mypy stream_app tests load_tests
 echo "== schemas"; without_settings stream-app schemas --check
-echo "== pytest"; pytest -q -p no:cacheprovider "$@"
+if [[ $# -gt 0 ]]; then # what was asked for, as asked
+  echo "== pytest"; pytest -q -p no:cacheprovider "$@"
+else # the unit tests on every core (they share nothing), then the integration tests, in order
+  echo "== pytest (unit)"; pytest -q -p no:cacheprovider -n auto tests/unit
+  echo "== pytest (integration)"; pytest -q -p no:cacheprovider tests/integration
+fi
