@@ -10,14 +10,12 @@ models are published and every customer's state is in the changelog before the w
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Final
 
 from load_tests.generator import TrafficConfig, TrafficGenerator
-from stream_app.live.workerproc import child_env
+from stream_app.live.workerproc import run_cli
 from stream_app.settings import Settings
 
 ROOT: Final = Path(__file__).resolve().parents[1]
@@ -47,16 +45,8 @@ def bootstrap_history(
     started = time.monotonic()
     written = write_history(path, traffic, end - days * DAY, end, events)
     generated_s = time.monotonic() - started
-    command = [sys.executable, "-m", "stream_app.cli", "bootstrap", str(path)]
-    done = subprocess.run(
-        [*command, "--format", "events", "--no-progress"],
-        cwd=ROOT,
-        env=child_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-    )
+    args = ("bootstrap", str(path), "--format", "events", "--no-progress")
+    done = run_cli(settings, *args, cwd=ROOT, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"bootstrap of the generated history failed: {done.stderr.strip()}")
     path.unlink()

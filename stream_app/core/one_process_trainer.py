@@ -46,13 +46,15 @@ class OneProcessTrainer:
         that record until the first version, stamped with its id, and its trainer continues
         from it; otherwise everything starts untrained."""
         self.processor = processor
-        if warm:  # as a worker restores it: the record's bytes, stamped with its id
-            processor.use_models(_decoded(processor, processor.models.snapshot()))
+        start = SegmentModels(processor.s)
+        if warm:  # as a worker and the trainer restore it: the record's bytes, with its id
+            record = processor.models.snapshot()
+            processor.use_models(_decoded(processor, record))
+            start = _decoded(processor, record)  # the trainer's own copy: it learns on
         self.learning = CollectedLearning(processor.models)
         processor.learning = self.learning
         self.shelf = ModelShelf(processor.models, epochs)
-        start = _decoded(processor, processor.models.snapshot()) if warm else None
-        self.trainer = SharedTrainer(start or SegmentModels(processor.s), epochs, 1)
+        self.trainer = SharedTrainer(start, epochs, 1)
         processor.model_at = self.shelf.at
         processor.use_models(self.shelf.newest)
         self._batch = 0

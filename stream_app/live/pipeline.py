@@ -684,14 +684,13 @@ class LivePipeline:
         """On revocation: another worker owns these customers (and their held events) now."""
         self._ack_order.forget(partitions)
         self._assigned -= partitions
-        for partition in partitions:
-            self._reading.began.pop(partition, None)
         for marks in (self._idle, self._announce_idle, self._waking):
             marks.difference_update(partitions)
         for source in [s for s in self._reading.next_offset if s[1] in partitions]:
             del self._reading.next_offset[source]  # another worker reads on from here
             self._reading.read_at.pop(source, None)
         for partition in partitions:
+            self._reading.began.pop(partition, None)
             self.processors.pop(partition, None)
             self._stores.pop(partition, None)
             self.merges.pop(partition, None)

@@ -43,6 +43,23 @@ def child_env(settings: Settings) -> dict[str, str]:
     return {**inherited, **settings.to_env()}
 
 
+def run_cli(
+    settings: Settings, *args: str, cwd: Path | None = None, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """`stream-app ARGS` as an operator runs it, configured by `settings` alone (the
+    environment of :func:`child_env`); its output captured as text, its exit code not
+    checked."""
+    return subprocess.run(
+        [sys.executable, "-m", "stream_app.cli", *args],
+        cwd=cwd,
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
     """GET ``url``: the status and body of the answer (an error status too), or None while
     nothing answers there."""

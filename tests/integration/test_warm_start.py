@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from load_tests.systems import processed_count
 from stream_app.contracts.events import Event, Origin
 from stream_app.kafka.ranges import Bounds, range_consumer, read_ranges, resolve
 from stream_app.live.store import decode_record, partition_of
-from stream_app.live.workerproc import child_env, wait_until
+from stream_app.live.workerproc import run_cli, wait_until
 from stream_app.settings import Settings
 from stream_app.tools.datasets import RowError, read_dataset
 from stream_app.tools.publish import publish
@@ -53,15 +52,7 @@ pytestmark = [
 
 def bootstrap_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """`stream-app bootstrap ARGS` as an operator runs it, configured by the environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "stream_app.cli", "bootstrap", *args, "--no-progress"],
-        cwd=ROOT,
-        env=child_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli(settings, "bootstrap", *args, "--no-progress", cwd=ROOT)
 
 
 def refused(done: subprocess.CompletedProcess[str]) -> str:
