@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from stream_app.errors import UserError
 from stream_app.kafka.topics import librdkafka_log
@@ -22,6 +22,16 @@ from stream_app.settings import Settings
 
 OFFSET_SPEC: Final = re.compile(r"^(?P<topic>[^:=,\s]+):(?P<partition>\d+)=(?P<offset>\d+)$")
 METADATA_TIMEOUT_S: Final = 10.0
+WATERMARK_RETRY_S: Final = 0.2
+# What a partition answers while its leader is not known everywhere (librdkafka does not mark
+# them retriable when get_watermark_offsets raises them).
+LEADER_UNKNOWN: Final = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -82,11 +92,27 @@ def offset_at(consumer: Consumer, topic: str, partition: int, instant: datetime)
     return watermarks(consumer, topic, partition)[1]
 
 
-def watermarks(consumer: Consumer, topic: str, partition: int) -> tuple[int, int]:
-    low, high = consumer.get_watermark_offsets(
-        TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S
-    )
-    return int(low), int(high)
+def watermarks(
+    consumer: Consumer, topic: str, partition: int, sleep: Callable[[float], None] = time.sleep
+) -> tuple[int, int]:
+    """A partition's low and high watermarks. A retriable broker error, or one of a topic
+    created a moment ago whose leader is not known everywhere yet (NOT_LEADER_FOR_PARTITION,
+    seen in CI right after `topics create`), is asked again for up to METADATA_TIMEOUT_S."""
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S
+            )
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in LEADER_UNKNOWN
+            )
+            if not retriable or time.monotonic() >= deadline:
+                raise
+            sleep(WATERMARK_RETRY_S)
 
 
 @dataclass(frozen=True)
